@@ -1,0 +1,235 @@
+"""Where the scans of a dataset are: Medical Segmentation Decathlon and nnU-Net folder layouts.
+
+A dataset folder (ROOT) is either
+- MSD: `dataset.json` with `training` entries `{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}`,
+  `labels` (`{"0": "background", "1": "Anterior"}`) and `modality` (`{"0": "MRI"}`); a multi-modal image is
+  one 4D file, or (nnU-Net) one file per channel `x_0000.nii.gz`, `x_0001.nii.gz`;
+- nnU-Net v2: `dataset.json` with `channel_names` and `labels` as `{"background": 0, "tumour": 1}`, files
+  found in `imagesTr/` and `labelsTr/`;
+- or no dataset.json at all: `imagesTr/` and `labelsTr/` with matching names.
+
+Only the layout is read here (no voxel data); `seg.data.checks` looks inside the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seg.errors import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: its image file(s), one per channel or a single 4D file, and its label map."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass
+class DatasetInfo:
+    """What `dataset.json` (or the folder itself) declares about a dataset.
+
+    Attributes:
+        root: the dataset folder.
+        cases: the labelled training cases, sorted by `case_id`.
+        labels: label value -> class name, background (0) included.
+        modalities: one entry per image channel, e.g. `["CT"]` or `["FLAIR", "T1w", "T1gd", "T2w"]`.
+        name: the dataset's name.
+        test_images: unlabelled `imagesTs` cases, if any.
+    """
+
+    root: Path
+    cases: list[Case]
+    labels: dict[int, str]
+    modalities: list[str]
+    name: str = ""
+    test_images: list[Case] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of a network for this dataset: background plus every declared label."""
+        return max(self.labels) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        """Foreground class names, in label order (label 1 first)."""
+        return [self.labels.get(i, f"class_{i}") for i in range(1, self.num_classes)]
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.modalities)
+
+
+def strip_nifti_suffix(name: str) -> str | None:
+    """`case_0000.nii.gz` -> `case_0000`; None for a file that is not NIfTI."""
+    lower = name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def inside_root(root: Path, relative: str, what: str = "path") -> Path:
+    """Join `relative` onto `root`, refusing anything that leaves it (absolute paths, `..`).
+
+    The check is lexical, like an archive extractor's: a symlink placed inside ROOT by its owner is trusted,
+    a path written into dataset.json that climbs out of ROOT is not.
+    """
+    if not isinstance(relative, str) or not relative:
+        raise DataError(f"dataset.json has an empty or non-text {what}: {relative!r}", root / "dataset.json")
+    if os.path.isabs(relative):
+        raise DataError(f"dataset.json {what} '{relative}' is absolute; paths must stay inside the dataset folder",
+                        root / "dataset.json")
+    joined = os.path.normpath(os.path.join(root, relative))
+    base = os.path.normpath(root)
+    if os.path.commonpath([base, joined]) != base:
+        raise DataError(f"dataset.json {what} '{relative}' escapes the dataset folder", root / "dataset.json")
+    return Path(joined)
+
+
+def group_channel_files(files: list[Path]) -> dict[str, list[Path]]:
+    """Group NIfTI files into cases: nnU-Net `case_0000`, `case_0001` -> one case with two channels.
+
+    A file without a channel suffix is a case of its own (one channel, or one 4D file).
+    """
+    groups: dict[str, dict[int, Path]] = {}
+    for path in sorted(files):
+        stem = strip_nifti_suffix(path.name)
+        if stem is None:
+            continue
+        match = _CHANNEL_SUFFIX.match(stem)
+        case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
+        groups.setdefault(case_id, {})[channel] = path
+    out = {}
+    for case_id, channels in groups.items():
+        if sorted(channels) != list(range(len(channels))):
+            raise DataError(f"case '{case_id}' has channel files {sorted(channels)}; expected 0..{len(channels) - 1}",
+                            files[0].parent)
+        out[case_id] = [channels[i] for i in range(len(channels))]
+    return out
+
+
+def _parse_labels(raw: dict, path: Path) -> dict[int, str]:
+    """MSD writes `{"0": "background"}`, nnU-Net v2 `{"background": 0}`; both become `{0: "background"}`."""
+    labels: dict[int, str] = {}
+    try:
+        for key, value in raw.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                labels[int(value)] = str(key)
+            elif isinstance(value, list):  # nnU-Net v2 region labels: not supported as classes
+                raise DataError(f"label '{key}' is a region {value}; region-based training is not supported", path)
+            else:
+                labels[int(key)] = str(value)
+    except (TypeError, ValueError, AttributeError):
+        raise DataError(f"'labels' must map label values to names, got {raw!r}", path) from None
+    if 0 not in labels:
+        labels[0] = "background"
+    if any(v < 0 for v in labels):
+        raise DataError(f"label values must be >= 0, got {sorted(labels)}", path)
+    return dict(sorted(labels.items()))
+
+
+def _parse_modalities(meta: dict, path: Path) -> list[str] | None:
+    raw = meta.get("modality", meta.get("channel_names"))
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"'modality' must map channel numbers to names, got {raw!r}", path)
+    try:
+        return [str(raw[k]) for k in sorted(raw, key=int)]
+    except ValueError:
+        raise DataError(f"'modality' keys must be channel numbers, got {list(raw)}", path) from None
+
+
+def _resolve_image(root: Path, relative: str) -> tuple[Path, ...]:
+    """A dataset.json image entry: the file itself, or its nnU-Net channel files `x_0000.nii.gz`, ..."""
+    path = inside_root(root, relative, "image path")
+    if path.exists():
+        return (path,)
+    stem = strip_nifti_suffix(path.name)
+    if stem is not None:
+        channels = sorted(path.parent.glob(f"{stem}_[0-9][0-9][0-9][0-9].nii*"))
+        if channels:
+            return tuple(channels)
+    return (path,)  # missing: reported by check-data, raised by the loader
+
+
+def _cases_from_folders(root: Path, images_dir: str = "imagesTr", labels_dir: str | None = "labelsTr") -> list[Case]:
+    image_root = root / images_dir
+    if not image_root.is_dir():
+        return []
+    grouped = group_channel_files([p for p in image_root.iterdir() if p.is_file()])
+    cases = []
+    for case_id, images in sorted(grouped.items()):
+        label = None
+        if labels_dir is not None:
+            for suffix in NIFTI_SUFFIXES:
+                candidate = root / labels_dir / f"{case_id}{suffix}"
+                if candidate.exists():
+                    label = candidate
+                    break
+            if label is None:  # keep the expected name so check-data can say it is missing
+                label = root / labels_dir / f"{case_id}{images[0].name[len(strip_nifti_suffix(images[0].name)):]}"
+        cases.append(Case(case_id, tuple(images), label))
+    return cases
+
+
+def load_dataset(root: str | os.PathLike) -> DatasetInfo:
+    """Read a dataset folder's layout. Raises `DataError` naming the file and the problem."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("dataset folder not found", root)
+    meta_path = root / "dataset.json"
+    if not meta_path.exists():
+        cases = _cases_from_folders(root)
+        if not cases:
+            raise DataError("no dataset.json and no NIfTI files in imagesTr/; see data/README.md for the layouts", root)
+        return DatasetInfo(root, cases, labels={0: "background", 1: "foreground"}, modalities=["unknown"],
+                           name=root.name, test_images=_cases_from_folders(root, "imagesTs", None))
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read dataset.json: {err}", meta_path) from None
+    if not isinstance(meta, dict):
+        raise DataError("dataset.json must hold a JSON object", meta_path)
+    if "labels" not in meta:
+        raise DataError("dataset.json has no 'labels'", meta_path)
+    labels = _parse_labels(meta["labels"], meta_path)
+    modalities = _parse_modalities(meta, meta_path) or ["unknown"]
+
+    entries = meta.get("training")
+    if entries is None:  # nnU-Net v2 does not list files: find them
+        cases = _cases_from_folders(root)
+    else:
+        if not isinstance(entries, list):
+            raise DataError("'training' must be a list of {image, label} entries", meta_path)
+        cases = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                raise DataError(f"training entry {i} must have 'image' and 'label', got {entry!r}", meta_path)
+            images = _resolve_image(root, entry["image"])
+            label = inside_root(root, entry["label"], "label path")
+            stem = strip_nifti_suffix(label.name) or label.name
+            cases.append(Case(stem, images, label))
+        ids = [c.case_id for c in cases]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise DataError(f"dataset.json lists case(s) {dup[:5]} more than once", meta_path)
+    if not cases:
+        raise DataError("dataset.json lists no training cases", meta_path)
+    test = []
+    for i, entry in enumerate(meta.get("test") or []):
+        relative = entry if isinstance(entry, str) else (entry or {}).get("image")
+        images = _resolve_image(root, relative)
+        test.append(Case(strip_nifti_suffix(images[0].name) or f"test_{i}", images))
+    return DatasetInfo(root, sorted(cases, key=lambda c: c.case_id), labels, modalities,
+                       name=str(meta.get("name", root.name)), test_images=test)
