@@ -25,3 +25,10 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Build ./Dockerfile for real (rootful podman, against a local stand-in of its CUDA PyTorch base) and
+# run seg --help / synth / fit / predict in the container as its non-root user; see docker/test.sh.
+# Needs root; installs podman, runc and debootstrap from Debian if missing. Keeps its state in /tmp.
+.PHONY: docker-test
+docker-test:
+	bash docker/test.sh
