@@ -1,0 +1,343 @@
+"""Check a dataset before training on it: every file of every case, opened and read to the last voxel.
+
+What is checked, per case (the integrity check nnU-Net runs before planning, in our words):
+- dataset.json parses and its paths stay inside the dataset folder (`seg.data.layout`);
+- every listed file exists, is not empty, is NIfTI, its gzip stream is complete with a matching CRC, and its
+  voxel data reads to the end (a truncated `.nii.gz` has a valid header and fails only there);
+- the image is 3D, or 4D with one channel per declared modality, or one 3D file per channel, and channel
+  files agree with each other in shape and affine;
+- image and label have the same shape and affine (within `AFFINE_TOLERANCE_MM` plus `AFFINE_TOLERANCE_REL`
+  of the voxel size), and the voxel spacing is positive, finite and below `MAX_SPACING_MM`;
+- no NaN or infinite voxels; the label is 3D, whole-numbered, and uses only declared label values.
+Extreme anisotropy and an all-background label are notes, not problems: the data can still be used.
+
+    seg check-data data/Task04_Hippocampus
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from seg.data.layout import Case, DatasetInfo, load_dataset, strip_nifti_suffix
+from seg.errors import DataError
+
+AFFINE_TOLERANCE_MM = 1e-4
+AFFINE_TOLERANCE_REL = 1e-3  # of the smallest voxel size
+MAX_SPACING_MM = 50.0
+ANISOTROPY_NOTE = 10.0  # largest / smallest voxel size above which a note is printed
+SHOWN_IN_ERROR = 3  # problems quoted by `check_or_raise`
+
+
+@dataclass
+class Problem:
+    """Something wrong with one file of one case (`case_id` "dataset" for dataset.json itself)."""
+
+    case_id: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.case_id}: {self.path}: {self.message}"
+
+
+@dataclass
+class _Report:
+    info: DatasetInfo | None
+    cases: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)
+
+
+def check_dataset(root, progress: bool = False, workers: int = 1, notes: list[Problem] | None = None) -> list[Problem]:
+    """Check every case of a dataset; never raises for bad data.
+
+    Args:
+        root: the dataset folder.
+        progress: show a progress bar on stderr, only when stderr is a terminal.
+        workers: cases read at the same time (threads: decompression and numpy release the GIL); memory grows
+            with it, one case each.
+        notes: if given, remarks that do not stop training (anisotropy, empty labels) are appended to it.
+
+    Returns:
+        The problems, in case order; empty when the dataset is usable.
+    """
+    report = _run(Path(root), progress, workers)
+    if notes is not None:
+        notes.extend(report.notes)
+    return report.problems
+
+
+def check_or_raise(root, workers: int = 1) -> DatasetInfo:
+    """Check a dataset and return its layout, or raise one `DataError` quoting the first few problems."""
+    report = _run(Path(root), progress=False, workers=workers)
+    if report.problems:
+        shown = "; ".join(str(p) for p in report.problems[:SHOWN_IN_ERROR])
+        more = len(report.problems) - SHOWN_IN_ERROR
+        raise DataError(f"{_summary(report)}: {shown}{f'; and {more} more' if more > 0 else ''}. "
+                        f"Run `seg check-data {root}` for the full list", root)
+    return report.info
+
+
+def _run(root: Path, progress: bool, workers: int) -> _Report:
+    try:
+        info = load_dataset(root)
+    except DataError as err:
+        path = err.path or str(root)
+        message = str(err)[len(path) + 2:] if str(err).startswith(f"{path}: ") else str(err)
+        return _Report(None, problems=[Problem("dataset", path, message)])
+    report = _Report(info)
+    cases = [(case, True) for case in info.cases] + [(case, False) for case in info.test_images]
+    report.cases = len(cases)
+    seen_labels: set[int] = set()
+
+    def one(item):
+        return _check_case(item[0], info, labelled=item[1])
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for problems, notes, labels in _progress(pool.map(one, cases), len(cases), progress):
+            report.problems += problems
+            report.notes += notes
+            seen_labels |= labels
+    if info.cases and not report.problems:
+        for value in sorted(set(info.labels) - seen_labels - {0}):
+            report.notes.append(Problem("dataset", str(root / "dataset.json"),
+                                        f"label {value} ({info.labels[value]}) appears in no case"))
+    return report
+
+
+def _check_case(case: Case, info: DatasetInfo, labelled: bool) -> tuple[list[Problem], list[Problem], set[int]]:
+    """All checks of one case, reading one file at a time. Returns problems, notes and the label values seen."""
+    problems: list[Problem] = []
+    notes: list[Problem] = []
+
+    def problem(path, message):
+        problems.append(Problem(case.case_id, str(path), message))
+
+    grid = _check_images(case, info, problem, notes)
+    labels: set[int] = set()
+    if labelled and case.label is not None:
+        labels = _check_label(case, info, grid, problem, notes)
+    return problems, notes, labels
+
+
+def _check_images(case: Case, info: DatasetInfo, problem, notes: list[Problem]):
+    """Channel count, values and geometry of a case's image file(s); returns the first file's grid or None."""
+    channels = len(info.modalities)
+    declared = f"dataset.json declares {_plural(channels, 'modality')} {info.modalities}"
+    single = len(case.images) == 1
+    grids = []  # (path, spatial shape, affine) of each readable image file with a usable affine
+    for path in case.images:
+        image = _read(path, problem)
+        if image is None:
+            continue
+        data, affine = image
+        shape = data.shape
+        found = shape[3] if data.ndim == 4 else 1
+        if data.ndim < 3 or data.ndim > 4:
+            problem(path, f"image is {data.ndim}D {shape}; expected a 3D volume"
+                          f"{' or 4D with one channel per modality' if single else ''}")
+        elif not single and data.ndim != 3:
+            problem(path, f"channel file is {data.ndim}D {shape}; each channel file must be 3D")
+        elif single and found != channels:
+            problem(path, f"image has {_plural(found, 'channel')} (shape {shape}) but {declared}")
+        _check_values(data, "image", path, problem)
+        del data
+        if _check_spacing(affine, path, problem, notes, case.case_id) and len(shape) >= 3:
+            grids.append((path, shape[:3], affine))
+    if not single and len(case.images) != channels:
+        problem(case.images[0], f"{len(case.images)} channel files but {declared}")
+    for grid in grids[1:]:
+        _compare(grids[0], grid, "channel file", problem)
+    return grids[0] if grids else None
+
+
+def _check_label(case: Case, info: DatasetInfo, grid, problem, notes: list[Problem]) -> set[int]:
+    """Dimensions, values and grid of a case's label map; returns the label values it holds."""
+    path = case.label
+    label = _read(path, problem)
+    if label is None:
+        return set()
+    data, affine = label
+    values: set[int] = set()
+    if data.ndim != 3:
+        problem(path, f"label is {data.ndim}D {data.shape}; expected a 3D map of label values")
+    if _check_values(data, "label", path, problem) and _whole_numbers(data, path, problem):
+        values = _label_values(data)
+        undeclared = sorted(values - set(info.labels))
+        if undeclared:
+            declared = ", ".join(f"{k} {v}" for k, v in info.labels.items())
+            problem(path, f"label values {undeclared} are not declared in dataset.json labels ({declared})")
+        elif values <= {0}:
+            notes.append(Problem(case.case_id, str(path), "label is all background"))
+    shape = data.shape
+    del data
+    if grid is not None and _check_spacing(affine, path, problem, None, case.case_id) and len(shape) >= 3:
+        _compare(grid, (path, shape[:3], affine), "label", problem)
+    return values
+
+
+def _read(path: Path, problem) -> tuple[np.ndarray, np.ndarray] | None:
+    """Voxel data (every byte read) and affine of a NIfTI file, or None after reporting why not."""
+    if not path.exists():
+        problem(path, "file not found" + (" (broken link)" if path.is_symlink() else ""))
+        return None
+    if not path.is_file():
+        problem(path, "is not a file")
+        return None
+    if path.stat().st_size == 0:
+        problem(path, "file is empty (0 bytes)")
+        return None
+    if strip_nifti_suffix(path.name) is None:
+        problem(path, "not a NIfTI file (.nii or .nii.gz)")
+        return None
+    if path.name.lower().endswith(".gz"):
+        damage = _gzip_damage(path)
+        if damage:
+            problem(path, f"truncated or corrupt gzip stream: {damage}")
+            return None
+    # nibabel's errors for damaged files range over ImageFileError, EOFError, zlib.error, OSError, ValueError
+    # and more, depending on where the damage is; any of them means the same to the user.
+    try:
+        image = nib.load(path, mmap=False)
+    except Exception as err:  # noqa: BLE001 - third-party parser of user files, see above
+        problem(path, f"cannot read the NIfTI header: {_one_line(err)}")
+        return None
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as err:  # noqa: BLE001
+        problem(path, f"cannot read the voxel data (truncated or corrupt file?): {_one_line(err)}")
+        return None
+    return data, image.affine
+
+
+def _gzip_damage(path: Path) -> str | None:
+    """Why a .gz file does not decompress to its end with a matching CRC, or None if it does.
+
+    nibabel reads only as many bytes as the header asks for, so it never sees the gzip trailer: a flipped bit
+    in the compressed data can give wrong voxels without an error. Streaming the file once more through gzip
+    costs a second decompression but no memory.
+    """
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        return _one_line(err)
+    return None
+
+
+def _check_values(data: np.ndarray, what: str, path: Path, problem) -> bool:
+    """Report NaN and infinite voxels; True when there are none."""
+    if data.dtype.kind not in "fc":
+        return True
+    nan = int(np.count_nonzero(np.isnan(data)))
+    inf = int(np.count_nonzero(np.isinf(data)))
+    if nan:
+        problem(path, f"{what} has {nan} NaN voxel{'s' * (nan != 1)}")
+    if inf:
+        problem(path, f"{what} has {inf} infinite voxel{'s' * (inf != 1)}")
+    return not (nan or inf)
+
+
+def _whole_numbers(data: np.ndarray, path: Path, problem) -> bool:
+    if data.dtype.kind not in "fc":
+        return True
+    fractional = data[data != np.round(data)]
+    if fractional.size:
+        problem(path, f"label has {fractional.size} voxels with non-integer values (e.g. {fractional.flat[0]:g}); "
+                      "a label map holds whole numbers")
+        return False
+    return True
+
+
+def _label_values(data: np.ndarray) -> set[int]:
+    values = data.ravel(order="K")
+    if values.dtype.kind in "ui" and values.size and values.min() >= 0 and values.max() < 65536:
+        return {int(v) for v in np.flatnonzero(np.bincount(values))}  # linear time; np.unique sorts
+    return {int(v) for v in np.unique(values)}
+
+
+def _check_spacing(affine: np.ndarray, path: Path, problem, notes: list[Problem] | None, case_id: str) -> bool:
+    """Report an unusable affine or voxel size; True when the geometry can be compared and used."""
+    if not np.isfinite(affine).all():
+        problem(path, "affine has NaN or infinite entries; check the header's sform/qform")
+        return False
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    shown = " x ".join(f"{s:.4g}" for s in spacing)
+    if spacing.min() <= 1e-6:
+        problem(path, f"voxel spacing {shown} mm is not positive; check pixdim and the sform/qform")
+        return False
+    if spacing.max() > MAX_SPACING_MM:
+        problem(path, f"voxel spacing {shown} mm is implausible (> {MAX_SPACING_MM:g} mm); check the header units")
+        return False
+    if notes is not None and spacing.max() / spacing.min() > ANISOTROPY_NOTE:
+        notes.append(Problem(case_id, str(path), f"strongly anisotropic voxels {shown} mm"))
+    return True
+
+
+def _compare(reference, other, what: str, problem) -> None:
+    """Same spatial shape and affine as the (first) image, within the tolerance."""
+    ref_path, ref_shape, ref_affine = reference
+    path, shape, affine = other
+    image = f"{ref_path.parent.name}/{ref_path.name}"
+    if tuple(shape) != tuple(ref_shape):
+        problem(path, f"{what} shape {tuple(shape)} differs from the image's {tuple(ref_shape)} ({image})")
+        return
+    difference = float(np.abs(affine[:3] - ref_affine[:3]).max())
+    tolerance = AFFINE_TOLERANCE_MM + AFFINE_TOLERANCE_REL * float(np.linalg.norm(ref_affine[:3, :3], axis=0).min())
+    if difference > tolerance:
+        problem(path, f"{what} affine differs from the image's ({image}) by up to {difference:.3g} mm "
+                      f"(tolerance {tolerance:.2g} mm): they are not on the same voxel grid")
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _progress(results, total: int, enabled: bool):
+    """Yield results, with a rich progress bar on stderr when asked and stderr is a terminal."""
+    if not (enabled and sys.stderr.isatty()):
+        yield from results
+        return
+    from rich.console import Console
+    from rich.progress import track
+
+    yield from track(results, total=total, description="checking", console=Console(stderr=True), transient=True)
+
+
+def _plural(n: int, word: str) -> str:
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
+
+
+def _summary(report: _Report) -> str:
+    if not report.problems:
+        return f"checked {_plural(report.cases, 'case')}: all good"
+    cases = {p.case_id for p in report.problems} - {"dataset"}
+    where = f"in {_plural(len(cases), 'case')}" if cases else "in the dataset layout"
+    return f"checked {_plural(report.cases, 'case')}: {_plural(len(report.problems), 'problem')} {where}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("root", type=Path, help="dataset folder (dataset.json, imagesTr/, labelsTr/)")
+    parser.add_argument("--workers", type=int, default=1, help="cases read in parallel (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = _run(args.root, progress=True, workers=args.workers)
+    for problem in report.problems:
+        print(problem)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(_summary(report))
+    return 1 if report.problems else 0
