@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "overlays": ("seg.training.overlays", "write attention-gate overlays for scans, without training"),
     "check-data": ("seg.data.checks", "check every case of a dataset before training on it"),
     "synth": ("seg.data.synthetic", "write a synthetic MRI-like dataset in MSD layout (demo and tests)"),
+    "download": ("seg.data.download", "download a Medical Segmentation Decathlon task (with checksum)"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
