@@ -1,0 +1,98 @@
+"""`seg fit | validate | test`: Lightning's CLI over `SegmentationModule` and `NiftiDataModule`.
+
+Everything is reachable from a YAML config and from `--section.key value` on the command line. What we add
+to Lightning's defaults: the data's channels, classes and patch size are linked into the model; checkpoints
+go to `<default_root_dir>/checkpoints/{best,last}.ckpt` (best = highest mean validation Dice), saved
+atomically; W&B logging with an offline fallback (or CSV only); a rich progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from seg.data import NiftiDataModule
+from seg.training.checkpoint_io import AtomicCheckpointIO
+from seg.training.module import SegmentationModule
+
+
+def wandb_credentials_available() -> bool:
+    """True when W&B could log online: an API key in the environment or a `wandb login` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+class SegCLI(LightningCLI):
+    """LightningCLI with seg's links, logger, checkpoints and progress bar."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.spatial_dims", "model.spatial_dims")
+        parser.link_arguments("data.patch_size", "model.roi_size")
+        parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.out_channels", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.add_argument("--logging", choices=["wandb", "csv"], default="wandb",
+                            help="wandb (offline when no credentials are found) or csv only")
+        parser.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "seg"),
+                            help="W&B project (env WANDB_PROJECT)")
+        parser.add_argument("--wandb_name", default=os.environ.get("WANDB_NAME"),
+                            help="W&B run name (env WANDB_NAME); default: W&B's own")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = Path(config["trainer"]["default_root_dir"] or os.getcwd())
+        user_logger = config["trainer"].get("logger")
+        if user_logger is None or user_logger is True:  # the user did not pick a logger: ours
+            kwargs["logger"] = self._make_logger(config, root)
+        callbacks = list(kwargs.get("callbacks") or [])
+        callbacks += [
+            ModelCheckpoint(dirpath=root / "checkpoints", filename="best", monitor="val/dice_mean", mode="max",
+                            save_last=True, save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False),
+            RichProgressBar(),
+        ]
+        if kwargs.get("logger") is not False:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        kwargs["callbacks"] = callbacks
+        plugins = kwargs.get("plugins") or []
+        kwargs["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _make_logger(self, config, root: Path):
+        if config["logging"] == "csv":
+            return CSVLogger(save_dir=root, name="csv")
+        root.mkdir(parents=True, exist_ok=True)
+        mode = os.environ.get("WANDB_MODE")
+        offline = mode in ("offline", "dryrun") or (mode is None and not wandb_credentials_available())
+        if offline and mode is None and self.trainer_is_rank_zero():
+            print(f"W&B: no credentials found (WANDB_API_KEY or `wandb login`), logging offline to {root / 'wandb'}; "
+                  f"upload later with `wandb sync {root / 'wandb'}/offline-run-*`", file=sys.stderr)
+        return WandbLogger(project=config["wandb_project"], name=config["wandb_name"], save_dir=str(root),
+                           offline=offline, log_model=False)
+
+    @staticmethod
+    def trainer_is_rank_zero() -> bool:
+        return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def run_lightning(subcommand: str, args: list[str]) -> int:
+    """Run `seg fit|validate|test ARGS`; returns the exit code."""
+    SegCLI(
+        SegmentationModule,
+        NiftiDataModule,
+        args=[subcommand, *args],
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "runs/latest", "log_every_n_steps": 10},
+        parser_kwargs={"prog": "seg"},
+        seed_everything_default=0,
+    )
+    return 0

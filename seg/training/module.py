@@ -1,0 +1,238 @@
+"""The LightningModule: AttentionUNet + Dice loss + whole-volume sliding-window validation."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Timer
+from monai.inferers import sliding_window_inference
+from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.networks.utils import one_hot
+
+from seg.models import AttentionUNet
+
+CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
+CHECKPOINT_FORMAT = 1
+
+
+class SegmentationModule(pl.LightningModule):
+    """Trains an `AttentionUNet` on patches and scores it on whole volumes.
+
+    Training batches are `{"image": (N, C, *patch), "label": (N, 1, *patch)}`; validation and test batches hold
+    one whole preprocessed volume each, predicted with MONAI's `sliding_window_inference` (Gaussian blending)
+    and scored per class with Dice and HD95 (mm, on the preprocessed grid). A 2D model (`spatial_dims=2`)
+    still validates on volumes: the sliding window takes `(H, W, 1)` slabs along the last axis.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels (linked from the data: modalities).
+        out_channels: classes with background (linked from the data's labels).
+        channels: network width per level, finest first.
+        strides: downsampling between levels; each an int or one per axis.
+        cbam: CBAM in the encoder.
+        gates: attention gates on the skips.
+        deep_supervision: auxiliary losses on coarser decoder levels (weights 1, 1/2, 1/4, ...).
+        downsample: "conv" (strided convolution) or "pool".
+        loss: "dice_ce" (MONAI DiceCELoss) or "dice" (DiceLoss).
+        batch_dice: Dice over the whole batch as one volume (nnU-Net's batch Dice), steadier for small targets.
+        optimizer: "adamw" or "sgd" (Nesterov, momentum 0.99 as in nnU-Net).
+        lr: peak learning rate.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        schedule: "poly" (`(1 - t)^0.9`), "cosine" or "constant", after a linear warm-up. `t` is the fraction of
+            training done: by steps when `max_epochs`/`max_steps` bound it, by time when `max_time` does.
+        warmup: fraction of training spent warming up linearly from 1% of `lr`.
+        roi_size: sliding-window size (linked from the data's patch size).
+        sw_overlap: overlap of neighbouring windows.
+        sw_batch_size: windows per forward pass.
+        class_names: foreground class names, for metric keys (linked from the data).
+        hd95: also compute the 95th-percentile Hausdorff distance (slower on big volumes).
+        channels_last: channels-last memory format for the network (faster convolutions on recent GPUs).
+        compile: `torch.compile` the network.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        channels: list[int] = (16, 32, 64, 128),
+        strides: list[int | list[int]] = (2, 2, 2),
+        cbam: bool = True,
+        gates: bool = True,
+        deep_supervision: bool = False,
+        downsample: Literal["conv", "pool"] = "conv",
+        loss: Literal["dice_ce", "dice"] = "dice_ce",
+        batch_dice: bool = True,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        schedule: Literal["poly", "cosine", "constant"] = "poly",
+        warmup: float = 0.02,
+        roi_size: list[int] | None = None,
+        sw_overlap: float = 0.5,
+        sw_batch_size: int = 4,
+        class_names: list[str] | None = None,
+        hd95: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = AttentionUNet(spatial_dims, in_channels, out_channels, list(channels), list(strides), cbam=cbam,
+                                   gates=gates, deep_supervision=deep_supervision, downsample=downsample)
+        base = (DiceCELoss if loss == "dice_ce" else DiceLoss)(to_onehot_y=True, softmax=True, batch=batch_dice)
+        self.loss_fn = DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base
+        self.class_names = list(class_names or [f"class_{i}" for i in range(1, out_channels)])
+        self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
+        # What inference needs beyond the weights (spacing, orientation, normalisation, ...): given by the
+        # datamodule at fit time, kept in every checkpoint under CHECKPOINT_KEY.
+        self.preprocessing: dict | None = None
+        self._memory_format = {2: torch.channels_last, 3: torch.channels_last_3d}[spatial_dims] if channels_last else None
+
+    # ---- set-up -----------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "preprocessing"):
+            self.preprocessing = datamodule.preprocessing
+
+    def configure_model(self) -> None:
+        if self._memory_format is not None:
+            self.model.to(memory_format=self._memory_format)
+        if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            self.model = torch.compile(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "preprocessing": self.preprocessing,
+                                      "class_names": self.class_names}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.preprocessing = checkpoint.get(CHECKPOINT_KEY, {}).get("preprocessing")
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._memory_format is not None:
+            x = x.contiguous(memory_format=self._memory_format)
+        return self.model(x)
+
+    @property
+    def roi_size(self) -> tuple[int, ...]:
+        """The sliding window on a volume: the patch size, with a unit last axis for a 2D model."""
+        roi = list(self.hparams.roi_size or [96] * self.hparams.spatial_dims)
+        return tuple(roi + [1]) if self.hparams.spatial_dims == 2 else tuple(roi)
+
+    def _window_predictor(self, with_gates: bool):
+        """A predictor for `sliding_window_inference` on `(N, C, *S)` 3D windows.
+
+        Returns the logits, or a dict `{"logits", "gate_0", ...}` with every gate map upsampled to the window's
+        grid so that MONAI blends gates exactly like logits.
+        """
+        squeeze = self.hparams.spatial_dims == 2
+
+        def predict(window: torch.Tensor):
+            x = window[..., 0] if squeeze else window
+            if not with_gates:
+                out = self(x)
+                return out[..., None] if squeeze else out
+            if self._memory_format is not None:
+                x = x.contiguous(memory_format=self._memory_format)
+            logits, gates = self.model.forward_with_gates(x)
+            outputs = {"logits": logits}
+            for level, gate in enumerate(gates):
+                outputs[f"gate_{level}"] = torch.nn.functional.interpolate(
+                    gate, size=x.shape[2:], mode="bilinear" if squeeze else "trilinear", align_corners=False)
+            return {k: (v[..., None] if squeeze else v) for k, v in outputs.items()}
+
+        return predict
+
+    def predict_volume(self, image: torch.Tensor, with_gates: bool = False, sw_device=None, device=None):
+        """Sliding-window prediction of whole volumes `(N, C, *S)`.
+
+        Returns logits `(N, out_channels, *S)`, or with `with_gates` a dict with "logits" and "gate_<level>"
+        `(N, 1, *S)` (coarsest level first). `sw_device`/`device` as in MONAI (windows on the GPU, stitching on
+        the CPU for volumes too big for GPU memory).
+        """
+        return sliding_window_inference(
+            image, self.roi_size, self.hparams.sw_batch_size, self._window_predictor(with_gates),
+            overlap=self.hparams.sw_overlap, mode="gaussian", sw_device=sw_device, device=device)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss_fn(self(batch["image"]), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def _score(self, batch: dict) -> None:
+        logits = self.predict_volume(batch["image"])
+        prediction = one_hot(logits.argmax(1, keepdim=True), self.hparams.out_channels)
+        target = one_hot(batch["label"].long(), self.hparams.out_channels)
+        self.dice(prediction, target)
+        if self.hparams.hd95:
+            spacing = (self.preprocessing or {}).get("spacing")
+            self.hd95(prediction, target, spacing=spacing if spacing and min(spacing) > 0 else None)
+
+    def _log_scores(self, prefix: str) -> None:
+        scores = {"dice": self.dice.aggregate()}
+        if self.hparams.hd95:
+            scores["hd95"] = self.hd95.aggregate()
+        self.dice.reset()
+        self.hd95.reset()
+        for name, per_class in scores.items():
+            per_class = per_class.to(self.device, torch.float32)
+            # Lightning averages these over ranks (sync_dist), so every process logs the same numbers.
+            for class_name, value in zip(self.class_names, per_class):
+                self.log(f"{prefix}/{name}_{class_name}", value, sync_dist=True)
+            self.log(f"{prefix}/{name}_mean", per_class.nanmean(), sync_dist=True, prog_bar=name == "dice")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._score(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._score(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test")
+
+    # ---- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.99, nesterov=True,
+                                        weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _training_progress(self, step: int) -> float:
+        """Fraction of training done, in [0, 1]: by steps when bounded, by wall time under `max_time`."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0.0
+        progress = 0.0
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total) and total > 0:
+            progress = step / total
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and timer._duration:
+            progress = max(progress, timer.time_elapsed("train") / timer._duration)
+        return min(progress, 1.0)
+
+    def _lr_factor(self, step: int) -> float:
+        hp = self.hparams
+        t = self._training_progress(step)
+        if hp.warmup > 0 and t < hp.warmup:
+            return 0.01 + 0.99 * t / hp.warmup
+        t = (t - hp.warmup) / max(1.0 - hp.warmup, 1e-8)
+        if hp.schedule == "poly":
+            return max(1.0 - t, 0.0) ** 0.9
+        if hp.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+        return 1.0
