@@ -1,0 +1,256 @@
+"""`NiftiDataModule`: a dataset folder (MSD or nnU-Net layout) as Lightning train / val / test loaders."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+
+from seg.data.fingerprint import load_fingerprint
+from seg.data.layout import NIFTI_SUFFIXES, Case, group_channel_files, load_dataset
+from seg.data.split import Split, save_split, split_cases
+from seg.data.transforms import channel_schemes, make_preprocessing, train_transforms, val_transforms
+from seg.errors import DataError
+
+
+@contextlib.contextmanager
+def _data_errors():
+    """Surface a `DataError` raised inside MONAI's Compose, which wraps every error in a RuntimeError."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause = err
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+class _Cases(torch.utils.data.Dataset):
+    """A MONAI dataset whose unreadable cases raise `DataError` (naming the file), not a wrapped RuntimeError."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with _data_errors():
+            return self.dataset[index]
+
+
+def _item(case: Case) -> dict:
+    """The dict a transform chain starts from: file paths (a list for one file per channel) and the case id."""
+    images = [str(p) for p in case.images]
+    item = {"image": images[0] if len(images) == 1 else images, "case_id": case.case_id}
+    if case.label is not None:
+        item["label"] = str(case.label)
+    return item
+
+
+class NiftiDataModule(LightningDataModule):
+    """Patches for training, whole volumes for validation and testing, from a folder of NIfTI scans.
+
+    Preprocessing (RAS, target spacing, per-channel normalisation, crop to the nonzero region) is described by
+    `preprocessing`, a JSON dict measured from the dataset once (see `seg.data.fingerprint`) and saved with the
+    model, so `seg predict` rebuilds it exactly (`seg.data.transforms.inference_transforms`).
+
+    Batches are dicts: "image" (N, C, *spatial) float32 MetaTensor, "label" (N, 1, *spatial) int64, "case_id"
+    (list of N str). Training: N = batch_size * samples_per_volume patches, 3D (N, C, D, H, W) or, with
+    `spatial_dims=2`, axial slices (N, C, H, W). Validation and test: N = 1, the whole preprocessed volume
+    (3D even in 2D mode; the model slides over it).
+
+    Args:
+        root: dataset folder (MSD `dataset.json` + imagesTr/labelsTr, nnU-Net v2, or the two folders alone).
+        spatial_dims: 3 for volumes, 2 for axial slices.
+        patch_size: training patch, one value per spatial dim (after resampling, in voxels).
+        batch_size: volumes per training batch; each gives `samples_per_volume` patches.
+        samples_per_volume: patches cut from each loaded volume.
+        spacing: target voxel size in mm along R, A, S; None: the dataset's median spacing.
+        normalization: "auto" (CT channels "ct", others "zscore"), "zscore" or "ct".
+        ct_window: HU clip window for "ct"; None: the dataset's foreground 0.5 / 99.5 percentiles (nnU-Net).
+        foreground_ratio: share of training patches centred on a labelled voxel.
+        flip_axes: spatial axes (after RAS) that may be flipped; none by default, since a left-right flip
+            swaps lateral structures (left/right hippocampus, kidney).
+        augment: random rotation/scaling and intensity changes in training.
+        use_albumentations: in 2D, augment with albumentations (intensity and affine).
+        albumentations_3d: in 3D, do the intensity augmentation with albumentations instead of MONAI.
+        val_fraction: share of cases held out for validation (seeded), unless `val_cases` or `fold` is set.
+        val_cases: explicit validation case ids.
+        fold: validate on fold `fold` of `num_folds` (nnU-Net style).
+        num_folds: folds for `fold`.
+        seed: seeds the split.
+        cache_rate: share of the preprocessed cases kept in memory (`CacheDataset`).
+        cache_dir: keep preprocessed cases on disk here instead (`PersistentDataset`); also holds the fingerprint.
+        num_workers: loader worker processes (and cache-filling threads).
+        check: run `seg.data.checks.check_or_raise` on the dataset in `prepare_data`.
+        crop_foreground: crop each scan to its nonzero region.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        spatial_dims: int = 3,
+        patch_size: list[int] = [96, 96, 96],  # noqa: B006 - LightningCLI shows and validates list defaults
+        batch_size: int = 2,
+        samples_per_volume: int = 2,
+        spacing: list[float] | None = None,
+        normalization: str = "auto",
+        ct_window: list[float] | None = None,
+        foreground_ratio: float = 1 / 3,
+        flip_axes: list[int] = [],  # noqa: B006
+        augment: bool = True,
+        use_albumentations: bool = True,
+        albumentations_3d: bool = False,
+        val_fraction: float = 0.2,
+        val_cases: list[str] | None = None,
+        fold: int | None = None,
+        num_folds: int = 5,
+        seed: int = 0,
+        cache_rate: float = 1.0,
+        cache_dir: str | None = None,
+        num_workers: int = 2,
+        check: bool = True,
+        crop_foreground: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.info = load_dataset(root)
+        config = Path(root)
+        if spatial_dims not in (2, 3):
+            raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims}", config)
+        if len(patch_size) != spatial_dims:
+            raise DataError(f"patch_size {list(patch_size)} needs {spatial_dims} values for "
+                            f"spatial_dims={spatial_dims}", config)
+        if normalization not in ("auto", "zscore", "ct"):
+            raise DataError(f"normalization must be 'auto', 'zscore' or 'ct', got '{normalization}'", config)
+        if ct_window is not None and (len(ct_window) != 2 or ct_window[0] >= ct_window[1]):
+            raise DataError(f"ct_window must be [low, high] with low < high, got {ct_window}", config)
+        if not 0.0 <= foreground_ratio <= 1.0:
+            raise DataError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}", config)
+        bad_axes = [a for a in flip_axes if not 0 <= a < spatial_dims]
+        if bad_axes:
+            raise DataError(f"flip_axes {bad_axes} must be spatial axes 0..{spatial_dims - 1}", config)
+        self._preprocessing: dict | None = None
+        self.split: Split | None = None
+        self.train_transforms = self.val_transforms = None
+        self.train_dataset = self.val_dataset = self.test_dataset = None
+
+    # -- what the model needs to know, from the layout alone (LightningCLI links these at instantiation) --
+    @property
+    def in_channels(self) -> int:
+        return self.info.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    @property
+    def preprocessing(self) -> dict:
+        """Everything inference needs to preprocess a new scan the same way (see `seg.data.transforms`)."""
+        if self._preprocessing is None:
+            h = self.hparams
+            ct = "ct" in channel_schemes(self.info.modalities, h.normalization)
+            fingerprint = load_fingerprint(self.info, h.cache_dir, intensities=ct)
+            self._preprocessing = make_preprocessing(
+                self.info, fingerprint, spatial_dims=h.spatial_dims, patch_size=h.patch_size, spacing=h.spacing,
+                normalization=h.normalization, ct_window=h.ct_window, crop_foreground=h.crop_foreground)
+        return self._preprocessing
+
+    # -- Lightning hooks --
+    def prepare_data(self) -> None:
+        """Check the dataset and measure its fingerprint once, before any other process reads it."""
+        if self.hparams.check:
+            try:
+                from seg.data.checks import check_or_raise
+            except ModuleNotFoundError as err:
+                if err.name != "seg.data.checks":
+                    raise
+                rank_zero_warn("seg.data.checks is not available: the dataset is used unchecked")
+            else:
+                check_or_raise(self.hparams.root, workers=max(1, self.hparams.num_workers))
+        self.preprocessing  # noqa: B018 - measures and caches the fingerprint
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split the cases (and write `split.json` beside the run), build the transforms and cached datasets."""
+        h = self.hparams
+        if self.split is None:
+            self.split = split_cases([c.case_id for c in self.info.cases], val_fraction=h.val_fraction,
+                                     val_cases=h.val_cases, fold=h.fold, num_folds=h.num_folds, seed=h.seed,
+                                     source=self.info.root)
+            self.train_transforms = train_transforms(
+                self.preprocessing, samples_per_volume=h.samples_per_volume, foreground_ratio=h.foreground_ratio,
+                flip_axes=h.flip_axes, augment=h.augment,
+                albumentations=h.use_albumentations if h.spatial_dims == 2 else h.albumentations_3d)
+            self.val_transforms = val_transforms(self.preprocessing)
+        trainer = self.trainer
+        if trainer is not None and trainer.is_global_zero:
+            save_split(self.split, Path(trainer.default_root_dir) / "split.json")
+        cases = {c.case_id: c for c in self.info.cases}
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset([_item(cases[i]) for i in self.split.train], self.train_transforms)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._dataset([_item(cases[i]) for i in self.split.val], self.val_transforms)
+        if stage in (None, "test") and self.test_dataset is None:
+            self.test_dataset = self._dataset(self._test_items(), self.val_transforms)
+
+    def _test_items(self) -> list[dict]:
+        """Labelled `imagesTs` cases (`labelsTs` beside them) when the dataset has any, else the validation split."""
+        root = Path(self.info.root)
+        images_dir, labels_dir = root / "imagesTs", root / "labelsTs"
+        items = []
+        if images_dir.is_dir() and labels_dir.is_dir():
+            grouped = group_channel_files([p for p in images_dir.iterdir() if p.is_file()])
+            for case_id, images in sorted(grouped.items()):
+                label = next((labels_dir / f"{case_id}{s}" for s in NIFTI_SUFFIXES
+                              if (labels_dir / f"{case_id}{s}").exists()), None)
+                if label is not None:
+                    items.append(_item(Case(case_id, tuple(images), label)))
+        if items:
+            return items
+        cases = {c.case_id: c for c in self.info.cases}
+        return [_item(cases[i]) for i in self.split.val]
+
+    def _dataset(self, items: list[dict], transform) -> _Cases:
+        h = self.hparams
+        with _data_errors():
+            if h.cache_dir is not None:
+                # One subfolder per dataset version and preprocessing, so a changed setting never reads stale files.
+                key = hashlib.sha256(json.dumps([self.preprocessing, load_fingerprint(
+                    self.info, h.cache_dir)["key"]], sort_keys=True).encode()).hexdigest()[:16]
+                dataset = PersistentDataset(items, transform, cache_dir=Path(h.cache_dir) / key)
+            elif h.cache_rate > 0:
+                dataset = CacheDataset(items, transform, cache_rate=h.cache_rate, num_workers=max(1, h.num_workers),
+                                       progress=False)
+            else:
+                dataset = Dataset(items, transform)
+        return _Cases(dataset)
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        trainer = self.trainer
+        cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
+        # MONAI's DataLoader seeds each worker's random transforms and flattens the patch lists into one batch.
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=cuda)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, 1, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, 1, shuffle=False)

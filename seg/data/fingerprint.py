@@ -1,0 +1,149 @@
+"""Dataset fingerprint: the numbers preprocessing needs, measured once per dataset and cached as JSON.
+
+- median voxel spacing and shape along R, A, S (after reorientation), from the NIfTI headers only;
+- on request (CT normalisation), per image channel the 0.5 / 99.5 percentiles, mean and std of the
+  intensities under the labels, from up to `max_cases` cases and `voxels_per_case` voxels each (nnU-Net).
+
+The cache file is named by a hash of the dataset folder, its file list, sizes and modification times, so an
+edited dataset gets a new fingerprint. It lives in `cache_dir` when given, else in
+`$XDG_CACHE_HOME/seg/fingerprints/` (`~/.cache/seg/fingerprints/`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from seg.data.layout import Case, DatasetInfo
+from seg.errors import DataError
+
+FINGERPRINT_VERSION = 1
+
+
+def ras_geometry(path: str | os.PathLike) -> tuple[list[float], list[int]]:
+    """Voxel spacing (mm) and shape of a scan along R, A, S, i.e. as `Orientationd("RAS")` will lay it out.
+
+    Reads the header only. Spacing is the norm of each affine column, as MONAI's `Spacingd` measures it.
+    """
+    try:
+        image = nib.load(os.fspath(path))
+    except Exception as err:  # nibabel raises many types for a bad header
+        raise DataError(f"cannot read NIfTI header: {err}", path) from None
+    affine = image.affine
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    shape = (list(image.shape) + [1, 1, 1])[:3]
+    spacing, size = [0.0] * 3, [0] * 3
+    for voxel_axis, (ras_axis, _) in enumerate(nib.orientations.io_orientation(affine)):
+        spacing[int(ras_axis)] = float(zooms[voxel_axis])
+        size[int(ras_axis)] = int(shape[voxel_axis])
+    return spacing, size
+
+
+def dataset_key(info: DatasetInfo) -> str:
+    """Hash of the dataset folder, its image and label files, their sizes and modification times."""
+    entries = []
+    for case in info.cases:
+        for path in (*case.images, case.label):
+            if path is None:
+                continue
+            try:
+                stat = os.stat(path)
+            except OSError:
+                raise DataError("file listed by the dataset is missing", path) from None
+            entries.append([os.fspath(Path(path).relative_to(info.root)), stat.st_size, stat.st_mtime_ns])
+    payload = json.dumps([FINGERPRINT_VERSION, os.fspath(Path(info.root).resolve()), entries])
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def fingerprint_path(info: DatasetInfo, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the fingerprint of `info` is cached."""
+    name = f"{dataset_key(info)}.json"
+    if cache_dir is not None:
+        return Path(cache_dir) / f"fingerprint-{name}"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "seg" / "fingerprints" / name
+
+
+def _channels(case: Case) -> list[np.ndarray]:
+    """The image channels of a case as 3D arrays in file voxel order (one file per channel, or one 4D file)."""
+    if len(case.images) > 1:
+        return [np.asarray(nib.load(p).dataobj) for p in case.images]
+    data = np.asarray(nib.load(case.images[0]).dataobj)
+    return [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[-1])]
+
+
+def foreground_intensities(info: DatasetInfo, max_cases: int = 64, voxels_per_case: int = 10_000,
+                           seed: int = 0) -> list[dict[str, float]]:
+    """Per channel: 0.5 / 99.5 percentiles, mean and std of the intensities where the label is > 0.
+
+    Cases are an evenly spaced subset of at most `max_cases`; voxels a seeded random subset of each case's
+    foreground. Raises `DataError` for a case whose label grid does not match its image.
+    """
+    rng = np.random.default_rng(seed)
+    picks = np.unique(np.linspace(0, len(info.cases) - 1, min(max_cases, len(info.cases))).round().astype(int))
+    samples: list[list[np.ndarray]] = [[] for _ in range(info.in_channels)]
+    for case in (info.cases[i] for i in picks):
+        try:
+            mask = np.asarray(nib.load(case.label).dataobj) > 0
+            channels = _channels(case)
+        except Exception as err:
+            raise DataError(f"cannot read case '{case.case_id}': {err}", case.images[0]) from None
+        index = np.flatnonzero(mask.reshape(-1))
+        if index.size > voxels_per_case:
+            index = rng.choice(index, voxels_per_case, replace=False)
+        for c, channel in enumerate(channels[: info.in_channels]):
+            if channel.shape != mask.shape:
+                raise DataError(f"label shape {mask.shape} differs from image shape {channel.shape}", case.label)
+            samples[c].append(channel.reshape(-1)[index].astype(np.float64))
+    stats = []
+    for c, parts in enumerate(samples):
+        values = np.concatenate(parts) if parts else np.zeros(0)
+        if values.size == 0:
+            raise DataError(f"no foreground voxels found to measure channel {c} intensities", info.root)
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        stats.append({"percentile_00_5": float(lo), "percentile_99_5": float(hi),
+                      "mean": float(values.mean()), "std": float(values.std())})
+    return stats
+
+
+def compute_fingerprint(info: DatasetInfo, intensities: bool = False) -> dict:
+    """Measure a dataset: median RAS spacing and shape; foreground intensity statistics when asked."""
+    geometry = [ras_geometry(case.images[0]) for case in info.cases]
+    return {
+        "version": FINGERPRINT_VERSION,
+        "key": dataset_key(info),
+        "root": os.fspath(info.root),
+        "num_cases": len(info.cases),
+        # rounded: float32 affines give 0.99999998 mm for 1 mm
+        "spacing": [round(float(v), 5) for v in np.median([g[0] for g in geometry], axis=0)],
+        "shape": [float(v) for v in np.median([g[1] for g in geometry], axis=0)],
+        "intensity": foreground_intensities(info) if intensities else None,
+    }
+
+
+def load_fingerprint(info: DatasetInfo, cache_dir: str | os.PathLike | None = None,
+                     intensities: bool = False) -> dict:
+    """The cached fingerprint of `info`, measured and written first when missing (or lacking intensities).
+
+    Safe with several processes: each writes a temporary file and renames it, so readers see whole files.
+    """
+    path = fingerprint_path(info, cache_dir)
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("version") == FINGERPRINT_VERSION and (cached.get("intensity") or not intensities):
+            return cached
+    except (OSError, ValueError):
+        pass  # missing or unreadable: measure again
+    fingerprint = compute_fingerprint(info, intensities=intensities)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(fingerprint, f, indent=1)
+    os.replace(tmp, path)
+    return fingerprint

@@ -1,0 +1,275 @@
+"""MONAI dictionary transforms from NIfTI files to network inputs, built from one `preprocessing` dict.
+
+The deterministic part (`inference_transforms`: load, RAS, resample, crop to the nonzero region, normalise)
+is shared by validation, testing and the `seg predict` command, and every geometric step in it is
+invertible with `monai.transforms.Invertd` back to the scan's own grid. Training adds padding to the patch
+size, foreground-weighted patch sampling and augmentation (`train_transforms`).
+
+The `preprocessing` dict (JSON-serialisable, saved with a model) holds:
+    version: 1
+    spatial_dims: 2 or 3 (2: the network sees axial slices; the volumes are still resampled in 3D)
+    orientation: "RAS"
+    spacing: target voxel size in mm along R, A, S; a component <= 0 keeps the scan's own (2D: through-plane)
+    normalization: one per channel, {"scheme": "zscore", "nonzero": bool}
+                   or {"scheme": "ct", "clip": [low, high], "mean": float, "std": float}
+    modalities: channel names, e.g. ["CT"] or ["T2", "ADC"]
+    in_channels, num_classes: network input and output channels
+    labels: {"0": "background", "1": ...}; class_names: the foreground names in label order
+    patch_size: training patch (2 or 3 values)
+    crop_foreground: crop each scan to the bounding box of its nonzero voxels before normalising
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensity,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRange,
+    Spacingd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+
+from seg.data.layout import DatasetInfo
+from seg.errors import DataError
+
+PREPROCESSING_VERSION = 1
+
+
+def channel_schemes(modalities: Sequence[str], normalization: str = "auto") -> list[str]:
+    """Normalisation scheme per channel: "auto" gives CT channels "ct" and every other modality "zscore"."""
+    if normalization not in ("auto", "zscore", "ct"):
+        raise ValueError(f"normalization must be 'auto', 'zscore' or 'ct', got '{normalization}'")
+    if normalization != "auto":
+        return [normalization] * len(modalities)
+    return ["ct" if m.strip().upper() == "CT" else "zscore" for m in modalities]
+
+
+def make_preprocessing(
+    info: DatasetInfo,
+    fingerprint: dict,
+    spatial_dims: int = 3,
+    patch_size: Sequence[int] = (96, 96, 96),
+    spacing: Sequence[float] | None = None,
+    normalization: str = "auto",
+    ct_window: Sequence[float] | None = None,
+    crop_foreground: bool = True,
+) -> dict:
+    """The `preprocessing` dict for a dataset (see the module docstring for its fields).
+
+    Args:
+        info: the dataset layout (modalities, labels).
+        fingerprint: from `seg.data.fingerprint.load_fingerprint`; needs `intensity` when a channel is CT.
+        spatial_dims: 3 for volumes, 2 for axial slices.
+        patch_size: training patch, `spatial_dims` values.
+        spacing: target spacing along R, A, S; None: the dataset's median spacing.
+        normalization: "auto" (CT channels: "ct", others: "zscore"), "zscore" or "ct" for every channel.
+        ct_window: HU clip window for "ct"; None: the dataset's foreground 0.5 / 99.5 percentiles.
+        crop_foreground: crop to the nonzero region of the image.
+    """
+    target = [float(v) for v in (spacing if spacing is not None else fingerprint["spacing"])]
+    if spatial_dims == 2:
+        target = target[:2] + [0.0]  # slices keep their own thickness: only the plane is resampled
+    if len(target) != 3:
+        raise DataError(f"spacing needs 3 values (R, A, S), got {list(spacing or [])}", info.root)
+    if normalization not in ("auto", "zscore", "ct"):
+        raise DataError(f"normalization must be 'auto', 'zscore' or 'ct', got '{normalization}'", info.root)
+    schemes = []
+    for c, scheme in enumerate(channel_schemes(info.modalities, normalization)):
+        if scheme == "zscore":
+            # Over nonzero voxels, so a zero background (skull-stripped MR) does not set the scale.
+            schemes.append({"scheme": "zscore", "nonzero": True})
+        elif scheme == "ct":
+            stats = (fingerprint.get("intensity") or [None] * (c + 1))[c]
+            if stats is None:
+                raise DataError("CT normalisation needs the fingerprint's intensity statistics", info.root)
+            low, high = ct_window if ct_window is not None else (stats["percentile_00_5"], stats["percentile_99_5"])
+            schemes.append({"scheme": "ct", "clip": [float(low), float(high)], "mean": stats["mean"],
+                            "std": max(stats["std"], 1e-8)})
+    return {
+        "version": PREPROCESSING_VERSION,
+        "spatial_dims": int(spatial_dims),
+        "orientation": "RAS",
+        "spacing": target,
+        "normalization": schemes,
+        "modalities": list(info.modalities),
+        "in_channels": info.in_channels,
+        "num_classes": info.num_classes,
+        "labels": {str(k): v for k, v in info.labels.items()},
+        "class_names": info.class_names,
+        "patch_size": [int(v) for v in patch_size],
+        "crop_foreground": bool(crop_foreground),
+    }
+
+
+def nonzero(x):
+    """Foreground for cropping: any nonzero voxel (a module-level function so worker processes can pickle it)."""
+    return x != 0
+
+
+class LoadScand(LoadImaged):
+    """`LoadImaged` that turns an unreadable file into a `DataError` naming that file."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:
+            for key in self.key_iterator(dict(data)):
+                files = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]
+                for path in files:
+                    try:  # only on failure: find the file to blame
+                        self._loader(path, reader)
+                    except Exception as file_err:
+                        reason = (str(file_err).strip() or type(file_err).__name__).splitlines()[0]
+                        raise DataError(f"cannot read this scan ({reason}); run `seg check-data`", path) from err
+            raise
+
+
+class NormalizeChannelsd(MapTransform):
+    """Normalise each image channel by its own scheme: z-score per volume, or CT clip then dataset mean/std.
+
+    MONAI's normalisers apply one scheme to every channel; a CT + MR dataset needs one per channel.
+
+    Args:
+        keys: image keys, (C, *spatial) with C == len(schemes).
+        schemes: the `normalization` entries of a preprocessing dict.
+    """
+
+    def __init__(self, keys, schemes: Sequence[dict], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.schemes = [dict(s) for s in schemes]
+        self.ops = []
+        for s in self.schemes:
+            if s["scheme"] == "zscore":
+                self.ops.append(NormalizeIntensity(nonzero=s["nonzero"], channel_wise=True))
+            else:  # clip to the window, then (x - mean) / std: one linear map on the clipped range
+                (low, high), mean, std = s["clip"], s["mean"], s["std"]
+                self.ops.append(ScaleIntensityRange(low, high, (low - mean) / std, (high - mean) / std, clip=True))
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] != len(self.ops):
+                source = getattr(image, "meta", {}).get("filename_or_obj")
+                raise DataError(f"scan has {image.shape[0]} channels; the model expects {len(self.ops)}", source)
+            out = image.to(torch.float32, copy=True)  # a copy: the input may be a cached item
+            for c, op in enumerate(self.ops):
+                out[c] = torch.as_tensor(op(image[c : c + 1].to(torch.float32)))[0]
+            d[key] = out
+        return d
+
+
+def inference_transforms(preprocessing: dict, keys: Sequence[str] = ("image",)) -> Compose:
+    """The deterministic preprocessing of a scan (and optionally its label), from a preprocessing dict alone.
+
+    Load, channels first, RAS, resample to the target spacing (image bilinear, others nearest), crop to the
+    nonzero region of the image, normalise. Invert with `Invertd(..., transform=<this>, orig_keys="image")`.
+
+    Args:
+        preprocessing: see the module docstring.
+        keys: "image" plus any label keys; each holds a file path (a list of paths: one file per channel).
+
+    Returns:
+        a Compose giving "image" (C, *spatial) float32 MetaTensor and label keys (1, *spatial).
+    """
+    keys = tuple(keys)
+    if "image" not in keys:
+        raise ValueError(f"keys must include 'image', got {keys}")
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    steps = [
+        LoadScand(keys, reader="NibabelReader", image_only=False),
+        EnsureChannelFirstd(keys),
+        Orientationd(keys, axcodes=preprocessing["orientation"], labels=None),  # None: axis names from the file's space
+        Spacingd(keys, pixdim=preprocessing["spacing"], mode=modes, dtype=torch.float32),
+    ]
+    if preprocessing["crop_foreground"]:
+        # Before normalising: afterwards the background is no longer zero.
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=nonzero, allow_smaller=True,
+                                     start_coord_key=None, end_coord_key=None))
+    steps.append(NormalizeChannelsd("image", preprocessing["normalization"]))
+    return Compose(steps)
+
+
+def label_cast(keys: Sequence[str] = ("label",)) -> CastToTyped:
+    """Labels as int64 class indices (some datasets store them as float)."""
+    return CastToTyped(keys, dtype=torch.long, allow_missing_keys=True)
+
+
+def val_transforms(preprocessing: dict, keys: Sequence[str] = ("image", "label")) -> Compose:
+    """Validation and test: the inference preprocessing of image and label, label as int64. Whole volumes."""
+    # Flat, not nested: CacheDataset looks for its first random step among the top-level transforms only.
+    return Compose([*inference_transforms(preprocessing, keys).transforms, label_cast()])
+
+
+def train_transforms(
+    preprocessing: dict,
+    samples_per_volume: int = 2,
+    foreground_ratio: float = 1 / 3,
+    flip_axes: Sequence[int] = (),
+    augment: bool = True,
+    albumentations: bool = False,
+) -> Compose:
+    """Training: the inference preprocessing, padding to the patch, patch sampling, augmentation.
+
+    Args:
+        preprocessing: see the module docstring.
+        samples_per_volume: patches cut from each loaded volume.
+        foreground_ratio: share of patches centred on a labelled voxel; the others centre on background.
+        flip_axes: spatial axes (after RAS; in 2D 0 or 1) flipped with probability 0.5 each.
+        augment: random rotation/scaling and intensity changes.
+        albumentations: do the intensity (and, in 2D, the affine) augmentation with albumentations.
+
+    Returns:
+        a Compose giving a list of `samples_per_volume` dicts: "image" (C, *patch) float32, "label" (1, *patch) int64.
+    """
+    from seg.data.albumentations_transform import Albumentationsd, default_augmentations
+
+    keys = ("image", "label")
+    dims = preprocessing["spatial_dims"]
+    patch = list(preprocessing["patch_size"])
+    if len(patch) != dims:
+        raise ValueError(f"patch_size {patch} needs {dims} values for spatial_dims={dims}")
+    crop = patch + [1] if dims == 2 else patch  # 2D: one axial slice of the RAS volume
+    steps = [
+        *inference_transforms(preprocessing, keys).transforms,  # flat: the cache stops at the first random step
+        SpatialPadd(keys, spatial_size=patch + [-1] if dims == 2 else patch),
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=crop, pos=foreground_ratio,
+                               neg=1.0 - foreground_ratio, num_samples=samples_per_volume),
+    ]
+    if dims == 2:
+        steps.append(SqueezeDimd(keys, dim=3))  # (C, H, W, 1) -> (C, H, W)
+    if augment and not (dims == 2 and albumentations):
+        steps.append(RandAffined(keys, prob=0.25, rotate_range=[math.pi / 12] * (3 if dims == 3 else 1),
+                                 scale_range=[0.1] * dims, mode=("bilinear", "nearest"), padding_mode="zeros",
+                                 spatial_size=patch, cache_grid=True))
+    steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
+    if augment and albumentations:
+        steps.append(Albumentationsd(keys, default_augmentations(spatial=dims == 2, volume=dims == 3)))
+    elif augment:
+        sigma = (0.5, 1.0)
+        steps += [
+            RandScaleIntensityd("image", factors=0.25, prob=0.15),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.15),
+            RandGaussianNoised("image", std=0.1, prob=0.1),
+            RandGaussianSmoothd("image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=0.2),
+        ]
+    steps.append(label_cast())
+    return Compose(steps)
