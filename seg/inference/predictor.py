@@ -1,0 +1,291 @@
+"""Predict one scan with a trained model, in the scan's own geometry: label map, probabilities, gate maps.
+
+The path is the validation path run forwards and then backwards: `inference_transforms` (the checkpoint's
+own preprocessing) -> sliding-window inference with Gaussian blending (`SegmentationModule.predict_volume`),
+optionally averaged over mirrored copies -> `monai.transforms.Invertd` back to the scan's grid. The three
+stages are separate methods (`load`, `infer`, `to_original`) so that a folder runner can overlap them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from contextlib import nullcontext
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+
+from seg.data.layout import strip_nifti_suffix
+from seg.data.transforms import inference_transforms
+from seg.errors import DataError, SegError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> the GPU when there is one, else the CPU; refuses "cuda" on a machine without one."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SegError(f"unknown device '{device}'; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every class index."""
+    return np.dtype(np.uint8 if num_classes <= 256 else np.uint16)
+
+
+@dataclass
+class LoadedScan:
+    """A scan after preprocessing, ready for the network.
+
+    Attributes:
+        case_id: the case name.
+        paths: its file(s), one per channel or one 4D file.
+        reference: the first file as a lazy nibabel image: the grid (shape, affine, header) outputs are written in.
+        data: the transforms' output dict; `data["image"]` is `(C, *S)` float32 with its applied operations.
+        seconds: time spent loading and preprocessing.
+    """
+
+    case_id: str
+    paths: list[Path]
+    reference: nib.Nifti1Image
+    data: dict
+    seconds: float = 0.0
+
+
+@dataclass
+class NetworkOutput:
+    """The network's answer on the preprocessed grid (CPU tensors).
+
+    Attributes:
+        label: `(1, *S)` uint8/int16 class indices (argmax).
+        probabilities: `(num_classes, *S)` float32 softmax, or None when not asked for.
+        gates: "gate_<level>" -> `(1, *S)` float32 in [0, 1] (coarsest level first); empty when not asked for.
+    """
+
+    label: torch.Tensor
+    probabilities: torch.Tensor | None = None
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class Predictor:
+    """A trained model ready to segment scans one after another, with no work repeated per scan.
+
+    The model is moved to the device once and the transforms are built once. On a GPU the network runs under
+    `torch.autocast` (float16); stitching and softmax stay float32.
+
+    Args:
+        model: a `SegmentationModule` with its `preprocessing` dict (from `load_trained_model`).
+        device: "auto", "cpu", "cuda" or a torch device.
+        tta: average the softmax over mirrored copies: every combination of flips of the spatial axes (8 for a
+            3D model, 4 for a 2D model: its two in-plane axes).
+        overlap: sliding-window overlap; None keeps the model's own (`hparams.sw_overlap`).
+        sw_batch_size: windows per forward pass; None keeps the model's own. Both overrides are set on the model.
+    """
+
+    def __init__(self, model, device: str | torch.device = "auto", tta: bool = False, overlap: float | None = None,
+                 sw_batch_size: int | None = None):
+        if not getattr(model, "preprocessing", None):
+            raise SegError("the model has no preprocessing settings; load it with load_trained_model")
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
+        # predict_volume reads these from hparams; setting them there keeps one sliding-window code path.
+        if overlap is not None:
+            if not 0.0 <= overlap < 1.0:
+                raise SegError(f"--overlap must be in [0, 1), got {overlap}")
+            self.model.hparams.sw_overlap = float(overlap)
+        if sw_batch_size is not None:
+            if sw_batch_size < 1:
+                raise SegError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
+            self.model.hparams.sw_batch_size = int(sw_batch_size)
+        self.tta = tta
+        self.preprocessing = dict(model.preprocessing)
+        self.num_classes = int(self.model.hparams.out_channels)
+        self.in_channels = int(self.model.hparams.in_channels)
+        self.class_names = list(self.model.class_names)
+        self.transforms = inference_transforms(self.preprocessing)
+        # nearest for class indices; the forward modes (bilinear for the image) for probabilities and gates
+        self._invert_label = Invertd("pred", transform=self.transforms, orig_keys="image", nearest_interp=True)
+        self._invert_float = Invertd("pred", transform=self.transforms, orig_keys="image", nearest_interp=False)
+        spatial = 3 if self.model.hparams.spatial_dims == 3 else 2  # a 2D model sees (H, W) slabs of (H, W, D)
+        axes = list(range(2, 2 + spatial))
+        self._flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if tta else [()]
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str | torch.device = "auto", **kwargs) -> Predictor:
+        """A Predictor for a `seg fit` checkpoint (weights-only loading; `CheckpointError` when unusable)."""
+        from seg.inference.checkpoint import load_trained_model
+
+        return cls(load_trained_model(checkpoint, map_location="cpu"), device=device, **kwargs)
+
+    # ---- stage 1: files -> preprocessed tensor (CPU; safe to run in a background thread) --------------------
+    def inspect(self, paths: Sequence[str | os.PathLike]) -> nib.Nifti1Image:
+        """Check a case's files from their headers alone; returns the first as the reference image.
+
+        Raises `DataError` naming the file for: not NIfTI / unreadable header, 2D or 5D+ data, a broken affine,
+        a channel count the model does not take, channel files on different grids.
+        """
+        images = []
+        for path in paths:
+            try:
+                image = nib.load(os.fspath(path))
+            except Exception as err:  # nibabel raises many types for files that are not NIfTI
+                raise DataError(f"not a readable NIfTI file ({_reason(err)})", path) from None
+            if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise DataError(f"not a NIfTI image ({type(image).__name__})", path)
+            shape = image.shape
+            if len(shape) < 3 or (len(shape) == 3 and min(shape) < 1):
+                raise DataError(f"image is {len(shape)}D with shape {tuple(shape)}; seg predict needs 3D volumes "
+                                "(store a single slice as X x Y x 1)", path)
+            if len(shape) > 4:
+                raise DataError(f"image has {len(shape)} dimensions {tuple(shape)}; expected (X, Y, Z) or "
+                                "(X, Y, Z, channels)", path)
+            linear = image.affine[:3, :3]
+            if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(linear)) < 1e-12:
+                raise DataError("image has an invalid (singular or non-finite) affine; fix its sform/qform", path)
+            images.append(image)
+        channels = sum(im.shape[3] if len(im.shape) == 4 else 1 for im in images)
+        if channels != self.in_channels:
+            modalities = ", ".join(self.preprocessing.get("modalities") or [])
+            raise DataError(f"scan has {channels} channel(s); the model expects {self.in_channels} ({modalities}): "
+                            "give one file per channel (case_0000.nii.gz, case_0001.nii.gz, ...) or one 4D file",
+                            paths[0])
+        first = images[0]
+        for path, image in zip(paths[1:], images[1:]):
+            if image.shape[:3] != first.shape[:3] or not np.allclose(image.affine, first.affine, atol=1e-4):
+                raise DataError(f"channel file is on another grid than {Path(paths[0]).name} "
+                                f"(shape {image.shape[:3]} vs {first.shape[:3]}, or affine); resample it first", path)
+        return first
+
+    def load(self, paths: Sequence[str | os.PathLike], case_id: str | None = None) -> LoadedScan:
+        """Read and preprocess a case: header checks, load, NaN/Inf check, the checkpoint's transforms.
+
+        Args:
+            paths: the case's file(s): one per channel (nnU-Net `_0000`, `_0001`, ...), or one file.
+            case_id: its name; default: the first file's name without extension.
+        """
+        start = time.perf_counter()
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise ValueError("a case needs at least one file")
+        reference = self.inspect(paths)
+        item = {"image": [os.fspath(p) for p in paths] if len(paths) > 1 else os.fspath(paths[0])}
+        item = self.transforms(item, end=1)  # load only: check the raw values before they are resampled
+        image = item["image"]
+        if image.is_floating_point():
+            finite = torch.isfinite(image)
+            bad = int(finite.numel() - finite.sum())
+            if bad:
+                what = "all voxels are" if bad == finite.numel() else f"{bad} of {finite.numel()} voxels are"
+                raise DataError(f"{what} NaN or infinite; replace them (e.g. with 0) first", paths[0])
+        item = self.transforms(item, start=1)
+        if min(item["image"].shape[1:]) < 1:
+            raise DataError("image has no nonzero voxels to segment", paths[0])
+        name = case_id or strip_nifti_suffix(paths[0].name) or paths[0].name
+        return LoadedScan(name, paths, reference, item, time.perf_counter() - start)
+
+    # ---- stage 2: preprocessed tensor -> network output (the device) -------------------------------------------
+    @torch.no_grad()
+    def infer(self, scan: LoadedScan, with_gates: bool = False, probabilities: bool = False) -> NetworkOutput:
+        """Sliding-window prediction (with mirroring when `tta`) on the preprocessed grid.
+
+        Returns CPU tensors: the argmax label, and when asked the softmax probabilities and gate maps.
+        """
+        image = scan.data["image"].as_tensor()[None].to(self.device, non_blocking=True)  # (1, C, *S)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
+        prob_sum, gate_sum = None, {}
+        with autocast:
+            for axes in self._flips:
+                x = torch.flip(image, axes) if axes else image
+                out = self.model.predict_volume(x, with_gates=with_gates)
+                logits, gates = (out["logits"], out) if with_gates else (out, {})
+                # mirrored copies are flipped back before averaging; softmax in float32 for a stable mean
+                prob = torch.softmax(logits.float(), dim=1)
+                prob = torch.flip(prob, axes) if axes else prob
+                prob_sum = prob if prob_sum is None else prob_sum.add_(prob)
+                for key, gate in gates.items():
+                    if key == "logits":
+                        continue
+                    gate = torch.flip(gate.float(), axes) if axes else gate.float()
+                    gate_sum[key] = gate if key not in gate_sum else gate_sum[key].add_(gate)
+        n = len(self._flips)
+        label = prob_sum.argmax(1).to(torch.int16 if self.num_classes > 256 else torch.uint8)
+        return NetworkOutput(
+            label=label.cpu(),
+            probabilities=(prob_sum[0] / n).cpu() if probabilities else None,
+            gates={k: (v[0] / n).clamp_(0, 1).cpu() for k, v in gate_sum.items()},
+        )
+
+    # ---- stage 3: network output -> the scan's own grid (CPU; safe in a background thread) ---------------------
+    @torch.no_grad()
+    def to_original(self, scan: LoadedScan, output: NetworkOutput) -> dict:
+        """Invert the preprocessing (crop, resampling, reorientation) on the network output.
+
+        Returns a dict of numpy arrays on the reference image's grid `(X, Y, Z)`:
+            "label": class indices (uint8 below 257 classes);
+            "probabilities": `(num_classes, X, Y, Z)` float32, when computed;
+            "gate_<level>": `(X, Y, Z)` float32 in [0, 1], when computed;
+            "reference": the reference nibabel image (lazy; its header and affine are the output's).
+        """
+        result = {"reference": scan.reference}
+        label = self._invert(self._invert_label, scan, output.label.float())
+        result["label"] = np.rint(label[0]).astype(label_dtype(self.num_classes))
+        floats = ([output.probabilities] if output.probabilities is not None else []) + list(output.gates.values())
+        if floats:
+            # one resampling for every float map: probabilities and gates share the grid
+            stacked = self._invert(self._invert_float, scan, torch.cat(floats, 0).float())
+            start = 0
+            if output.probabilities is not None:
+                prob = stacked[: self.num_classes]
+                # Outside the foreground crop the inverse pads zeros; there the scan is background.
+                prob[0] = 1.0 - prob[1:].sum(0)
+                result["probabilities"] = np.clip(prob, 0.0, 1.0)
+                start = self.num_classes
+            for i, key in enumerate(output.gates):
+                result[key] = np.clip(stacked[start + i], 0.0, 1.0)
+        return result
+
+    def _invert(self, inverter: Invertd, scan: LoadedScan, tensor: torch.Tensor) -> np.ndarray:
+        data = {"image": scan.data["image"], "pred": MetaTensor(tensor)}
+        inverted = inverter(data)["pred"]
+        array = inverted.as_tensor() if isinstance(inverted, MetaTensor) else torch.as_tensor(inverted)
+        array = array.float().numpy()
+        expected = tuple(scan.reference.shape[:3])
+        if array.shape[1:] != expected:  # a bug, not a user error: the output would not overlay the scan
+            raise RuntimeError(f"inverted map has shape {array.shape[1:]}, the scan {expected}")
+        return array
+
+    # ---- all three ---------------------------------------------------------------------------------------------
+    def predict_case(self, image_paths: Sequence[str | os.PathLike] | str | os.PathLike, with_gates: bool = False,
+                     probabilities: bool = False) -> dict:
+        """Segment one case; everything in the ORIGINAL scan's space.
+
+        Args:
+            image_paths: one file, or the case's channel files in channel order.
+            with_gates: also return the attention-gate maps "gate_<level>" (coarsest first), in [0, 1].
+            probabilities: also return the softmax "probabilities" `(num_classes, X, Y, Z)`.
+
+        Returns:
+            see `to_original`; raises `DataError` naming the file for a scan that cannot be used.
+        """
+        if isinstance(image_paths, (str, os.PathLike)):
+            image_paths = [image_paths]
+        scan = self.load(image_paths)
+        return self.to_original(scan, self.infer(scan, with_gates=with_gates, probabilities=probabilities))
+
