@@ -227,9 +227,16 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
     if not cases:
         raise DataError("dataset.json lists no training cases", meta_path)
     test = []
+    if meta.get("test") is None:  # nnU-Net v2 does not list its test images either: find them
+        test = _cases_from_folders(root, "imagesTs", None)
+    elif not isinstance(meta["test"], list):
+        raise DataError("'test' must be a list of image paths", meta_path)
     for i, entry in enumerate(meta.get("test") or []):
-        relative = entry if isinstance(entry, str) else (entry or {}).get("image")
+        relative = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(relative, str):
+            raise DataError(f"test entry {i} must be an image path or {{\"image\": path}}, got {entry!r}", meta_path)
         images = _resolve_image(root, relative)
-        test.append(Case(strip_nifti_suffix(images[0].name) or f"test_{i}", images))
+        # the case is named by the entry, not by its first channel file (`x_0000`)
+        test.append(Case(strip_nifti_suffix(Path(relative).name) or f"test_{i}", images))
     return DatasetInfo(root, sorted(cases, key=lambda c: c.case_id), labels, modalities,
                        name=str(meta.get("name", root.name)), test_images=test)

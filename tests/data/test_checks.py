@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from seg.cli import main
 from seg.data.checks import Problem, check_dataset, check_or_raise
 from seg.data.synthetic import write_dataset
 from seg.errors import DataError
@@ -109,6 +110,39 @@ def broken_root(tmp_path_factory):
     return root
 
 
+def _dataset_with_json(root, text):
+    root = write_dataset(root, cases=1, size=SIZE)
+    (root / "dataset.json").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="module")
+def roots(broken_root, tmp_path_factory):
+    """The datasets the real command runs on: broken cases, clean, unparseable json, a path out of the root."""
+    base = tmp_path_factory.mktemp("roots")
+    escaping = {"labels": {"0": "background", "1": "liver"}, "modality": {"0": "MRI"},
+                "training": [{"image": "./imagesTr/synth_000.nii.gz", "label": "../../etc/passwd.nii.gz"}]}
+    return {
+        "broken": broken_root,
+        "clean": write_dataset(base / "clean", cases=2, test_cases=1, size=SIZE, oblique=True),
+        "malformed": _dataset_with_json(base / "malformed", '{"labels": {"0": "background"}, "training": ['),
+        "escaping": _dataset_with_json(base / "escaping", json.dumps(escaping)),
+    }
+
+
+@pytest.fixture(scope="module")
+def command(roots):
+    """`python -m seg check-data ROOT` on each dataset, run side by side (each start imports the package)."""
+    running = {name: subprocess.Popen([sys.executable, "-m", "seg", "check-data", str(root)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, root in roots.items()}
+    results = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return results
+
+
 def test_each_broken_case_gives_exactly_its_problem(broken_root):
     problems = check_dataset(broken_root)
     by_case = {}
@@ -126,9 +160,8 @@ def test_threads_give_the_same_report(broken_root):
     assert check_dataset(broken_root, workers=3) == check_dataset(broken_root)
 
 
-def test_command_names_every_problem_and_exits_1(broken_root):
-    result = subprocess.run([sys.executable, "-m", "seg", "check-data", str(broken_root)],
-                            capture_output=True, text=True, timeout=120)
+def test_command_names_every_problem_and_exits_1(broken_root, command):
+    result = command["broken"]
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stdout.splitlines()
@@ -140,13 +173,12 @@ def test_command_names_every_problem_and_exits_1(broken_root):
     assert not any(line.startswith("synth_000") for line in lines)
 
 
-def test_clean_dataset_passes(tmp_path):
-    root = write_dataset(tmp_path / "clean", cases=2, test_cases=1, size=SIZE, oblique=True)
+def test_clean_dataset_passes(roots, command):
+    root = roots["clean"]
     assert check_dataset(root) == []
     info = check_or_raise(root)
     assert [c.case_id for c in info.cases] == ["synth_000", "synth_001"]
-    result = subprocess.run([sys.executable, "-m", "seg", "check-data", str(root)],
-                            capture_output=True, text=True, timeout=120)
+    result = command["clean"]
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "checked 3 cases: all good"
     assert result.stderr == ""  # no progress bar when stderr is not a terminal
@@ -171,41 +203,28 @@ def test_check_or_raise_quotes_the_first_problems(broken_root):
     assert "\n" not in message
 
 
-def _dataset_with_json(tmp_path, text):
-    root = write_dataset(tmp_path / "ds", cases=1, size=SIZE)
-    (root / "dataset.json").write_text(text)
-    return root
-
-
-def _run(root):
-    return subprocess.run([sys.executable, "-m", "seg", "check-data", str(root)],
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_malformed_dataset_json_is_a_problem_not_a_traceback(tmp_path):
-    root = _dataset_with_json(tmp_path, '{"labels": {"0": "background"}, "training": [')
+def test_malformed_dataset_json_is_a_problem_not_a_traceback(roots, command):
+    root = roots["malformed"]
     [problem] = check_dataset(root)
     assert problem.case_id == "dataset" and problem.path == str(root / "dataset.json")
     assert problem.message.startswith("cannot read dataset.json")
-    result = _run(root)
+    result = command["malformed"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stdout.splitlines()[0].startswith(f"dataset: {root / 'dataset.json'}: cannot read dataset.json")
     assert result.stdout.splitlines()[-1] == "checked 0 cases: 1 problem in the dataset layout"
 
 
-def test_path_escaping_the_root_is_refused(tmp_path):
-    meta = {"labels": {"0": "background", "1": "liver"}, "modality": {"0": "MRI"},
-            "training": [{"image": "./imagesTr/synth_000.nii.gz", "label": "../../etc/passwd.nii.gz"}]}
-    root = _dataset_with_json(tmp_path, json.dumps(meta))
+def test_path_escaping_the_root_is_refused(roots, command):
+    root = roots["escaping"]
     [problem] = check_dataset(root)
-    assert problem.case_id == "dataset"
+    assert problem.case_id == "dataset" and problem.path == str(root / "dataset.json")
     assert "'../../etc/passwd.nii.gz' escapes the dataset folder" in problem.message
-    result = _run(root)
+    result = command["escaping"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "escapes the dataset folder" in result.stdout
+    assert result.stdout.splitlines()[0] == f"dataset: {root / 'dataset.json'}: {problem.message}"
 
 
-def test_anisotropy_and_unused_label_are_notes_not_problems(tmp_path):
+def test_anisotropy_and_unused_label_are_notes_not_problems(tmp_path, capsys):
     root = write_dataset(tmp_path / "ds", cases=1, size=SIZE, spacing=(0.5, 0.5, 8.0))
     meta = json.loads((root / "dataset.json").read_text())
     meta["labels"]["3"] = "metastasis"
@@ -214,10 +233,10 @@ def test_anisotropy_and_unused_label_are_notes_not_problems(tmp_path):
     assert check_dataset(root, notes=notes) == []
     assert [n.message for n in notes] == ["strongly anisotropic voxels 0.5 x 0.5 x 8 mm",
                                          "label 3 (metastasis) appears in no case"]
-    result = _run(root)
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[-1] == "checked 1 case: all good"
-    assert "note: synth_000: " in result.stdout
+    assert main(["check-data", str(root)]) == 0  # the command in-process: notes are printed, not failures
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "checked 1 case: all good"
+    assert out[0].startswith("note: synth_000: ") and out[1].startswith("note: dataset: ")
 
 
 def test_multichannel_files_must_agree_and_match_modalities(tmp_path):
