@@ -22,7 +22,8 @@ BROKEN = {
     "synth_001": ("imagesTr", "truncated or corrupt gzip stream"),
     "synth_002": ("labelsTr", "file is empty (0 bytes)"),
     "synth_003": ("imagesTr", "file not found"),
-    "synth_004": ("labelsTr", "label shape (16, 16, 10) differs from the image's (16, 16, 12) (imagesTr/synth_004.nii.gz)"),
+    "synth_004": ("labelsTr",
+                  "label shape (16, 16, 10) differs from the image's (16, 16, 12) (imagesTr/synth_004.nii.gz)"),
     "synth_005": ("labelsTr", "label affine differs from the image's (imagesTr/synth_005.nii.gz) by up to 2 mm"),
     "synth_006": ("labelsTr", "label values [7] are not declared"),
     "synth_007": ("imagesTr", "image has 1 NaN voxel"),
@@ -260,7 +261,8 @@ def test_multichannel_files_must_agree_and_match_modalities(tmp_path):
     assert messages[0] == (f"a: {root / 'imagesTr' / 'a_0000.nii.gz'}: 2 channel files but dataset.json "
                            "declares 3 modalities ['T1', 'T2', 'FLAIR']")
     assert messages[1].startswith("b: ") and "b_0000.nii.gz: 2 channel files" in messages[1]
-    assert re.fullmatch(r"b: .*b_0001\.nii\.gz: channel file affine differs from the image's \(imagesTr/b_0000\.nii\.gz\) "
+    assert re.fullmatch(r"b: .*b_0001\.nii\.gz: channel file affine differs from the image's "
+                        r"\(imagesTr/b_0000\.nii\.gz\) "
                         r"by up to 0\.5 mm.*", messages[2])
     assert len(messages) == 3
 

@@ -177,7 +177,7 @@ def test_seg_synth_command(tmp_path):
          "--size", "16", "16", "12", "--spacing", "2", "2", "3", "--oblique", "--seed", "7"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert f"wrote 2 training + 1 test cases" in result.stdout and str(out) in result.stdout
+    assert "wrote 2 training + 1 test cases" in result.stdout and str(out) in result.stdout
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["generator"] == {"tool": "seg synth", "seed": 7, "size": [16, 16, 12], "spacing": [2.0, 2.0, 3.0],
                                  "oblique": True}
