@@ -1,7 +1,24 @@
-"""Datasets and their path to batches: layout, checks, preprocessing, splits and the Lightning DataModule."""
+"""Datasets and their path to batches: layout, checks, preprocessing, splits and the Lightning DataModule.
 
-from seg.data.datamodule import NiftiDataModule
-from seg.data.split import Split, split_cases
-from seg.data.transforms import inference_transforms, train_transforms, val_transforms
+The re-exports are lazy (PEP 562): `seg synth` and `seg check-data` import `seg.data.*` modules that need
+only nibabel and numpy, and should not pay for importing torch, MONAI and Lightning.
+"""
 
-__all__ = ["NiftiDataModule", "Split", "inference_transforms", "split_cases", "train_transforms", "val_transforms"]
+from importlib import import_module
+
+_EXPORTS = {
+    "NiftiDataModule": "seg.data.datamodule",
+    "Split": "seg.data.split",
+    "split_cases": "seg.data.split",
+    "inference_transforms": "seg.data.transforms",
+    "train_transforms": "seg.data.transforms",
+    "val_transforms": "seg.data.transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'seg.data' has no attribute {name!r}")
