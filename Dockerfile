@@ -16,7 +16,12 @@ FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY seg ./seg
-RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# The wheel, and its runtime requirements (Requires-Dist without extras) as a requirements file, so the
+# final stage installs the dependencies in a layer that is rebuilt only when they change.
+RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+    && mkdir /deps \
+    && python -c "import email, glob, zipfile; w = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]); m = next(n for n in w.namelist() if n.endswith('.dist-info/METADATA')); print(*(r for r in email.message_from_bytes(w.read(m)).get_all('Requires-Dist', []) if 'extra ==' not in r), sep='\n')" > /deps/requirements.txt \
+    && cat /deps/requirements.txt
 
 # ---- final image ---------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
@@ -30,7 +35,8 @@ LABEL org.opencontainers.image.title="seg" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # W&B: pass WANDB_API_KEY (and WANDB_MODE=offline|disabled if wanted) with `docker run -e`; never bake
-# them in. Everything W&B and matplotlib write goes under /runs or /tmp, so any uid can run the image.
+# them in. Everything W&B and matplotlib write goes under /runs or /tmp, so any uid can run the image;
+# albumentations does not look for updates online at import.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -38,15 +44,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     WANDB_CACHE_DIR=/runs/.cache/wandb \
     WANDB_CONFIG_DIR=/runs/.config/wandb \
     WANDB_DATA_DIR=/runs/.cache/wandb-data \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    NO_ALBUMENTATIONS_UPDATE=1
 
-# Install the wheel with the base's own python/pip. torch is pinned to the exact build already in the
-# base, so pip keeps it (and its CUDA libraries) and fails loudly rather than pull a second torch.
-COPY --from=build /wheels /tmp/wheels
+# Install with the base's own python/pip: first the dependencies, then the project's wheel. torch is
+# pinned to the exact build already in the base, so pip keeps it (and its CUDA libraries) and fails
+# loudly rather than pull a second torch.
+COPY --from=build /deps/requirements.txt /tmp/requirements.txt
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > /tmp/torch-pin.txt \
-    && python -m pip install --no-cache-dir --constraint /tmp/torch-pin.txt /tmp/wheels/*.whl \
-    && rm -rf /tmp/wheels /tmp/torch-pin.txt \
-    && seg --version
+    && python -m pip install --no-cache-dir --constraint /tmp/torch-pin.txt --requirement /tmp/requirements.txt \
+    && rm -rf /tmp/* /root/.cache
+COPY --from=build /wheels /tmp/wheels
+RUN python -m pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
+    && seg --version \
+    && rm -rf /tmp/* /root/.cache
 
 # Non-root user; /data (datasets, read) and /runs (checkpoints, logs, predictions, W&B) are the mount points.
 RUN groupadd --gid "${SEG_GID}" seg \

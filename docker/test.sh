@@ -113,6 +113,9 @@ step "seg --help (as uid $uid)"
 "${RUN[@]}" "$IMAGE" --help | tee "$WORK/help.txt"
 grep -q "usage: seg" "$WORK/help.txt" || die "seg --help printed no usage"
 [ "$("${RUN[@]}" --entrypoint id "$IMAGE" -u)" = "$uid" ] || die "container does not run as uid $uid"
+# Anything the build left in /tmp (e.g. a root-owned MPLCONFIGDIR) would break the non-root user.
+left=$("${RUN[@]}" --entrypoint find "$IMAGE" /tmp -mindepth 1 -maxdepth 1)
+[ -z "$left" ] || die "the image ships files in /tmp: $left"
 
 step "the image's torch is the base's torch"
 base_torch=$("${P[@]}" run --rm --entrypoint python "$STANDIN" -c 'import torch; print(torch.__version__)')
@@ -134,8 +137,12 @@ step "seg fit (one short epoch): ${FIT_ARGS[*]}"
 step "seg predict (a folder)"
 "${RUN[@]}" "$IMAGE" predict --checkpoint /runs/demo/checkpoints/last.ckpt \
     --input /data/synth/imagesTs --output /runs/pred
-n_pred=$(find "$WORK/runs/pred" -name '*.nii*' | wc -l)
-[ "$n_pred" -ge "$n_test" ] || die "expected $n_test predictions in $WORK/runs/pred on the host, found $n_pred"
+# One prediction per input scan, named after its case, on the host.
+for scan in "$WORK"/data/synth/imagesTs/*.nii*; do
+    case_id=$(basename "$scan"); case_id=${case_id%%.nii*}; case_id=${case_id%_0000}
+    compgen -G "$WORK/runs/pred/$case_id*.nii*" >/dev/null \
+        || die "no prediction for $case_id in $WORK/runs/pred on the host"
+done
 ls -l "$WORK/runs/pred"
 
 step "docker-test passed in $(($(date +%s) - T0)) s (outputs in $WORK)"
