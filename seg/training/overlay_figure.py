@@ -1,0 +1,204 @@
+"""The overlay figure: a scan with its gate heatmaps and the ground-truth and predicted contours, in three views.
+
+Volumes come in the scan's own voxel grid with its affine; they are turned to the closest RAS orientation and
+shown the way a radiologist reads them: patient's right on the viewer's left, anterior (axial) or superior
+(coronal, sagittal) at the top, pixels in mm so the aspect ratio is true.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; also safe in worker threads
+
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+GATE_CMAP = "inferno"  # dark for "not looked at", so the scan stays readable under low gates
+GATE_ALPHA = 0.45
+TRUTH_COLOUR = "#00e5ff"  # cyan and lime: both stand out on grey and on inferno's purples and oranges
+PREDICTION_COLOUR = "#7CFC00"
+CLASS_STYLES = ("solid", (0, (2.5, 1.5)), (0, (1, 1)), (0, (3, 1, 1, 1)))  # short dashes: small lesions show them
+VIEWS = ("axial", "coronal", "sagittal")
+# Edge letters of each view: left, right, top, bottom.
+_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
+
+
+def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`volume` (X, Y, Z) reoriented to the closest RAS axes (no resampling) and its voxel size in mm."""
+    ornt = nib.orientations.io_orientation(affine)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)
+    return nib.orientations.apply_orientation(volume, ornt), spacing
+
+
+def view(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+    """A 2D slice of a RAS volume as displayed: rows top to bottom, columns left to right (radiological)."""
+    cut = {"axial": volume[:, :, index], "coronal": volume[:, index, :], "sagittal": volume[index, :, :]}[plane]
+    return cut.T[::-1, ::-1]
+
+
+def view_spacing(spacing: Sequence[float], plane: str) -> tuple[float, float]:
+    """(row, column) pixel size in mm of `view`."""
+    sx, sy, sz = spacing
+    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[plane]
+
+
+def slice_indices(target: np.ndarray | None, fallback: np.ndarray | None = None) -> tuple[int, int, int]:
+    """(sagittal, coronal, axial) indices of a RAS volume through the target.
+
+    The target's centre of mass, so the three views cross there; along an axis where that slice misses a
+    concave target, the slice holding most of it. Without a target: the fallback's maximum, else the centre.
+    """
+    shape = (target if target is not None else fallback).shape
+    if target is not None and target.any():
+        mask = target != 0
+        centre = [int(round(c)) for c in np.argwhere(mask).mean(0)]
+        for axis in range(3):
+            others = tuple(a for a in range(3) if a != axis)
+            area = mask.sum(axis=others)
+            if area[centre[axis]] == 0:
+                centre[axis] = int(area.argmax())
+        return tuple(centre)
+    if fallback is not None and np.ptp(fallback) > 0:
+        return tuple(int(i) for i in np.unravel_index(np.argmax(fallback), shape))
+    return tuple(s // 2 for s in shape)
+
+
+def grey_window(image: np.ndarray) -> tuple[float, float]:
+    """Display window: 1st to 99th percentile of the nonzero voxels (the background would flatten it)."""
+    values = image[image != 0] if np.any(image != 0) else image.ravel()
+    low, high = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
+    return float(low), float(high if high > low else low + 1)
+
+
+def axial_rgb(image: np.ndarray, gate: np.ndarray, affine: np.ndarray, index: int | None = None,
+              masks: Mapping[str, np.ndarray] | None = None,
+              min_size: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """One axial slice as an RGB uint8 image (grey scan, gate heatmap blended in) and label slices beside it.
+
+    For W&B, which draws its own masks over an image. `index` defaults to the slice through the first mask's
+    centre of mass. Small slices are enlarged by whole-pixel repetition to about `min_size` pixels, so that
+    W&B shows crisp voxels and the masks stay aligned.
+
+    Returns:
+        rgb `(H, W, 3)` uint8, `{name: (H, W) int}` for each of `masks`, the axial index used.
+    """
+    masks = dict(masks or {})
+    image_ras, _ = to_ras(image, affine)
+    gate_ras, _ = to_ras(gate, affine)
+    masks_ras = {k: to_ras(v, affine)[0] for k, v in masks.items() if v is not None}
+    if index is None:
+        index = slice_indices(next(iter(masks_ras.values()), None), gate_ras)[2]
+    low, high = grey_window(image_ras)
+    grey = np.clip((view(image_ras, "axial", index) - low) / (high - low), 0, 1)[..., None]
+    heat = plt.get_cmap(GATE_CMAP)(np.clip(view(gate_ras, "axial", index), 0, 1))[..., :3]
+    rgb = (1 - GATE_ALPHA) * grey + GATE_ALPHA * heat
+    slices = {k: view(v, "axial", index).astype(np.int64) for k, v in masks_ras.items()}
+    factor = max(1, min_size // max(rgb.shape[:2]))
+    grow = lambda a: np.ascontiguousarray(a.repeat(factor, 0).repeat(factor, 1))  # noqa: E731
+    return grow((rgb * 255).round().astype(np.uint8)), {k: grow(v) for k, v in slices.items()}, index
+
+
+def render_overlay(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    affine: np.ndarray,
+    label: np.ndarray | None = None,
+    prediction: np.ndarray | None = None,
+    class_names: Sequence[str] = (),
+    title: str = "",
+    map_titles: Mapping[str, str] | None = None,
+    dpi: int = 110,
+) -> None:
+    """Write the overlay PNG atomically: rows axial / coronal / sagittal, one column per map.
+
+    Args:
+        path: the PNG to write.
+        image: the scan `(X, Y, Z)` (one channel), any intensity scale.
+        maps: attention maps `(X, Y, Z)` in [0, 1] by name, in column order.
+        affine: voxel -> world (mm) of all volumes.
+        label, prediction: class-index volumes `(X, Y, Z)` drawn as contours (either may be None).
+        class_names: foreground class names, for the legend (class c is `class_names[c - 1]`).
+        title: the figure title (case id, epoch, Dice).
+        map_titles: column titles by map name; default the name.
+    """
+    image_ras, spacing = to_ras(image, affine)
+    maps_ras = {name: to_ras(m, affine)[0] for name, m in maps.items()}
+    label_ras = to_ras(label, affine)[0] if label is not None else None
+    prediction_ras = to_ras(prediction, affine)[0] if prediction is not None else None
+    target = label_ras if label_ras is not None and label_ras.any() else prediction_ras
+    indices = slice_indices(target, next(reversed(maps_ras.values()), None))
+    index_of = {"sagittal": indices[0], "coronal": indices[1], "axial": indices[2]}
+    low, high = grey_window(image_ras)
+    top = max([int(v.max()) for v in (label_ras, prediction_ras) if v is not None and v.size] + [0])
+    classes = range(1, top + 1)
+
+    # A first column without heatmap: the anatomy and the contours as they are, to compare the maps against.
+    columns = [("scan", None), *maps_ras.items()]
+    fig, axes = plt.subplots(3, len(columns), figsize=(3.1 * len(columns) + 1.4, 3.1 * 3 + 1.5), squeeze=False,
+                             layout="constrained")
+    for row, plane in enumerate(VIEWS):
+        row_mm, col_mm = view_spacing(spacing, plane)
+        for col, (name, volume) in enumerate(columns):
+            ax = axes[row, col]
+            scan = view(image_ras, plane, index_of[plane])
+            height, width = scan.shape
+            extent = (0, width * col_mm, height * row_mm, 0)
+            ax.imshow(scan, cmap="gray", vmin=low, vmax=high, extent=extent, interpolation="nearest")
+            if volume is not None:
+                ax.imshow(np.clip(view(volume, plane, index_of[plane]), 0, 1), cmap=GATE_CMAP, vmin=0, vmax=1,
+                          alpha=GATE_ALPHA, extent=extent, interpolation="bilinear")
+            for volume_ras, colour in ((label_ras, TRUTH_COLOUR), (prediction_ras, PREDICTION_COLOUR)):
+                if volume_ras is None:
+                    continue
+                cut = view(volume_ras, plane, index_of[plane])
+                for c in classes:
+                    if (cut == c).any():
+                        ax.contour(cut == c, levels=[0.5], colors=colour, linewidths=1.4, extent=extent,
+                                   origin="upper", linestyles=[CLASS_STYLES[(c - 1) % len(CLASS_STYLES)]])
+            _orientation_letters(ax, plane)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title((map_titles or {}).get(name, name) if volume is not None else "scan", fontsize=10)
+            if col == 0:
+                ax.set_ylabel(f"{plane} ({index_of[plane]})", fontsize=10)
+    what = "attention (gate or CBAM map)" if any(n.startswith("cbam") for n in maps_ras) else "gate activation"
+    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=GATE_CMAP), ax=axes, shrink=0.6, label=what)
+    handles = []
+    for c in classes:
+        name = class_names[c - 1] if 0 < c <= len(class_names) else f"class {c}"
+        style = CLASS_STYLES[(c - 1) % len(CLASS_STYLES)]
+        if label_ras is not None:
+            handles.append(Line2D([], [], color=TRUTH_COLOUR, linestyle=style, label=f"ground truth: {name}"))
+        if prediction_ras is not None:
+            handles.append(Line2D([], [], color=PREDICTION_COLOUR, linestyle=style, label=f"prediction: {name}"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=9,
+                   facecolor="0.9")
+    fig.suptitle(title, fontsize=11)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # keeps ".png": matplotlib picks by suffix
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def _orientation_letters(ax, plane: str) -> None:
+    left, right, top, bottom = _EDGES[plane]
+    style = {"color": "yellow", "fontsize": 8, "fontweight": "bold", "transform": ax.transAxes}
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
