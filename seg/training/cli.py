@@ -3,7 +3,8 @@
 Everything is reachable from a YAML config and from `--section.key value` on the command line. What we add
 to Lightning's defaults: the data's channels, classes and patch size are linked into the model; checkpoints
 go to `<default_root_dir>/checkpoints/{best,last}.ckpt` (best = highest mean validation Dice), saved
-atomically; W&B logging with an offline fallback (or CSV only); a rich progress bar.
+atomically; W&B logging with an offline fallback (or CSV only); a rich progress bar; gate-activation overlays
+of every validation volume (`seg.training.overlays.GateOverlays`, options under `--overlays.*`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from seg.data import NiftiDataModule
 from seg.training.checkpoint_io import AtomicCheckpointIO
 from seg.training.module import SegmentationModule
+from seg.training.overlays import GateOverlays
 
 
 def wandb_credentials_available() -> bool:
@@ -41,6 +43,8 @@ class SegCLI(LightningCLI):
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.out_channels", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        # Gate overlays at every validation by default; `--overlays.every_n_epochs 0` turns them off.
+        parser.add_lightning_class_args(GateOverlays, "overlays")
         parser.add_argument("--logging", choices=["wandb", "csv"], default="wandb",
                             help="wandb (offline when no credentials are found) or csv only")
         parser.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "seg"),

@@ -93,6 +93,10 @@ class SegmentationModule(pl.LightningModule):
         # datamodule at fit time, kept in every checkpoint under CHECKPOINT_KEY.
         self.preprocessing: dict | None = None
         self._memory_format = {2: torch.channels_last, 3: torch.channels_last_3d}[spatial_dims] if channels_last else None
+        # Set by the `GateOverlays` callback for the validation steps it exports: the step then returns the
+        # gate (and CBAM) maps of the same sliding window as the logits, so no volume is predicted twice.
+        self.export_gates = False
+        self.export_cbam = False
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -125,11 +129,11 @@ class SegmentationModule(pl.LightningModule):
         roi = list(self.hparams.roi_size or [96] * self.hparams.spatial_dims)
         return tuple(roi + [1]) if self.hparams.spatial_dims == 2 else tuple(roi)
 
-    def _window_predictor(self, with_gates: bool):
+    def _window_predictor(self, with_gates: bool, with_cbam: bool = False):
         """A predictor for `sliding_window_inference` on `(N, C, *S)` 3D windows.
 
-        Returns the logits, or a dict `{"logits", "gate_0", ...}` with every gate map upsampled to the window's
-        grid so that MONAI blends gates exactly like logits.
+        Returns the logits, or a dict `{"logits", "gate_0", ...}` (and "cbam_0", ... with `with_cbam`) with every
+        map upsampled to the window's grid so that MONAI blends them exactly like logits.
         """
         squeeze = self.hparams.spatial_dims == 2
 
@@ -140,24 +144,28 @@ class SegmentationModule(pl.LightningModule):
                 return out[..., None] if squeeze else out
             if self._memory_format is not None:
                 x = x.contiguous(memory_format=self._memory_format)
-            logits, gates = self.model.forward_with_gates(x)
+            logits, gates, *cbam = self.model.forward_with_gates(x, return_cbam=with_cbam)
             outputs = {"logits": logits}
-            for level, gate in enumerate(gates):
-                outputs[f"gate_{level}"] = torch.nn.functional.interpolate(
-                    gate, size=x.shape[2:], mode="bilinear" if squeeze else "trilinear", align_corners=False)
+            maps = [(f"gate_{level}", gate) for level, gate in enumerate(gates)]
+            maps += [(f"cbam_{level}", m) for level, m in enumerate(cbam[0] if cbam else [])]
+            for name, m in maps:
+                outputs[name] = torch.nn.functional.interpolate(
+                    m, size=x.shape[2:], mode="bilinear" if squeeze else "trilinear", align_corners=False)
             return {k: (v[..., None] if squeeze else v) for k, v in outputs.items()}
 
         return predict
 
-    def predict_volume(self, image: torch.Tensor, with_gates: bool = False, sw_device=None, device=None):
+    def predict_volume(self, image: torch.Tensor, with_gates: bool = False, sw_device=None, device=None,
+                       with_cbam: bool = False):
         """Sliding-window prediction of whole volumes `(N, C, *S)`.
 
         Returns logits `(N, out_channels, *S)`, or with `with_gates` a dict with "logits" and "gate_<level>"
-        `(N, 1, *S)` (coarsest level first). `sw_device`/`device` as in MONAI (windows on the GPU, stitching on
-        the CPU for volumes too big for GPU memory).
+        `(N, 1, *S)` (coarsest level first), plus with `with_cbam` CBAM's spatial maps "cbam_<level>" `(N, 1, *S)`
+        (finest encoder level first). `sw_device`/`device` as in MONAI (windows on the GPU, stitching on the CPU
+        for volumes too big for GPU memory).
         """
         return sliding_window_inference(
-            image, self.roi_size, self.hparams.sw_batch_size, self._window_predictor(with_gates),
+            image, self.roi_size, self.hparams.sw_batch_size, self._window_predictor(with_gates, with_cbam),
             overlap=self.hparams.sw_overlap, mode="gaussian", sw_device=sw_device, device=device)
 
     # ---- training ---------------------------------------------------------------------------------------------
@@ -166,14 +174,19 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def _score(self, batch: dict) -> None:
-        logits = self.predict_volume(batch["image"])
+    def _score(self, batch: dict) -> dict | None:
+        """Update Dice/HD95 with one volume; returns the `predict_volume` dict when `export_gates` is set."""
+        outputs = None
+        if self.export_gates:
+            outputs = self.predict_volume(batch["image"], with_gates=True, with_cbam=self.export_cbam)
+        logits = outputs["logits"] if outputs is not None else self.predict_volume(batch["image"])
         prediction = one_hot(logits.argmax(1, keepdim=True), self.hparams.out_channels)
         target = one_hot(batch["label"].long(), self.hparams.out_channels)
         self.dice(prediction, target)
         if self.hparams.hd95:
             spacing = (self.preprocessing or {}).get("spacing")
             self.hd95(prediction, target, spacing=spacing if spacing and min(spacing) > 0 else None)
+        return outputs
 
     def _log_scores(self, prefix: str) -> None:
         scores = {"dice": self.dice.aggregate()}
@@ -188,8 +201,8 @@ class SegmentationModule(pl.LightningModule):
                 self.log(f"{prefix}/{name}_{class_name}", value, sync_dist=True)
             self.log(f"{prefix}/{name}_mean", per_class.nanmean(), sync_dist=True, prog_bar=name == "dice")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._score(batch)
+    def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
+        return self._score(batch)  # the maps reach callbacks' on_validation_batch_end as `outputs`
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")
