@@ -1,0 +1,108 @@
+"""Held-out Dice on MSD Hippocampus after a fixed CPU training budget: seg against MONAI's own recipe.
+
+Splits the shared hippocampus cases (seeded) into a training folder and a held-out test folder, both in MSD
+layout with symlinks to the original files. Then, one after the other on the same machine:
+  1. the MONAI reference (../shared/bench/monai_reference_hippocampus.py) trains on the training folder for
+     MINUTES and scores the held-out cases;
+  2. `seg fit --config configs/hippocampus.yaml --trainer.max_time 00:00:MM:00` trains on the training folder
+     (holding out 10 % of it for model selection), and `seg test --ckpt_path best` scores the same held-out cases.
+Prints one JSON line per method. Run it on an otherwise idle machine: both are time-bounded.
+
+usage: python bench/hippocampus_accuracy.py [--minutes 10] [--test-cases 40] [--out runs/bench_hippocampus]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def make_split(source: Path, out: Path, test_cases: int, seed: int) -> tuple[Path, Path]:
+    meta = json.loads((source / "dataset.json").read_text())
+    entries = sorted(meta["training"], key=lambda e: e["image"])
+    random.Random(seed).shuffle(entries)
+    test, train = entries[:test_cases], entries[test_cases:]
+    train_dir, test_dir = out / "train", out / "test"
+    for folder in (train_dir, test_dir):
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+
+    def link(entry: dict, folder: Path, images: str, labels: str) -> dict:
+        linked = {}
+        for key, sub in (("image", images), ("label", labels)):
+            src = (source / entry[key]).resolve()
+            dst = folder / sub / src.name
+            if not dst.exists():
+                dst.symlink_to(src)
+            linked[key] = f"./{sub}/{src.name}"
+        return linked
+
+    common = {k: meta[k] for k in ("name", "modality", "labels")}
+    # seg: trains on imagesTr, `seg test` scores imagesTs/labelsTs. MONAI's script reads "training" entries.
+    train_meta = {**common, "training": [link(e, train_dir, "imagesTr", "labelsTr") for e in train],
+                  "test": [link(e, train_dir, "imagesTs", "labelsTs")["image"] for e in test]}
+    test_meta = {**common, "training": [link(e, test_dir, "imagesTr", "labelsTr") for e in test]}
+    (train_dir / "dataset.json").write_text(json.dumps(train_meta, indent=1))
+    (test_dir / "dataset.json").write_text(json.dumps(test_meta, indent=1))
+    return train_dir, test_dir
+
+
+def run_monai(train_dir: Path, test_dir: Path, minutes: float) -> dict:
+    script = SHARED / "bench" / "monai_reference_hippocampus.py"
+    start = time.time()
+    result = subprocess.run([sys.executable, str(script), str(train_dir), str(test_dir), str(minutes)],
+                            capture_output=True, text=True, env={**os.environ, "THREADS": "2"}, check=True)
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"method": "monai_reference", "wall_s": round(time.time() - start, 1), **scores}
+
+
+def run_seg(train_dir: Path, out: Path, minutes: float) -> dict:
+    run_dir = out / "seg_run"
+    common = ["--config", str(REPO / "configs" / "hippocampus.yaml"), "--data.root", str(train_dir),
+              "--trainer.default_root_dir", str(run_dir), "--logging", "csv"]
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "seg", "fit", *common, "--trainer.max_time",
+                    f"00:00:{int(minutes):02d}:{int(round((minutes % 1) * 60)):02d}"], check=True, cwd=REPO)
+    fit_s = time.time() - start
+    result = subprocess.run([sys.executable, "-m", "seg", "test", *common, "--ckpt_path", "best"],
+                            capture_output=True, text=True, check=True, cwd=REPO)
+    metrics = sorted((run_dir / "csv").glob("version_*/metrics.csv"))[-1]
+    with open(metrics) as f:
+        row = [r for r in csv.DictReader(f) if r.get("test/dice_mean")][-1]
+    with open(sorted((run_dir / "csv").glob("version_*/metrics.csv"))[0]) as f:
+        steps = max(int(r["step"]) for r in csv.DictReader(f) if r.get("step"))
+    return {"method": "seg", "fit_wall_s": round(fit_s, 1), "steps": steps,
+            "dice_anterior": round(float(row["test/dice_Anterior"]), 4),
+            "dice_posterior": round(float(row["test/dice_Posterior"]), 4),
+            "dice_mean": round(float(row["test/dice_mean"]), 4),
+            "hd95_mean_mm": round(float(row["test/hd95_mean"]), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--test-cases", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "hippocampus")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_hippocampus")
+    parser.add_argument("--only", choices=["seg", "monai"], default=None)
+    args = parser.parse_args()
+    train_dir, test_dir = make_split(args.data, args.out, args.test_cases, args.seed)
+    if args.only in (None, "monai"):
+        print(json.dumps(run_monai(train_dir, test_dir, args.minutes)), flush=True)
+    if args.only in (None, "seg"):
+        print(json.dumps(run_seg(train_dir, args.out, args.minutes)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
