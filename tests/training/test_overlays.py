@@ -106,6 +106,38 @@ def test_export_case_writes_maps_png_and_numbers(tmp_path):
     assert set(np.unique(result.axial_masks["ground_truth"])) <= {0, 1, 2}
 
 
+def test_callback_exports_on_schedule_and_sets_the_modules_flag_per_volume():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+    from monai.transforms import Compose
+
+    from seg.training.overlays import GateOverlays
+
+    def trainer(epoch, fn=TrainerFn.FITTING, sanity=False):
+        state = SimpleNamespace(fn=fn)
+        datamodule = SimpleNamespace(val_transforms=Compose([]))
+        return SimpleNamespace(current_epoch=epoch, state=state, sanity_checking=sanity, datamodule=datamodule)
+
+    every_3 = GateOverlays(every_n_epochs=3)
+    assert [every_3._due(trainer(e)) for e in range(6)] == [False, False, True, False, False, True]
+    assert not every_3._due(trainer(2, sanity=True))
+    assert every_3._due(trainer(0, fn=TrainerFn.VALIDATING))  # `seg validate`: always
+    assert not any(GateOverlays(every_n_epochs=0)._due(trainer(e)) for e in range(3))
+    with pytest.raises(ValueError):
+        GateOverlays(every_n_epochs=-1)
+
+    callback, module = GateOverlays(max_volumes=1, cbam=True), SimpleNamespace(export_gates=False, export_cbam=False)
+    callback.on_validation_epoch_start(trainer(0), module)
+    callback.on_validation_batch_start(trainer(0), module, {}, 0)
+    assert module.export_gates and module.export_cbam
+    callback.on_validation_batch_end(trainer(0), module, None, {}, 0)  # (no maps came back: nothing to export)
+    assert not module.export_gates and not module.export_cbam
+    callback._results.append(None)  # one volume exported: the limit is reached
+    callback.on_validation_batch_start(trainer(0), module, {}, 1)
+    assert not module.export_gates
+
+
 # ---- a real training run ------------------------------------------------------------------------------------------
 def seg(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
