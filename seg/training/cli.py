@@ -80,6 +80,9 @@ class SegCLI(LightningCLI):
         if offline and mode is None and self.trainer_is_rank_zero():
             print(f"W&B: no credentials found (WANDB_API_KEY or `wandb login`), logging offline to {root / 'wandb'}; "
                   f"upload later with `wandb sync {root / 'wandb'}/offline-run-*`", file=sys.stderr)
+        # Offline tables with images are staged as artifacts under WANDB_DATA_DIR (default ~/.local/share/wandb):
+        # keep them in the run folder so that copying the folder keeps everything `wandb sync` needs.
+        os.environ.setdefault("WANDB_DATA_DIR", str(root / "wandb"))
         return WandbLogger(project=config["wandb_project"], name=config["wandb_name"], save_dir=str(root),
                            offline=offline, log_model=False)
 
