@@ -24,7 +24,7 @@ from monai.transforms import Invertd
 
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
-from seg.errors import DataError, SegError
+from seg.errors import CheckpointError, DataError, SegError
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -132,7 +132,14 @@ class Predictor:
         """A Predictor for a `seg fit` checkpoint (weights-only loading; `CheckpointError` when unusable)."""
         from seg.inference.checkpoint import load_trained_model
 
-        return cls(load_trained_model(checkpoint, map_location="cpu"), device=device, **kwargs)
+        try:
+            model = load_trained_model(checkpoint, map_location="cpu")
+        except SegError:
+            raise
+        except Exception as err:  # garbage bytes can trip torch's unpickler in ways load_trained_model misses
+            raise CheckpointError(f"cannot read checkpoint (corrupt?): {type(err).__name__}: {_reason(err)}",
+                                  checkpoint) from None
+        return cls(model, device=device, **kwargs)
 
     # ---- stage 1: files -> preprocessed tensor (CPU; safe to run in a background thread) --------------------
     def inspect(self, paths: Sequence[str | os.PathLike]) -> nib.Nifti1Image:
@@ -186,7 +193,7 @@ class Predictor:
             raise ValueError("a case needs at least one file")
         reference = self.inspect(paths)
         item = {"image": [os.fspath(p) for p in paths] if len(paths) > 1 else os.fspath(paths[0])}
-        item = self.transforms(item, end=1)  # load only: check the raw values before they are resampled
+        item = self._apply(item, end=1)  # load only: check the raw values before they are resampled
         image = item["image"]
         if image.is_floating_point():
             finite = torch.isfinite(image)
@@ -194,11 +201,23 @@ class Predictor:
             if bad:
                 what = "all voxels are" if bad == finite.numel() else f"{bad} of {finite.numel()} voxels are"
                 raise DataError(f"{what} NaN or infinite; replace them (e.g. with 0) first", paths[0])
-        item = self.transforms(item, start=1)
+        item = self._apply(item, start=1)
         if min(item["image"].shape[1:]) < 1:
             raise DataError("image has no nonzero voxels to segment", paths[0])
         name = case_id or strip_nifti_suffix(paths[0].name) or paths[0].name
         return LoadedScan(name, paths, reference, item, time.perf_counter() - start)
+
+    def _apply(self, item: dict, start: int = 0, end: int | None = None) -> dict:
+        """Run part of the transforms; a `SegError` raised inside comes out as itself, not wrapped by MONAI."""
+        try:
+            return self.transforms(item, start=start, end=end)
+        except Exception as err:
+            cause = err
+            while cause is not None and not isinstance(cause, SegError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
+            raise
 
     # ---- stage 2: preprocessed tensor -> network output (the device) -------------------------------------------
     @torch.no_grad()

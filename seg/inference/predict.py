@@ -1,0 +1,432 @@
+"""`seg predict`: segment every scan in a folder, each written back in the scan's own geometry.
+
+    seg predict --checkpoint runs/x/checkpoints/best.ckpt --input scans/ --output predictions/
+
+For each case (one file, or nnU-Net channel files `case_0000.nii.gz`, `case_0001.nii.gz`, ...) it writes
+- `OUT/<case>.nii.gz`: the label map, uint8 (below 257 classes), on the input's grid with the input's header;
+- with `--save-probabilities`: `OUT/<case>_probabilities.nii.gz`, one 4D float32 file, (X, Y, Z, classes),
+  background first;
+- with `--save-gates`: `OUT/<case>_gate_<level>.nii.gz`, float32 in [0, 1], coarsest level first;
+- `OUT/summary.csv`: status (ok / failed / skipped), seconds, error message and volume in ml per class.
+
+Three stages overlap: a thread loads and preprocesses the next scan while the model predicts the current one,
+and a thread inverts and writes the previous one. Files are written under a hidden temporary name and renamed
+into place, so an interrupted run never leaves a half-written output; `--skip-existing` resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import sys
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from seg.data.layout import group_channel_files, strip_nifti_suffix
+from seg.errors import DataError, SegError
+from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor, label_dtype
+
+SUMMARY = "summary.csv"
+_TMP = re.compile(r"^\.tmp-(?P<pid>\d+)-")  # `.tmp-<pid>-<final name>`: hidden, and ends like the final name
+_CHANNEL = re.compile(r"^(?P<case>.+)_\d{4}$")
+PREFETCH = 2  # scans loaded ahead of the model; bounds memory
+WRITE_QUEUE = 2  # predictions waiting to be written; bounds memory
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case.
+
+    Attributes:
+        case_id: the case name (the output is `<case_id>.nii.gz`).
+        status: "ok", "failed" or "skipped" (output already there, `--skip-existing`).
+        inputs: the case's input files.
+        message: why it failed (one line, names the file), or "".
+        seconds: load + predict + write time of this case.
+        volumes_ml: foreground class name -> volume in ml on the input grid (empty when failed).
+        outputs: files written.
+    """
+
+    case_id: str
+    status: str
+    inputs: list[Path]
+    message: str = ""
+    seconds: float = 0.0
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    outputs: list[Path] = field(default_factory=list)
+
+
+# ---- finding cases ------------------------------------------------------------------------------------------------
+def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult], list[Path]]:
+    """The cases under `input_path` (a folder or one file).
+
+    Returns:
+        cases: case id -> files in channel order (nnU-Net `_0000` naming groups channel files);
+        broken: cases whose channel files are not numbered 0..n-1 (failed results);
+        ignored: files that are not NIfTI.
+    """
+    if input_path.is_file():
+        files, ignored = [input_path], []
+        if strip_nifti_suffix(input_path.name) is None:
+            raise DataError("is not a NIfTI file (.nii or .nii.gz)", input_path)
+    elif input_path.is_dir():
+        entries = sorted(p for p in input_path.iterdir() if not p.name.startswith(".") and p.is_file())
+        files = [p for p in entries if strip_nifti_suffix(p.name) is not None]
+        ignored = [p for p in entries if strip_nifti_suffix(p.name) is None]
+    else:
+        raise DataError("input not found; give a folder of .nii.gz scans or one scan", input_path)
+    # Grouped case by case, so that one case with a gap in its channel numbers does not stop the others.
+    buckets: dict[str, list[Path]] = {}
+    for path in files:
+        stem = strip_nifti_suffix(path.name)
+        match = _CHANNEL.match(stem)
+        buckets.setdefault(match["case"] if match else stem, []).append(path)
+    cases, broken = {}, []
+    for case_id, paths in sorted(buckets.items()):
+        try:
+            cases.update(group_channel_files(paths))
+        except DataError:
+            if len(paths) == 1:  # a lone `scan_2024.nii.gz` is a scan, not channel 2024 of one
+                cases[strip_nifti_suffix(paths[0].name)] = paths
+            else:
+                names = ", ".join(p.name for p in paths)
+                broken.append(CaseResult(case_id, "failed", paths, f"{paths[0].parent}: case '{case_id}' has channel "
+                                         f"files {names}; number them {case_id}_0000, {case_id}_0001, ..."))
+    return cases, broken, ignored
+
+
+def check_output_folder(input_path: Path, output: Path) -> None:
+    """Refuse the input folder (or a folder inside it) and a file as the output folder."""
+    source = input_path.resolve() if input_path.is_dir() else input_path.resolve().parent
+    target = output.resolve()
+    if target == source or source in target.parents:
+        raise SegError(f"output folder {output} is {'the' if target == source else 'inside the'} input folder; "
+                       "predictions must not mix with the scans: choose another --output")
+    if output.exists() and not output.is_dir():
+        raise SegError("output exists and is not a folder; choose another --output", output)
+
+
+def prepare_output_folder(output: Path) -> None:
+    """Create the output folder and make sure files can be written into it."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".tmp-{os.getpid()}-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise SegError(f"cannot write to the output folder ({err.strerror or err}); check its permissions or "
+                       "choose another --output", output) from None
+
+
+def clean_stale_tmp(output: Path) -> list[Path]:
+    """Remove temporary files left by runs that were killed (their process is gone); returns them."""
+    removed = []
+    for path in output.iterdir():
+        match = _TMP.match(path.name)
+        if match and not _process_alive(int(match["pid"])):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+# ---- writing --------------------------------------------------------------------------------------------------------
+def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    """Write `array` on the reference image's grid, atomically (temporary name, fsync, rename).
+
+    nibabel with the reference header rather than MONAI's SaveImage: the header keeps the input's sform and
+    qform (matrices and codes) byte for byte, where SaveImage rebuilds them from a float affine.
+
+    Args:
+        array: `(X, Y, Z)` or `(X, Y, Z, K)`; its dtype is the stored dtype (no scaling).
+        reference: the input scan (lazy is fine: only its header and affine are read).
+        path: the final file name.
+    """
+    header = reference.header.copy()
+    header.set_data_dtype(array.dtype)
+    header.set_slope_inter(1.0, 0.0)  # an int16 input may carry a scale; outputs are stored as they are
+    header["cal_min"], header["cal_max"] = 0, 0
+    header.set_intent("none")
+    image = type(reference)(array, reference.affine, header)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # ends like the final name, so nibabel gzips it
+    try:
+        nib.save(image, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def output_paths(output: Path, case_id: str, probabilities: bool, gate_names: list[str]) -> dict[str, Path]:
+    """Output name per map: "label", "probabilities", "gate_<level>"."""
+    paths = {"label": output / f"{case_id}.nii.gz"}
+    if probabilities:
+        paths["probabilities"] = output / f"{case_id}_probabilities.nii.gz"
+    for name in gate_names:
+        paths[name] = output / f"{case_id}_{name}.nii.gz"
+    return paths
+
+
+def class_volumes(label: np.ndarray, affine: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Volume in ml of each foreground class: voxel count x voxel volume of the grid (|det| of the affine)."""
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    counts = np.bincount(label.ravel(), minlength=len(class_names) + 1)
+    return {name: float(counts[i + 1]) * voxel_ml for i, name in enumerate(class_names)}
+
+
+def write_summary(results: list[CaseResult], path: Path, class_names: list[str]) -> None:
+    """`summary.csv`, atomically: one row per case, volumes in ml per foreground class."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case", "status", "seconds", *[f"volume_ml_{n}" for n in class_names], "inputs", "message"])
+    for r in results:
+        volumes = [f"{r.volumes_ml[n]:.3f}" if n in r.volumes_ml else "" for n in class_names]
+        writer.writerow([r.case_id, r.status, f"{r.seconds:.2f}", *volumes, ";".join(p.name for p in r.inputs),
+                         r.message])
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        tmp.write_text(buffer.getvalue())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise SegError(f"cannot write the summary ({err.strerror or err})", path) from None
+
+
+# ---- the folder runner -------------------------------------------------------------------------------------------------
+class _Run:
+    """One `predict_folder` call: the predictor, the output folder and what to save."""
+
+    def __init__(self, predictor: Predictor, output: Path, save_probabilities: bool, save_gates: bool, report):
+        self.predictor, self.output, self.report = predictor, output, report
+        self.save_probabilities, self.save_gates = save_probabilities, save_gates
+        levels = len(predictor.model.hparams.channels) - 1 if predictor.model.hparams.gates else 0
+        self.gate_names = [f"gate_{i}" for i in range(levels)] if save_gates else []
+
+    def paths(self, case_id: str) -> dict[str, Path]:
+        return output_paths(self.output, case_id, self.save_probabilities, self.gate_names)
+
+    def failed(self, case_id: str, inputs: list[Path], err: BaseException, seconds: float = 0.0) -> CaseResult:
+        if isinstance(err, SegError):
+            message = str(err)
+        else:  # a bug or an unforeseen file: keep the run going, but show where it came from
+            message = f"{inputs[0]}: unexpected error ({type(err).__name__}: {_first_line(err)})"
+            self.report("".join(traceback.format_exception(err)).rstrip())
+        self.report(message)
+        for path in self.paths(case_id).values():  # an older output would pass for this scan's
+            path.unlink(missing_ok=True)
+        return CaseResult(case_id, "failed", inputs, message, seconds)
+
+    def load(self, case_id: str, paths: list[Path]) -> LoadedScan:
+        return self.predictor.load(paths, case_id)
+
+    def infer(self, scan: LoadedScan) -> tuple[NetworkOutput, float]:
+        start = time.perf_counter()
+        out = self.predictor.infer(scan, with_gates=self.save_gates, probabilities=self.save_probabilities)
+        return out, time.perf_counter() - start
+
+    def finish(self, scan: LoadedScan, output: NetworkOutput, seconds: float) -> CaseResult:
+        """Invert to the scan's grid and write; runs in the writer thread."""
+        start = time.perf_counter()
+        try:
+            maps = self.predictor.to_original(scan, output)
+            reference = maps["reference"]
+            written = []
+            for name, path in self.paths(scan.case_id).items():
+                array = maps[name]
+                if name == "probabilities":
+                    array = np.moveaxis(array, 0, -1)  # NIfTI keeps the components in the 4th dimension
+                save_like(np.ascontiguousarray(array), reference, path)
+                written.append(path)
+            volumes = class_volumes(maps["label"], reference.affine, self.predictor.class_names)
+        except Exception as err:
+            if isinstance(err, OSError) and not isinstance(err, SegError):
+                err = SegError(f"cannot write the prediction ({err.strerror or err})", self.paths(scan.case_id)["label"])
+            return self.failed(scan.case_id, scan.paths, err, seconds + time.perf_counter() - start)
+        return CaseResult(scan.case_id, "ok", scan.paths, "", seconds + time.perf_counter() - start, volumes, written)
+
+    def skipped(self, case_id: str, paths: list[Path]) -> CaseResult | None:
+        """A result for a case whose outputs are all there already, else None."""
+        outputs = self.paths(case_id)
+        if not all(p.is_file() for p in outputs.values()):
+            return None
+        try:
+            label = nib.load(outputs["label"])
+            volumes = class_volumes(np.asarray(label.dataobj), label.affine, self.predictor.class_names)
+        except Exception:  # written atomically by us, so this is someone else's file: predict again
+            return None
+        return CaseResult(case_id, "skipped", paths, "", 0.0, volumes, list(outputs.values()))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def predict_folder(
+    checkpoint: str | os.PathLike | Predictor,
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    device: str = "auto",
+    tta: bool = False,
+    save_probabilities: bool = False,
+    save_gates: bool = False,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    skip_existing: bool = False,
+    progress: bool = True,
+) -> list[CaseResult]:
+    """Segment every scan of a folder (or one scan) and write the outputs and `summary.csv` into `output`.
+
+    Args:
+        checkpoint: a `seg fit` checkpoint, or a ready `Predictor` (then `device`, `tta`, `overlap` and
+            `sw_batch_size` are its own).
+        input: a folder of `.nii` / `.nii.gz` scans, or one scan.
+        output: the folder for predictions; created; must not be (inside) the input folder.
+        device: "auto" (GPU when there is one), "cpu" or "cuda".
+        tta: average over mirrored copies (8 in 3D, 4 for a 2D model).
+        save_probabilities: also write `<case>_probabilities.nii.gz` (X, Y, Z, classes).
+        save_gates: also write `<case>_gate_<level>.nii.gz`.
+        overlap: sliding-window overlap (None: the model's).
+        sw_batch_size: windows per forward pass (None: the model's).
+        skip_existing: leave cases whose outputs exist alone (resume an interrupted run).
+        progress: show a progress bar and notes on stderr.
+
+    Returns:
+        one `CaseResult` per case, in case order. Per-case problems are results, not exceptions; a bad
+        checkpoint, input or output folder raises `SegError`.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    input_path, output = Path(input), Path(output)
+    console = Console(stderr=True, quiet=not progress, soft_wrap=True, highlight=False)
+
+    def report(line: str) -> None:
+        console.print(f"seg predict: {line}", markup=False)
+
+    cases, results, ignored = find_cases(input_path)
+    check_output_folder(input_path, output)
+    if not cases and not results:
+        raise DataError("no .nii or .nii.gz scans found", input_path)
+    if isinstance(checkpoint, Predictor):
+        predictor = checkpoint
+    else:  # before the output folder is made: a bad checkpoint leaves nothing behind
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, tta=tta, overlap=overlap,
+                                              sw_batch_size=sw_batch_size)
+    prepare_output_folder(output)
+    clean_stale_tmp(output)
+    if ignored:
+        names = ", ".join(p.name for p in ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        report(f"note: ignoring {len(ignored)} file(s) that are not .nii/.nii.gz: {names}")
+    for r in results:
+        report(r.message)
+    run = _Run(predictor, output, save_probabilities, save_gates, report)
+    by_case: dict[str, CaseResult] = {r.case_id: r for r in results}
+    todo = []
+    for case_id, paths in cases.items():
+        done = run.skipped(case_id, paths) if skip_existing else None
+        if done is not None:
+            by_case[case_id] = done
+        else:
+            todo.append((case_id, paths))
+
+    columns = [TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}")]
+    with Progress(*columns, console=console, transient=False) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="seg-load") as loader, \
+            ThreadPoolExecutor(1, thread_name_prefix="seg-write") as writer:
+        task = bar.add_task("", total=len(todo))
+        loads: deque[Future] = deque(loader.submit(run.load, *case) for case in todo[:PREFETCH])
+        writes: deque[tuple[str, Future]] = deque()
+
+        def collect(block_until: int) -> None:
+            while len(writes) > block_until:
+                case_id, future = writes.popleft()
+                by_case[case_id] = future.result()
+                bar.advance(task)
+
+        try:
+            for i, (case_id, paths) in enumerate(todo):
+                bar.update(task, description=case_id)
+                future = loads.popleft()
+                if i + PREFETCH < len(todo):
+                    loads.append(loader.submit(run.load, *todo[i + PREFETCH]))
+                try:
+                    scan = future.result()
+                    out, seconds = run.infer(scan)
+                except Exception as err:
+                    by_case[case_id] = run.failed(case_id, paths, err)
+                    bar.advance(task)
+                    continue
+                collect(WRITE_QUEUE - 1)
+                writes.append((case_id, writer.submit(run.finish, scan, out, scan.seconds + seconds)))
+                del scan, out
+            collect(0)
+            bar.update(task, description="done")
+        finally:
+            for future in loads:
+                future.cancel()
+            # an interrupted run still finishes (or abandons) the writes it started before leaving
+            writer.shutdown(wait=True, cancel_futures=True)
+
+    ordered = [by_case[c] for c in sorted(by_case)]
+    write_summary(ordered, output / SUMMARY, predictor.class_names)
+    return ordered
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by `seg fit`")
+    parser.add_argument("--input", "-i", required=True,
+                        help="folder of .nii/.nii.gz scans (multi-modal: case_0000.nii.gz, case_0001.nii.gz, ...) "
+                             "or one scan")
+    parser.add_argument("--output", "-o", required=True, help="folder for the predictions (not the input folder)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
+    parser.add_argument("--tta", action="store_true", help="average over mirrored copies (8x slower in 3D)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write <case>_probabilities.nii.gz: float32 (X, Y, Z, classes)")
+    parser.add_argument("--save-gates", action="store_true",
+                        help="also write the attention-gate maps <case>_gate_<level>.nii.gz (coarsest first)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap in [0, 1) (default: the model's, usually 0.5)")
+    parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: the model's)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="skip cases whose outputs exist (resume an interrupted run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    results = predict_folder(args.checkpoint, args.input, args.output, device=args.device, tta=args.tta,
+                             save_probabilities=args.save_probabilities, save_gates=args.save_gates,
+                             overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                             skip_existing=args.skip_existing)
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
+    print(f"seg predict: {counts['ok']} predicted, {counts['failed']} failed, {counts['skipped']} skipped in "
+          f"{time.perf_counter() - start:.1f} s; summary: {Path(args.output) / SUMMARY}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
