@@ -35,11 +35,14 @@ LABEL org.opencontainers.image.title="seg" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # W&B: pass WANDB_API_KEY (and WANDB_MODE=offline|disabled if wanted) with `docker run -e`; never bake
-# them in. Everything W&B and matplotlib write goes under /runs or /tmp, so any uid can run the image;
+# them in. Caches (seg's dataset fingerprints, W&B, Triton) go under /runs, so they outlive the container,
+# and matplotlib's under /tmp: nothing is written to $HOME, so any uid can run the image (--user).
 # albumentations does not look for updates online at import.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    XDG_CACHE_HOME=/runs/.cache \
+    TRITON_CACHE_DIR=/runs/.cache/triton \
     WANDB_DIR=/runs \
     WANDB_CACHE_DIR=/runs/.cache/wandb \
     WANDB_CONFIG_DIR=/runs/.config/wandb \

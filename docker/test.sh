@@ -145,4 +145,16 @@ for scan in "$WORK"/data/synth/imagesTs/*.nii*; do
 done
 ls -l "$WORK/runs/pred"
 
+# `docker run --user "$(id -u):$(id -g)"`, as the README offers: the image must work for any uid.
+step "seg predict as an arbitrary uid (--user 4321:4321)"
+rm -rf "$WORK/runs-as-user" && mkdir -p "$WORK/runs-as-user" && chown 4321:4321 "$WORK/runs-as-user"
+# seg synth leaves its dataset folder private to its writer (0700): open it for reading, as a user's
+# dataset folder would be.
+chmod -R a+rX "$WORK/data"
+"${P[@]}" run --rm --shm-size=1g --user 4321:4321 -e WANDB_MODE=offline -v "$WORK/data:/data:ro" \
+    -v "$WORK/runs:/ckpt:ro" -v "$WORK/runs-as-user:/runs" "$IMAGE" \
+    predict --checkpoint /ckpt/demo/checkpoints/last.ckpt --input /data/synth/imagesTs --output /runs/pred
+n_user=$(find "$WORK/runs-as-user/pred" -user 4321 -name '*.nii*' | wc -l)
+[ "$n_user" -eq "$n_test" ] || die "expected $n_test predictions owned by uid 4321, found $n_user"
+
 step "docker-test passed in $(($(date +%s) - T0)) s (outputs in $WORK)"
