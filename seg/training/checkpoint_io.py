@@ -1,31 +1,109 @@
-"""Checkpoints written atomically: a crash mid-save never leaves a half-written `.ckpt`."""
+"""Checkpoints written atomically and read weights-only: a crash mid-save never leaves a half-written `.ckpt`,
+and a crafted checkpoint cannot run code when it is loaded."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from seg.errors import CheckpointError
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete `.<name>.tmp-<pid>` files left by a save that was killed (their process is gone); returns them."""
+    removed = []
+    for path in folder.glob(".*.tmp-*"):
+        match = _TEMP.match(path.name)
+        if match and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+_FREE = "free some space or choose another --trainer.default_root_dir"
+_WRITABLE = "choose a writable --trainer.default_root_dir"
+_HINTS = {errno.ENOSPC: _FREE, errno.EDQUOT: _FREE, errno.EFBIG: _FREE, errno.EROFS: _WRITABLE,
+          errno.EACCES: _WRITABLE, errno.EPERM: _WRITABLE, errno.ENOTDIR: "a parent of this path is a file",
+          errno.ELOOP: "a symbolic link loops back on itself"}
+
+
+def describe_os_error(err: OSError) -> str:
+    """The reason for a failed file operation and, where we know one, the fix: for one-line messages."""
+    reason = err.strerror or str(err)
+    return f"{reason} ({_HINTS[err.errno]})" if err.errno in _HINTS else reason
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Save to a temporary file beside the target, fsync, then `os.replace` it into place.
+    """Save to a temporary file beside the target, fsync, then `os.replace` it into place; load weights only.
 
     A reader sees the old checkpoint or the new one, never a torn file (`kill -9` during a save, full disk).
-    Loading is Lightning's own (weights only).
+    Temporary files of killed saves are removed at the next save into the same folder (they are dot-files, so
+    Lightning's `ckpt_path="last"` never picks them up meanwhile). Loading always uses `torch.load(...,
+    weights_only=True)`, whatever the caller asks for: Lightning passes `weights_only=None` by default (then
+    torch's default, which the `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` environment variable turns off), and a
+    checkpoint that needs arbitrary unpickling is refused with a `CheckpointError`.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path.parent)
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            # the rename itself is durable only once the folder's entry is on disk
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise CheckpointError(f"cannot write checkpoint: {describe_os_error(err)}; the previous checkpoint "
+                                  "there, if any, is unchanged", path) from err
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # nothing to clean when the folder itself is unusable
+                tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        return load_weights_only(path, map_location=map_location or (lambda storage, loc: storage))
+
+
+def load_weights_only(path, map_location: Any | None = "cpu") -> dict:
+    """`torch.load(path, weights_only=True)`, with `CheckpointError` for unsafe, corrupt or missing files."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a paragraph that suggests weights_only=False; keep only the line naming the object
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "nsupported" in line]
+        what = lines[0] if lines else "it holds objects other than tensors and plain data"
+        raise CheckpointError(f"refused: not a weights-only checkpoint, loading it could run code ({what})",
+                              path) from None
+    except FileNotFoundError:
+        raise CheckpointError("checkpoint not found", path) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {err}", path) from None

@@ -10,7 +10,9 @@ of every validation volume (`seg.training.overlays.GateOverlays`, options under 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -18,7 +20,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from seg.data import NiftiDataModule
-from seg.training.checkpoint_io import AtomicCheckpointIO
+from seg.errors import SegError
+from seg.training.checkpoint_io import AtomicCheckpointIO, describe_os_error, load_weights_only
 from seg.training.module import SegmentationModule
 from seg.training.overlays import GateOverlays
 
@@ -61,7 +64,11 @@ class SegCLI(LightningCLI):
         callbacks = list(kwargs.get("callbacks") or [])
         callbacks += [
             ModelCheckpoint(dirpath=root / "checkpoints", filename="best", monitor="val/dice_mean", mode="max",
-                            save_last=True, save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False),
+                            save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False),
+            # last.ckpt from its own callback: since Lightning 2.6 `save_last=True` writes it only when a top-k
+            # checkpoint was saved at the same step, so it went stale whenever the Dice did not improve.
+            ModelCheckpoint(dirpath=root / "checkpoints", filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
+                            enable_version_counter=False),
             RichProgressBar(),
         ]
         if kwargs.get("logger") is not False:
@@ -86,6 +93,16 @@ class SegCLI(LightningCLI):
         return WandbLogger(project=config["wandb_project"], name=config["wandb_name"], save_dir=str(root),
                            offline=offline, log_model=False)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads `--ckpt_path`'s hyperparameters (weights-only) before anything else: an unsafe or
+        # corrupt file is a one-line CheckpointError here, not an UnpicklingError traceback.
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError):
+            load_weights_only(ckpt_path)  # raises the CheckpointError that says why
+            raise
+
     @staticmethod
     def trainer_is_rank_zero() -> bool:
         return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
@@ -93,13 +110,20 @@ class SegCLI(LightningCLI):
 
 def run_lightning(subcommand: str, args: list[str]) -> int:
     """Run `seg fit|validate|test ARGS`; returns the exit code."""
-    SegCLI(
-        SegmentationModule,
-        NiftiDataModule,
-        args=[subcommand, *args],
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": "runs/latest", "log_every_n_steps": 10},
-        parser_kwargs={"prog": "seg"},
-        seed_everything_default=0,
-    )
+    try:
+        SegCLI(
+            SegmentationModule,
+            NiftiDataModule,
+            args=[subcommand, *args],
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"default_root_dir": "runs/latest", "log_every_n_steps": 10},
+            parser_kwargs={"prog": "seg"},
+            seed_everything_default=0,
+        )
+    except OSError as err:
+        # A path the user chose cannot be written (full disk, read-only, a parent that is a file): name it in
+        # one line. An OSError without a file name is not a path problem and keeps its traceback.
+        if err.filename is None:
+            raise
+        raise SegError(describe_os_error(err), err.filename) from err
     return 0
