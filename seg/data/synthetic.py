@@ -342,6 +342,9 @@ def write_dataset(output, cases: int = 12, test_cases: int = 0, size=DEFAULT_SIZ
     output.parent.mkdir(parents=True, exist_ok=True)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the dataset should be as readable as any folder
     try:
         ids = [f"synth_{i:03d}" for i in range(cases + test_cases)]
         for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if test_cases else ()):

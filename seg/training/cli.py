@@ -55,6 +55,11 @@ class SegCLI(LightningCLI):
         parser.add_argument("--wandb_name", default=os.environ.get("WANDB_NAME"),
                             help="W&B run name (env WANDB_NAME); default: W&B's own")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # `seg` hands Lightning its own slice of argv; Lightning's warning about `args` given beside sys.argv
+        # is meant for scripts that do both by mistake.
+        self.config = parser.parse_args(args)
+
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = Path(config["trainer"]["default_root_dir"] or os.getcwd())
