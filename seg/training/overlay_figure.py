@@ -11,14 +11,13 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display; also safe in worker threads
-
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+import matplotlib as mpl
+import nibabel as nib
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 GATE_CMAP = "inferno"  # dark for "not looked at", so the scan stays readable under low gates
 GATE_ALPHA = 0.45
@@ -98,7 +97,7 @@ def axial_rgb(image: np.ndarray, gate: np.ndarray, affine: np.ndarray, index: in
         index = slice_indices(next(iter(masks_ras.values()), None), gate_ras)[2]
     low, high = grey_window(image_ras)
     grey = np.clip((view(image_ras, "axial", index) - low) / (high - low), 0, 1)[..., None]
-    heat = plt.get_cmap(GATE_CMAP)(np.clip(view(gate_ras, "axial", index), 0, 1))[..., :3]
+    heat = mpl.colormaps[GATE_CMAP](np.clip(view(gate_ras, "axial", index), 0, 1))[..., :3]
     rgb = (1 - GATE_ALPHA) * grey + GATE_ALPHA * heat
     slices = {k: view(v, "axial", index).astype(np.int64) for k, v in masks_ras.items()}
     factor = max(1, min_size // max(rgb.shape[:2]))
@@ -143,8 +142,9 @@ def render_overlay(
 
     # A first column without heatmap: the anatomy and the contours as they are, to compare the maps against.
     columns = [("scan", None), *maps_ras.items()]
-    fig, axes = plt.subplots(3, len(columns), figsize=(3.1 * len(columns) + 1.4, 3.1 * 3 + 1.5), squeeze=False,
-                             layout="constrained")
+    # A bare Figure (Agg canvas), not pyplot: no global backend switch, nothing left open, thread-safe.
+    fig = Figure(figsize=(3.1 * len(columns) + 1.4, 3.1 * 3 + 1.5), layout="constrained")
+    axes = fig.subplots(3, len(columns), squeeze=False)
     for row, plane in enumerate(VIEWS):
         row_mm, col_mm = view_spacing(spacing, plane)
         for col, (name, volume) in enumerate(columns):
@@ -172,7 +172,7 @@ def render_overlay(
             if col == 0:
                 ax.set_ylabel(f"{plane} ({index_of[plane]})", fontsize=10)
     what = "attention (gate or CBAM map)" if any(n.startswith("cbam") for n in maps_ras) else "gate activation"
-    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=GATE_CMAP), ax=axes, shrink=0.6, label=what)
+    fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=GATE_CMAP), ax=axes, shrink=0.6, label=what)
     handles = []
     for c in classes:
         name = class_names[c - 1] if 0 < c <= len(class_names) else f"class {c}"
@@ -191,7 +191,6 @@ def render_overlay(
         fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
 
 
