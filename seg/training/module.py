@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import Timer
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.metrics.utils import do_metric_reduction
 from monai.networks.utils import one_hot
+from monai.utils import MetricReduction
 
 from seg.models import AttentionUNet
 
@@ -25,7 +27,9 @@ class SegmentationModule(pl.LightningModule):
     Training batches are `{"image": (N, C, *patch), "label": (N, 1, *patch)}`; validation and test batches hold
     one whole preprocessed volume each, predicted with MONAI's `sliding_window_inference` (Gaussian blending)
     and scored per class with Dice and HD95 (mm, on the preprocessed grid). A 2D model (`spatial_dims=2`)
-    still validates on volumes: the sliding window takes `(H, W, 1)` slabs along the last axis.
+    still validates on volumes: the sliding window takes `(H, W, 1)` slabs along the last axis. Under DDP the
+    per-volume scores of all ranks are gathered and every case counted once, so the logged means are those of a
+    single process.
 
     Args:
         spatial_dims: 2 or 3.
@@ -97,6 +101,7 @@ class SegmentationModule(pl.LightningModule):
         # gate (and CBAM) maps of the same sliding window as the logits, so no volume is predicted twice.
         self.export_gates = False
         self.export_cbam = False
+        self._volume_scores: list[tuple[str, dict[str, torch.Tensor]]] = []  # (case_id, {"dice": (classes,), ...})
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -182,21 +187,48 @@ class SegmentationModule(pl.LightningModule):
         logits = outputs["logits"] if outputs is not None else self.predict_volume(batch["image"])
         prediction = one_hot(logits.argmax(1, keepdim=True), self.hparams.out_channels)
         target = one_hot(batch["label"].long(), self.hparams.out_channels)
-        self.dice(prediction, target)
+        scores = {"dice": self.dice(prediction, target)}  # (N, classes): one row per volume
         if self.hparams.hd95:
             spacing = (self.preprocessing or {}).get("spacing")
-            self.hd95(prediction, target, spacing=spacing if spacing and min(spacing) > 0 else None)
+            scores["hd95"] = self.hd95(prediction, target, spacing=spacing if spacing and min(spacing) > 0 else None)
+        case_ids = batch.get("case_id") or [f"volume_{self.global_rank}_{len(self._volume_scores) + i}"
+                                            for i in range(len(scores["dice"]))]
+        for i, case_id in enumerate(case_ids):
+            # plain tensors: a MetaTensor logged as a metric would end up in checkpoints (best_model_score), which
+            # then no longer load weights-only
+            self._volume_scores.append((str(case_id), {k: v[i].detach().float().cpu().as_subclass(torch.Tensor)
+                                                       for k, v in scores.items()}))
         return outputs
 
+    def _gather_volume_scores(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every process's per-volume scores, once per case id, sorted by case id.
+
+        With several processes, Lightning's DistributedSampler pads the validation set by repeating volumes so
+        that every rank gets as many: a mean over the gathered rows would count those twice, and a mean of the
+        per-rank means would weigh ranks, not volumes. Sorting fixes the summation order, so one process and
+        many give the same numbers.
+        """
+        rows, self._volume_scores = self._volume_scores, []
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            everyone: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(everyone, rows)
+            rows = [row for part in everyone for row in part]
+        unique = dict(rows)  # a repeated volume has the same scores on every rank
+        return {case_id: unique[case_id] for case_id in sorted(unique)}
+
     def _log_scores(self, prefix: str) -> None:
-        scores = {"dice": self.dice.aggregate()}
-        if self.hparams.hd95:
-            scores["hd95"] = self.hd95.aggregate()
-        self.dice.reset()
+        volumes = self._gather_volume_scores()
+        self.dice.reset()  # their buffers are not used: the scores are kept per case id above
         self.hd95.reset()
-        for name, per_class in scores.items():
+        if not volumes:
+            return
+        for name in next(iter(volumes.values())):
+            # MONAI's own reduction, as DiceMetric.aggregate: per-class mean over volumes, skipping NaN (empty)
+            per_class, _ = do_metric_reduction(torch.stack([v[name] for v in volumes.values()]),
+                                               MetricReduction.MEAN_BATCH)
             per_class = per_class.to(self.device, torch.float32)
-            # Lightning averages these over ranks (sync_dist), so every process logs the same numbers.
+            # Every process holds the same gathered numbers: sync_dist's mean over ranks leaves them as they are.
             for class_name, value in zip(self.class_names, per_class):
                 self.log(f"{prefix}/{name}_{class_name}", value, sync_dist=True)
             self.log(f"{prefix}/{name}_mean", per_class.nanmean(), sync_dist=True, prog_bar=name == "dice")
