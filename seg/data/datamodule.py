@@ -47,6 +47,26 @@ class _Cases(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
+class _RankShard(torch.utils.data.Dataset):
+    """A whole split of which this process reads only `indices` (its DistributedSampler's): only they are built.
+
+    Under DDP each rank validates a fixed part of the split, so building (and caching) every volume in every
+    rank would hold the split `world_size` times over.
+    """
+
+    def __init__(self, length: int, indices: list[int], build):
+        own = sorted(set(indices))
+        self.length = length
+        self.position = {index: k for k, index in enumerate(own)}
+        self.dataset = build(own)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        return self.dataset[self.position[index]]
+
+
 def _item(case: Case) -> dict:
     """The dict a transform chain starts from: file paths (a list for one file per channel) and the case id."""
     images = [str(p) for p in case.images]
@@ -88,8 +108,11 @@ class NiftiDataModule(LightningDataModule):
         fold: validate on fold `fold` of `num_folds` (nnU-Net style).
         num_folds: folds for `fold`.
         seed: seeds the split.
-        cache_rate: share of the preprocessed cases kept in memory (`CacheDataset`).
-        cache_dir: keep preprocessed cases on disk here instead (`PersistentDataset`); also holds the fingerprint.
+        cache_rate: share of the preprocessed cases kept in memory (`CacheDataset`). Under DDP each rank caches
+            only the validation/test volumes it scores, but every training case: the distributed sampler deals
+            each rank other cases every epoch. Fine for small datasets; for big ones use `cache_dir`.
+        cache_dir: keep preprocessed cases on disk here instead (`PersistentDataset`): one copy that all ranks
+            (and later runs) read, nothing held in memory; also holds the fingerprint.
         num_workers: loader worker processes (and cache-filling threads).
         check: run `seg.data.checks.check_or_raise` on the dataset in `prepare_data`.
         crop_foreground: crop each scan to its nonzero region.
@@ -143,6 +166,7 @@ class NiftiDataModule(LightningDataModule):
         self.split: Split | None = None
         self.train_transforms = self.val_transforms = None
         self.train_dataset = self.val_dataset = self.test_dataset = None
+        self._eval_samplers: dict[str, torch.utils.data.DistributedSampler] = {}
 
     # -- what the model needs to know, from the layout alone (LightningCLI links these at instantiation) --
     @property
@@ -202,9 +226,22 @@ class NiftiDataModule(LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._dataset([_item(cases[i]) for i in self.split.train], self.train_transforms)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self._dataset([_item(cases[i]) for i in self.split.val], self.val_transforms)
+            self.val_dataset = self._eval_dataset("val", [_item(cases[i]) for i in self.split.val])
         if stage in (None, "test") and self.test_dataset is None:
-            self.test_dataset = self._dataset(self._test_items(), self.val_transforms)
+            self.test_dataset = self._eval_dataset("test", self._test_items())
+
+    def _eval_dataset(self, name: str, items: list[dict]):
+        """Whole volumes for validation/test; under DDP only this rank's share is built and cached."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size < 2:
+            return self._dataset(items, self.val_transforms)
+        # Our own DistributedSampler (Lightning keeps a loader's DistributedSampler), so we know which volumes this
+        # rank reads. It pads with repeated volumes like Lightning's; the module scores each case id once.
+        sampler = torch.utils.data.DistributedSampler(range(len(items)), num_replicas=trainer.world_size,
+                                                      rank=trainer.global_rank, shuffle=False)
+        self._eval_samplers[name] = sampler
+        return _RankShard(len(items), list(sampler),
+                          lambda own: self._dataset([items[i] for i in own], self.val_transforms))
 
     def _test_items(self) -> list[dict]:
         """Labelled `imagesTs` cases (`labelsTs` beside them) when the dataset has any, else the validation split."""
@@ -238,19 +275,19 @@ class NiftiDataModule(LightningDataModule):
                 dataset = Dataset(items, transform)
         return _Cases(dataset)
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
         workers = self.hparams.num_workers
         trainer = self.trainer
         cuda = trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
         # MONAI's DataLoader seeds each worker's random transforms and flattens the patch lists into one batch.
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=cuda)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, 1, shuffle=False)
+        return self._loader(self.val_dataset, 1, shuffle=False, sampler=self._eval_samplers.get("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, 1, shuffle=False)
+        return self._loader(self.test_dataset, 1, shuffle=False, sampler=self._eval_samplers.get("test"))
