@@ -39,8 +39,10 @@ from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor, label_
 SUMMARY = "summary.csv"
 _TMP = re.compile(r"^\.tmp-(?P<pid>\d+)-")  # `.tmp-<pid>-<final name>`: hidden, and ends like the final name
 _CHANNEL = re.compile(r"^(?P<case>.+)_\d{4}$")
-PREFETCH = 2  # scans loaded ahead of the model; bounds memory
-WRITE_QUEUE = 2  # predictions waiting to be written; bounds memory
+# Scans loaded ahead of the model, and predictions waiting to be written: one of each keeps the three stages
+# busy and memory near one scan's worth per stage.
+PREFETCH = 1
+WRITE_QUEUE = 1
 
 
 @dataclass
@@ -248,6 +250,7 @@ class _Run:
     def infer(self, scan: LoadedScan) -> tuple[NetworkOutput, float]:
         start = time.perf_counter()
         out = self.predictor.infer(scan, with_gates=self.save_gates, probabilities=self.save_probabilities)
+        scan.release_image()  # from here on only its geometry is needed
         return out, time.perf_counter() - start
 
     def finish(self, scan: LoadedScan, output: NetworkOutput, seconds: float) -> CaseResult:
@@ -386,7 +389,7 @@ def predict_folder(
                     continue
                 collect(WRITE_QUEUE - 1)
                 writes.append((case_id, writer.submit(run.finish, scan, out, scan.seconds + seconds)))
-                del scan, out
+                del future, scan, out
             collect(0)
             bar.update(task, description="done")
         finally:

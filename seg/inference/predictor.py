@@ -63,6 +63,16 @@ class LoadedScan:
     data: dict
     seconds: float = 0.0
 
+    def release_image(self) -> None:
+        """Drop the voxels of the preprocessed image, keeping what `Invertd` needs (its meta and applied operations).
+
+        Call after `Predictor.infer` when the scan waits to be written, so that a queue of scans holds labels,
+        not images.
+        """
+        image = self.data["image"]
+        self.data["image"] = MetaTensor(torch.empty(0), meta=image.meta,
+                                        applied_operations=image.applied_operations)
+
 
 @dataclass
 class NetworkOutput:
@@ -228,26 +238,29 @@ class Predictor:
         """
         image = scan.data["image"].as_tensor()[None].to(self.device, non_blocking=True)  # (1, C, *S)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
-        prob_sum, gate_sum = None, {}
+        n = len(self._flips)
+        # One prediction and no probabilities wanted: the argmax of the logits is the label, no softmax copy.
+        softmax = probabilities or n > 1
+        score_sum, gate_sum = None, {}
         with autocast:
             for axes in self._flips:
                 x = torch.flip(image, axes) if axes else image
                 out = self.model.predict_volume(x, with_gates=with_gates)
-                logits, gates = (out["logits"], out) if with_gates else (out, {})
+                logits, gates = (out.pop("logits"), out) if with_gates else (out, {})
+                del out, x
                 # mirrored copies are flipped back before averaging; softmax in float32 for a stable mean
-                prob = torch.softmax(logits.float(), dim=1)
-                prob = torch.flip(prob, axes) if axes else prob
-                prob_sum = prob if prob_sum is None else prob_sum.add_(prob)
+                score = torch.softmax(logits.float(), dim=1) if softmax else logits
+                del logits
+                score = torch.flip(score, axes) if axes else score
+                score_sum = score if score_sum is None else score_sum.add_(score)
                 for key, gate in gates.items():
-                    if key == "logits":
-                        continue
                     gate = torch.flip(gate.float(), axes) if axes else gate.float()
                     gate_sum[key] = gate if key not in gate_sum else gate_sum[key].add_(gate)
-        n = len(self._flips)
-        label = prob_sum.argmax(1).to(torch.int16 if self.num_classes > 256 else torch.uint8)
+                del score, gates
+        label = score_sum.argmax(1).to(torch.int16 if self.num_classes > 256 else torch.uint8)
         return NetworkOutput(
             label=label.cpu(),
-            probabilities=(prob_sum[0] / n).cpu() if probabilities else None,
+            probabilities=(score_sum[0] / n).cpu() if probabilities else None,
             gates={k: (v[0] / n).clamp_(0, 1).cpu() for k, v in gate_sum.items()},
         )
 

@@ -1,0 +1,187 @@
+"""Folder prediction speed and peak memory: `seg predict` against a plain MONAI inference loop.
+
+Both methods segment the same scans with the same checkpoint and write label maps on each scan's grid:
+- seg:   `seg.inference.predict.predict_folder` (what `seg predict` runs): loading of the next scan overlaps the
+         prediction, inversion and writing run in a background thread;
+- monai: the loop a MONAI user writes: LoadImaged, EnsureChannelFirstd, Orientationd, Spacingd,
+         (CropForegroundd when the checkpoint crops), NormalizeIntensityd, sliding_window_inference (same
+         window, overlap, Gaussian blending and batch), argmax, Invertd (nearest), SaveImage; one scan after
+         another.
+Each method runs in its own child process (so peak RSS does not mix), the methods alternate for `--repeats`
+rounds (so drift in a shared machine's load hits both), and the best round of each is reported. Scans per
+minute count from the first scan to the last file written (model loading and imports excluded; reported
+apart). Peak memory is the child's `ru_maxrss`, and its growth over the RSS after imports and model loading.
+Finally the label maps of the two methods are compared case by case (voxel agreement, Dice per class).
+
+usage: python bench/predict_speed.py --checkpoint CKPT --input DIR [--cases 48] [--repeats 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_seg(checkpoint: str, input_dir: Path, output: Path) -> dict:
+    from seg.inference.predict import predict_folder
+    from seg.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    baseline = rss_mb()
+    start = time.perf_counter()
+    results = predict_folder(predictor, input_dir, output, progress=False)
+    seconds = time.perf_counter() - start
+    assert all(r.status == "ok" for r in results), [r.message for r in results if r.status != "ok"]
+    return {"seconds": seconds, "cases": len(results), "baseline_rss_mb": baseline,
+            "params_mb": sum(p.numel() * p.element_size() for p in predictor.model.parameters()) / 2**20}
+
+
+def run_monai(checkpoint: str, input_dir: Path, output: Path) -> dict:
+    import numpy as np
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, Invertd, LoadImaged,
+                                  NormalizeIntensityd, Orientationd, SaveImage, Spacingd)
+
+    from seg.inference.checkpoint import load_trained_model
+
+    model = load_trained_model(checkpoint, map_location="cpu")
+    pre, hp = model.preprocessing, model.hparams
+    steps = [LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
+             # float32 as in seg's transforms: nearest-neighbour ties at half-voxel positions round the same way
+             Spacingd("image", pixdim=pre["spacing"], mode="bilinear", dtype=torch.float32)]
+    if pre["crop_foreground"]:
+        steps.append(CropForegroundd("image", source_key="image", allow_smaller=True))
+    steps.append(NormalizeIntensityd("image", nonzero=True, channel_wise=True))
+    transforms = Compose(steps)
+    invert = Invertd("pred", transform=transforms, orig_keys="image", nearest_interp=True)
+    save = SaveImage(output_dir=output, output_postfix="", separate_folder=False, output_dtype=np.uint8,
+                     resample=False, print_log=False)
+    files = sorted(p for p in input_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    baseline = rss_mb()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for path in files:
+            d = transforms({"image": str(path)})
+            logits = sliding_window_inference(d["image"][None], model.roi_size, hp.sw_batch_size, model,
+                                              overlap=hp.sw_overlap, mode="gaussian")
+            d["pred"] = logits[0].argmax(0, keepdim=True).float()
+            d = invert(d)
+            save(d["pred"])
+    return {"seconds": time.perf_counter() - start, "cases": len(files), "baseline_rss_mb": baseline}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = (run_seg if args.child == "seg" else run_monai)(args.checkpoint, Path(args.input), Path(args.output))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def agreement(seg_dir: Path, monai_dir: Path, input_dir: Path) -> dict:
+    """Voxel agreement and per-class Dice between the two methods' label maps; affine/shape checks."""
+    import nibabel as nib
+    import numpy as np
+
+    equal, dices, affine_ok = [], {}, []
+    for scan in sorted(input_dir.iterdir()):
+        name = scan.name
+        a_img, b_img, ref = nib.load(seg_dir / name), nib.load(monai_dir / name), nib.load(scan)
+        a, b = np.asarray(a_img.dataobj), np.asarray(b_img.dataobj)
+        affine_ok.append((a.shape == ref.shape, bool(np.allclose(a_img.affine, ref.affine, atol=1e-6)),
+                          bool(np.allclose(b_img.affine, ref.affine, atol=1e-6)), b.shape == ref.shape))
+        equal.append(float((a == b).mean()))
+        for k in range(1, int(max(a.max(), b.max())) + 1):
+            denominator = (a == k).sum() + (b == k).sum()
+            if denominator:
+                dices.setdefault(k, []).append(2 * float(((a == k) & (b == k)).sum()) / denominator)
+    return {"voxel_agreement_mean": statistics.mean(equal), "voxel_agreement_min": min(equal),
+            "dice_seg_vs_monai": {k: round(statistics.mean(v), 4) for k, v in dices.items()},
+            "seg_shape_and_affine_ok": all(s and a for s, a, _, _ in affine_ok),
+            "monai_shape_and_affine_ok": all(s and b for _, _, b, s in affine_ok)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--input", required=True, help="folder of scans (e.g. hippocampus imagesTr)")
+    parser.add_argument("--cases", type=int, default=48, help="the first N scans of the folder")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", choices=["seg", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    work = Path(tempfile.mkdtemp(prefix="predict_speed."))
+    try:
+        scans = work / "scans"
+        scans.mkdir()
+        files = sorted(p for p in Path(args.input).iterdir() if p.name.endswith((".nii", ".nii.gz")))[: args.cases]
+        for path in files:
+            (scans / path.name).symlink_to(path.resolve())
+        largest = max(_voxels(p) for p in files)
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        runs: dict[str, list[dict]] = {"seg": [], "monai": []}
+        for round_ in range(args.repeats):
+            for method in ("seg", "monai"):
+                output = work / f"{method}_{round_}"
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, __file__, "--child", method, "--checkpoint", args.checkpoint,
+                                       "--input", str(scans), "--output", str(output), "--threads", str(args.threads)],
+                                      capture_output=True, text=True, env=env)
+                if done.returncode:
+                    sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                result["process_seconds"] = time.perf_counter() - start
+                result["scans_per_minute"] = 60 * result["cases"] / result["seconds"]
+                runs[method].append(result)
+                print(f"round {round_} {method}: {result['scans_per_minute']:.1f} scans/min, "
+                      f"peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr)
+        best = {m: max(r, key=lambda x: x["scans_per_minute"]) for m, r in runs.items()}
+        report = {
+            "cases": len(files), "threads": args.threads, "checkpoint": args.checkpoint,
+            "largest_input_voxels": largest, "largest_input_float32_mb": round(largest * 4 / 2**20, 3),
+            "model_params_mb": round(best["seg"]["params_mb"], 2),
+            **{f"{m}_{k}": round(v, 2) for m, r in best.items() for k, v in r.items()
+               if k in ("scans_per_minute", "seconds", "process_seconds", "peak_rss_mb", "baseline_rss_mb")},
+            "seg_peak_growth_mb": round(best["seg"]["peak_rss_mb"] - best["seg"]["baseline_rss_mb"], 1),
+            "monai_peak_growth_mb": round(best["monai"]["peak_rss_mb"] - best["monai"]["baseline_rss_mb"], 1),
+            "speedup": round(best["seg"]["scans_per_minute"] / best["monai"]["scans_per_minute"], 2),
+            "all_rounds_scans_per_minute": {m: [round(x["scans_per_minute"], 1) for x in r] for m, r in runs.items()},
+            **agreement(work / "seg_0", work / "monai_0", scans),
+        }
+        print(json.dumps(report, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _voxels(path: Path) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    return int(np.prod(nib.load(path).shape))
+
+
+if __name__ == "__main__":
+    main()
