@@ -74,8 +74,9 @@ class SegCLI(LightningCLI):
             # checkpoint was saved at the same step, so it went stale whenever the Dice did not improve.
             ModelCheckpoint(dirpath=root / "checkpoints", filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
                             enable_version_counter=False),
-            RichProgressBar(),
         ]
+        if config["trainer"].get("enable_progress_bar") is not False:  # Lightning refuses a bar it was told not to show
+            callbacks.append(RichProgressBar())
         if kwargs.get("logger") is not False:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
