@@ -12,13 +12,22 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.metrics.utils import do_metric_reduction
-from monai.networks.utils import one_hot
 from monai.utils import MetricReduction
 
 from seg.models import AttentionUNet
 
 CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
 CHECKPOINT_FORMAT = 1
+
+
+def class_indices(logits: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    """`logits.argmax(1, keepdim=True)` as uint8 `(N, 1, *S)` (int16 past 256 classes), a slab of the last axis
+    at a time: torch's argmax gives int64, 8 bytes a voxel (0.8 GiB for a 512 x 512 x 400 CT) where 1 will do."""
+    dtype = torch.uint8 if logits.shape[1] <= 256 else torch.int16
+    out = torch.empty((logits.shape[0], 1, *logits.shape[2:]), dtype=dtype, device=logits.device)
+    for start in range(0, logits.shape[-1], slab):
+        out[..., start:start + slab] = logits[..., start:start + slab].argmax(1, keepdim=True)
+    return out
 
 
 class SegmentationModule(pl.LightningModule):
@@ -91,8 +100,12 @@ class SegmentationModule(pl.LightningModule):
         base = (DiceCELoss if loss == "dice_ce" else DiceLoss)(to_onehot_y=True, softmax=True, batch=batch_dice)
         self.loss_fn = DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base
         self.class_names = list(class_names or [f"class_{i}" for i in range(1, out_channels)])
-        self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-        self.hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
+        # Both score class-index volumes, never a one-hot: on a 512 x 512 x 400 CT a float one-hot is 0.4 GiB per
+        # class, for prediction and label alike. Dice compares indices itself (`num_classes`); HD95 is run on one
+        # class's binary masks at a time (it copies its inputs to float).
+        self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True,
+                               num_classes=out_channels)
+        self.hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="mean_batch")
         # What inference needs beyond the weights (spacing, orientation, normalisation, ...): given by the
         # datamodule at fit time, kept in every checkpoint under CHECKPOINT_KEY.
         self.preprocessing: dict | None = None
@@ -185,12 +198,15 @@ class SegmentationModule(pl.LightningModule):
         if self.export_gates:
             outputs = self.predict_volume(batch["image"], with_gates=True, with_cbam=self.export_cbam)
         logits = outputs["logits"] if outputs is not None else self.predict_volume(batch["image"])
-        prediction = one_hot(logits.argmax(1, keepdim=True), self.hparams.out_channels)
-        target = one_hot(batch["label"].long(), self.hparams.out_channels)
-        scores = {"dice": self.dice(prediction, target)}  # (N, classes): one row per volume
+        prediction = class_indices(logits)
+        del logits  # freed here unless the overlays hold it
+        label = batch["label"]
+        scores = {"dice": self.dice(prediction, label)}  # (N, classes): one row per volume
         if self.hparams.hd95:
             spacing = (self.preprocessing or {}).get("spacing")
-            scores["hd95"] = self.hd95(prediction, target, spacing=spacing if spacing and min(spacing) > 0 else None)
+            spacing = spacing if spacing and min(spacing) > 0 else None
+            scores["hd95"] = torch.cat([self.hd95(prediction == c, label == c, spacing=spacing)
+                                        for c in range(1, self.hparams.out_channels)], dim=1)
         case_ids = batch.get("case_id") or [f"volume_{self.global_rank}_{len(self._volume_scores) + i}"
                                             for i in range(len(scores["dice"]))]
         for i, case_id in enumerate(case_ids):
