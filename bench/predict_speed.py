@@ -2,7 +2,8 @@
 
 Both methods segment the same scans with the same checkpoint and write label maps on each scan's grid:
 - seg:   `seg.inference.predict.predict_folder` (what `seg predict` runs): loading of the next scan overlaps the
-         prediction, inversion and writing run in a background thread;
+         prediction, inversion and writing run in a background thread, scans that fit in one window share
+         forward passes;
 - monai: the loop a MONAI user writes: LoadImaged, EnsureChannelFirstd, Orientationd, Spacingd,
          (CropForegroundd when the checkpoint crops), NormalizeIntensityd, sliding_window_inference (same
          window, overlap, Gaussian blending and batch), argmax, Invertd (nearest), SaveImage; one scan after
@@ -141,7 +142,11 @@ def main() -> None:
         for path in files:
             (scans / path.name).symlink_to(path.resolve())
         largest = max(_voxels(p) for p in files)
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        # PASSIVE: OpenMP threads sleep at barriers instead of spinning. On a machine shared with other work,
+        # libgomp's spinning made a one-thread-calling loop (the MONAI one) up to 5x slower, and seg, whose extra
+        # threads switch libgomp to short spins, looked that much faster for a reason unrelated to its design.
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+               "OMP_WAIT_POLICY": "PASSIVE"}
         runs: dict[str, list[dict]] = {"seg": [], "monai": []}
         for round_ in range(args.repeats):
             for method in ("seg", "monai"):

@@ -39,9 +39,9 @@ from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor, label_
 SUMMARY = "summary.csv"
 _TMP = re.compile(r"^\.tmp-(?P<pid>\d+)-")  # `.tmp-<pid>-<final name>`: hidden, and ends like the final name
 _CHANNEL = re.compile(r"^(?P<case>.+)_\d{4}$")
-# Scans loaded ahead of the model, and predictions waiting to be written: one of each keeps the three stages
-# busy and memory near one scan's worth per stage.
-PREFETCH = 1
+# Predictions waiting to be written: one keeps the writer busy and memory near one scan's worth per stage.
+# Scans are loaded one ahead of the model, or a whole group ahead while they are small enough to be predicted
+# together (`Predictor.infer_batch`, groups of the model's `sw_batch_size`).
 WRITE_QUEUE = 1
 
 
@@ -247,11 +247,13 @@ class _Run:
     def load(self, case_id: str, paths: list[Path]) -> LoadedScan:
         return self.predictor.load(paths, case_id)
 
-    def infer(self, scan: LoadedScan) -> tuple[NetworkOutput, float]:
+    def infer(self, scans: list[LoadedScan]) -> tuple[list[NetworkOutput], float]:
+        """Predict a group of scans; returns the outputs and the seconds per scan."""
         start = time.perf_counter()
-        out = self.predictor.infer(scan, with_gates=self.save_gates, probabilities=self.save_probabilities)
-        scan.release_image()  # from here on only its geometry is needed
-        return out, time.perf_counter() - start
+        outputs = self.predictor.infer_batch(scans, with_gates=self.save_gates, probabilities=self.save_probabilities)
+        for scan in scans:
+            scan.release_image()  # from here on only its geometry is needed
+        return outputs, (time.perf_counter() - start) / len(scans)
 
     def finish(self, scan: LoadedScan, output: NetworkOutput, seconds: float) -> CaseResult:
         """Invert to the scan's grid and write; runs in the writer thread."""
@@ -361,12 +363,33 @@ def predict_folder(
 
     columns = [TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
+    group_size = max(1, int(predictor.model.hparams.sw_batch_size))
     with Progress(*columns, console=console, transient=False) as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-load") as loader, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-write") as writer:
         task = bar.add_task("", total=len(todo))
-        loads: deque[Future] = deque(loader.submit(run.load, *case) for case in todo[:PREFETCH])
         writes: deque[tuple[str, Future]] = deque()
+
+        def loaded():
+            """(case_id, paths, scan or None, error or None) in order, loading ahead in the background."""
+            queue: deque = deque()
+            upcoming = iter(todo)
+
+            def top_up(depth: int) -> None:
+                while len(queue) < depth and (case := next(upcoming, None)) is not None:
+                    queue.append((case, loader.submit(run.load, *case)))
+
+            top_up(1)
+            while queue:
+                (case_id, paths), future = queue.popleft()
+                try:
+                    scan, error = future.result(), None
+                except Exception as err:
+                    scan, error = None, err
+                del future
+                # small scans go to the model a group at a time: keep a group loading; big ones one ahead
+                top_up(group_size if scan is not None and predictor.fits_one_window(scan) else 1)
+                yield case_id, paths, scan, error
 
         def collect(block_until: int) -> None:
             while len(writes) > block_until:
@@ -374,28 +397,47 @@ def predict_folder(
                 by_case[case_id] = future.result()
                 bar.advance(task)
 
-        try:
-            for i, (case_id, paths) in enumerate(todo):
-                bar.update(task, description=case_id)
-                future = loads.popleft()
-                if i + PREFETCH < len(todo):
-                    loads.append(loader.submit(run.load, *todo[i + PREFETCH]))
-                try:
-                    scan = future.result()
-                    out, seconds = run.infer(scan)
-                except Exception as err:
-                    by_case[case_id] = run.failed(case_id, paths, err)
+        def predict(group: list[LoadedScan]) -> None:
+            if not group:
+                return
+            bar.update(task, description=", ".join(scan.case_id for scan in group))
+            try:
+                outputs, seconds = run.infer(group)
+            except Exception as err:
+                if len(group) > 1:  # find the scan to blame, and predict the others
+                    for scan in group:
+                        predict([scan])
+                else:
+                    by_case[group[0].case_id] = run.failed(group[0].case_id, group[0].paths, err)
                     bar.advance(task)
-                    continue
-                collect(WRITE_QUEUE - 1)
-                writes.append((case_id, writer.submit(run.finish, scan, out, scan.seconds + seconds)))
-                del future, scan, out
+                group.clear()
+                return
+            collect(WRITE_QUEUE - 1)
+            for scan, out in zip(group, outputs):
+                writes.append((scan.case_id, writer.submit(run.finish, scan, out, scan.seconds + seconds)))
+            group.clear()
+
+        group: list[LoadedScan] = []
+        try:
+            for case_id, paths, scan, error in loaded():
+                if error is not None:
+                    by_case[case_id] = run.failed(case_id, paths, error)
+                    bar.advance(task)
+                elif not predictor.fits_one_window(scan):
+                    predict(group)
+                    predict([scan])
+                else:
+                    group.append(scan)
+                    if len(group) == group_size:
+                        predict(group)
+                del scan
+            predict(group)
             collect(0)
             bar.update(task, description="done")
         finally:
-            for future in loads:
-                future.cancel()
-            # an interrupted run still finishes (or abandons) the writes it started before leaving
+            group.clear()
+            # an interrupted run abandons the loads not started and finishes the writes it started
+            loader.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
 
     ordered = [by_case[c] for c in sorted(by_case)]

@@ -230,17 +230,57 @@ class Predictor:
             raise
 
     # ---- stage 2: preprocessed tensor -> network output (the device) -------------------------------------------
-    @torch.no_grad()
+    def fits_one_window(self, scan: LoadedScan) -> bool:
+        """True when the whole preprocessed scan fits in one sliding window, so it can share a forward pass."""
+        return all(size <= roi for size, roi in zip(scan.data["image"].shape[1:], self.model.roi_size))
+
     def infer(self, scan: LoadedScan, with_gates: bool = False, probabilities: bool = False) -> NetworkOutput:
         """Sliding-window prediction (with mirroring when `tta`) on the preprocessed grid.
 
         Returns CPU tensors: the argmax label, and when asked the softmax probabilities and gate maps.
         """
-        image = scan.data["image"].as_tensor()[None].to(self.device, non_blocking=True)  # (1, C, *S)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
+        return self.infer_batch([scan], with_gates, probabilities)[0]
+
+    @torch.no_grad()
+    def infer_batch(self, scans: Sequence[LoadedScan], with_gates: bool = False,
+                    probabilities: bool = False) -> list[NetworkOutput]:
+        """`infer` for several scans; those that each fit in one window share forward passes.
+
+        Small scans (hippocampus crops, single slices) are padded to the window as `sliding_window_inference`
+        pads them (zeros, split evenly) and stacked, so each gets the prediction it gets alone, at a fraction of
+        the cost: a batch of one runs PyTorch's slow CPU path for small 3D convolutions (measured 1.4x per
+        scan at batch 2 on the hippocampus model) and leaves a GPU idle.
+        """
+        if len(scans) > 1 and not all(self.fits_one_window(s) for s in scans):
+            return [self.infer_batch([s], with_gates, probabilities)[0] for s in scans]
+        images, crops = [], []
+        for scan in scans:
+            image = scan.data["image"].as_tensor()
+            pad, crop = [], [slice(None)]
+            if len(scans) > 1:
+                for size, roi in zip(image.shape[1:], self.model.roi_size):
+                    half = (roi - size) // 2
+                    pad = [half, roi - size - half] + pad  # F.pad lists the last axis first
+                    crop.append(slice(half, half + size))
+                image = torch.nn.functional.pad(image, pad)
+            images.append(image)
+            crops.append(tuple(crop))
+        score_sum, gate_sum = self._predict(torch.stack(images).to(self.device, non_blocking=True), with_gates,
+                                            softmax=probabilities or len(self._flips) > 1)
         n = len(self._flips)
-        # One prediction and no probabilities wanted: the argmax of the logits is the label, no softmax copy.
-        softmax = probabilities or n > 1
+        outputs = []
+        for i, crop in enumerate(crops):
+            score = score_sum[i][crop]
+            outputs.append(NetworkOutput(
+                label=score.argmax(0, keepdim=True).to(torch.int16 if self.num_classes > 256 else torch.uint8).cpu(),
+                probabilities=(score / n).float().cpu() if probabilities else None,
+                gates={k: (v[i][crop] / n).clamp_(0, 1).cpu() for k, v in gate_sum.items()},
+            ))
+        return outputs
+
+    def _predict(self, image: torch.Tensor, with_gates: bool, softmax: bool) -> tuple[torch.Tensor, dict]:
+        """Sum over the mirrored copies of the softmax (or, for one copy, the logits) and of the gate maps."""
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
         score_sum, gate_sum = None, {}
         with autocast:
             for axes in self._flips:
@@ -248,7 +288,8 @@ class Predictor:
                 out = self.model.predict_volume(x, with_gates=with_gates)
                 logits, gates = (out.pop("logits"), out) if with_gates else (out, {})
                 del out, x
-                # mirrored copies are flipped back before averaging; softmax in float32 for a stable mean
+                # mirrored copies are flipped back before averaging; softmax in float32 for a stable mean. With
+                # one copy and no probabilities wanted, the argmax of the logits is the label: no softmax copy.
                 score = torch.softmax(logits.float(), dim=1) if softmax else logits
                 del logits
                 score = torch.flip(score, axes) if axes else score
@@ -257,12 +298,7 @@ class Predictor:
                     gate = torch.flip(gate.float(), axes) if axes else gate.float()
                     gate_sum[key] = gate if key not in gate_sum else gate_sum[key].add_(gate)
                 del score, gates
-        label = score_sum.argmax(1).to(torch.int16 if self.num_classes > 256 else torch.uint8)
-        return NetworkOutput(
-            label=label.cpu(),
-            probabilities=(score_sum[0] / n).cpu() if probabilities else None,
-            gates={k: (v[0] / n).clamp_(0, 1).cpu() for k, v in gate_sum.items()},
-        )
+        return score_sum, gate_sum
 
     # ---- stage 3: network output -> the scan's own grid (CPU; safe in a background thread) ---------------------
     @torch.no_grad()

@@ -186,6 +186,40 @@ def test_tta_averages_every_mirroring(tmp_path, spatial_dims, copies):
     assert dice(a["label"] == 1, target) > 0.8
 
 
+def test_small_scans_share_forward_passes_and_get_their_own_prediction(tmp_path):
+    """Scans that fit in one window are padded, stacked and predicted together: same answer as alone."""
+    torch.manual_seed(0)
+    module = SegmentationModule(out_channels=3, channels=[4, 8, 16], strides=[2, 2], roi_size=[32, 32, 32],
+                                sw_batch_size=4, class_names=["a", "b"], hd95=False)
+    module.preprocessing = {**stub_predictor().preprocessing, "num_classes": 3, "class_names": ["a", "b"],
+                            "labels": {"0": "background", "1": "a", "2": "b"}}
+    predictor = Predictor(module, device="cpu")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i, shape in enumerate([(21, 27, 19), (30, 17, 23), (25, 31, 11), (19, 19, 19), (28, 22, 16)]):
+        affine = centred_affine(np.diag([-1.0, 1.0, 1.0]) @ np.diag([0.9, 1.0, 1.1]), shape)
+        save(scans / f"s{i}.nii.gz", phantom(shape, affine)[0] + 10.0, affine)  # +10: no zero border to crop
+    loaded = [predictor.load([p]) for p in sorted(scans.iterdir())]
+    assert all(predictor.fits_one_window(s) for s in loaded)
+
+    together = predictor.infer_batch(loaded, probabilities=True)
+    for scan, joint in zip(loaded, together):
+        alone = predictor.infer(scan, probabilities=True)
+        assert joint.label.shape == alone.label.shape == (1, *scan.data["image"].shape[1:])
+        assert torch.allclose(joint.probabilities, alone.probabilities, atol=1e-4)
+        assert torch.equal(joint.label, alone.label)
+
+    calls = []
+    forward = predictor.model.predict_volume
+    predictor.model.predict_volume = lambda x, **kw: calls.append(x.shape[0]) or forward(x, **kw)
+    results = predict_folder(predictor, scans, tmp_path / "out", progress=False)
+    assert [r.status for r in results] == ["ok"] * 5
+    assert calls == [4, 1]  # two forward passes for five scans
+    for r, scan in zip(results, loaded):
+        alone = predictor.to_original(scan, predictor.infer(predictor.load(scan.paths)))["label"]
+        assert np.array_equal(np.asarray(nib.load(tmp_path / "out" / f"{r.case_id}.nii.gz").dataobj), alone)
+
+
 def test_multichannel_case_from_channel_files(tmp_path):
     shape = (40, 44, 30)
     affine = centred_affine(np.diag([1.2, 1.2, 1.5]), shape)
