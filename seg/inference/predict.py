@@ -10,8 +10,10 @@ For each case (one file, or nnU-Net channel files `case_0000.nii.gz`, `case_0001
 - `OUT/summary.csv`: status (ok / failed / skipped), seconds, error message and volume in ml per class.
 
 Three stages overlap: a thread loads and preprocesses the next scan while the model predicts the current one,
-and a thread inverts and writes the previous one. Files are written under a hidden temporary name and renamed
-into place, so an interrupted run never leaves a half-written output; `--skip-existing` resumes it.
+and a thread inverts and writes the previous one; scans small enough for one sliding window are predicted
+`sw_batch_size` at a time. Files are written under a hidden temporary name (`.tmp-<pid>-<name>`, removed at
+the next start once that process is gone) and renamed into place, so an interrupted run never leaves a
+half-written output; `--skip-existing` resumes it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 
 from seg.data.layout import group_channel_files, strip_nifti_suffix
 from seg.errors import DataError, SegError
-from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor, label_dtype
+from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor
 
 SUMMARY = "summary.csv"
 _TMP = re.compile(r"^\.tmp-(?P<pid>\d+)-")  # `.tmp-<pid>-<final name>`: hidden, and ends like the final name
@@ -460,7 +462,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the attention-gate maps <case>_gate_<level>.nii.gz (coarsest first)")
     parser.add_argument("--overlap", type=float, default=None,
                         help="sliding-window overlap in [0, 1) (default: the model's, usually 0.5)")
-    parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: the model's)")
+    parser.add_argument("--sw-batch-size", type=int, default=None, help="windows (or whole small scans) per forward pass (default: the model's)")
     parser.add_argument("--skip-existing", action="store_true",
                         help="skip cases whose outputs exist (resume an interrupted run)")
 

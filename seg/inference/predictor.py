@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
