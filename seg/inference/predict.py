@@ -222,7 +222,7 @@ def write_summary(results: list[CaseResult], path: Path, class_names: list[str])
         raise SegError(f"cannot write the summary ({err.strerror or err})", path) from None
 
 
-# ---- the folder runner -------------------------------------------------------------------------------------------------
+# ---- the folder runner -----------------------------------------------------------------------------------------------
 class _Run:
     """One `predict_folder` call: the predictor, the output folder and what to save."""
 
@@ -273,7 +273,8 @@ class _Run:
             volumes = class_volumes(maps["label"], reference.affine, self.predictor.class_names)
         except Exception as err:
             if isinstance(err, OSError) and not isinstance(err, SegError):
-                err = SegError(f"cannot write the prediction ({err.strerror or err})", self.paths(scan.case_id)["label"])
+                err = SegError(f"cannot write the prediction ({err.strerror or err})",
+                               self.paths(scan.case_id)["label"])
             return self.failed(scan.case_id, scan.paths, err, seconds + time.perf_counter() - start)
         return CaseResult(scan.case_id, "ok", scan.paths, "", seconds + time.perf_counter() - start, volumes, written)
 
@@ -447,7 +448,7 @@ def predict_folder(
     return ordered
 
 
-# ---- command line ---------------------------------------------------------------------------------------------------------
+# ---- command line ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by `seg fit`")
     parser.add_argument("--input", "-i", required=True,

@@ -109,7 +109,7 @@ def read_summary(folder: Path) -> dict[str, dict]:
         return {row["case"]: row for row in csv.DictReader(f)}
 
 
-# ---- geometry ---------------------------------------------------------------------------------------------------------------
+# ---- geometry --------------------------------------------------------------------------------------------------------
 GRIDS = {  # name -> (shape, linear part of the affine, stored dtype, sform code)
     "lps_aniso_0000": ((71, 55, 29), np.diag([-0.9, -1.3, 2.2]), np.int16, 1),  # `_0000` names a 1-channel case
     "oblique": ((57, 61, 37), make_affine((57, 61, 37), (1.1, 1.15, 1.7), np.random.default_rng(4), True)[:3, :3],
@@ -266,7 +266,7 @@ def test_preprocessing_of_a_trained_checkpoint_inverts_to_the_scan(trained_check
     assert predicted["reference"].shape == shape
 
 
-# ---- bad files, bad folders, bad checkpoints ---------------------------------------------------------------------------
+# ---- bad files, bad folders, bad checkpoints -------------------------------------------------------------------------
 def test_bad_files_are_named_and_skipped(trained_checkpoint, tmp_path, capsys):
     data = trained_checkpoint.parents[2] / "data" / "imagesTr"
     scans = tmp_path / "scans"
@@ -283,7 +283,8 @@ def test_bad_files_are_named_and_skipped(trained_checkpoint, tmp_path, capsys):
     save(scans / "nan.nii.gz", np.full((16, 16, 12), np.nan, np.float32), good.affine)
     save(scans / "twochannel.nii.gz", np.ones((16, 16, 12, 2), np.float32), good.affine)
     (scans / "notes.txt").write_text("ignored\n")
-    bad = {"truncated": "cannot read", "cutgz": "cannot read", "zero": "not a readable NIfTI", "text": "not a readable NIfTI",
+    bad = {"truncated": "cannot read", "cutgz": "cannot read", "zero": "not a readable NIfTI",
+           "text": "not a readable NIfTI",
            "flat": "2D", "nan": "NaN", "twochannel": "2 channel(s)"}
 
     code = main(["predict", "-c", str(trained_checkpoint), "-i", str(scans), "-o", str(tmp_path / "out")])
@@ -366,7 +367,8 @@ def test_corrupt_foreign_and_malicious_checkpoints_are_refused(tmp_path, capsys)
     scans = tmp_path / "scans"
     scans.mkdir()
     shape = (20, 20, 12)
-    save(scans / "a.nii.gz", phantom(shape, centred_affine(np.eye(3) * 3, shape))[0], centred_affine(np.eye(3) * 3, shape))
+    affine = centred_affine(np.eye(3) * 3, shape)
+    save(scans / "a.nii.gz", phantom(shape, affine)[0], affine)
     corrupt, foreign, evil = tmp_path / "corrupt.ckpt", tmp_path / "foreign.ckpt", tmp_path / "evil.ckpt"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
