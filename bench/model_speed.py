@@ -42,6 +42,7 @@ def main() -> None:
     channels, strides = (16, 32, 64, 128), (2, 2, 2)
     models = {
         "seg": AttentionUNet(3, 1, 3, channels=channels, strides=strides),
+        "seg_decoder_convs_2": AttentionUNet(3, 1, 3, channels=channels, strides=strides, decoder_convs=2),
         "seg_no_cbam": AttentionUNet(3, 1, 3, channels=channels, strides=strides, cbam=False),
         "monai": AttentionUnet(3, 1, 3, channels=channels, strides=strides),
     }

@@ -49,12 +49,12 @@ class DecoderLevel(nn.Module):
     """
 
     def __init__(self, spatial_dims: int, coarse_channels: int, skip_channels: int, stride: tuple[int, ...],
-                 gate: bool, norm, act):
+                 gate: bool, norm, act, num_convs: int):
         super().__init__()
         self.up = Conv[Conv.CONVTRANS, spatial_dims](coarse_channels, skip_channels, kernel_size=stride, stride=stride,
                                                     bias=False)
         self.gate = AttentionGate(spatial_dims, skip_channels, coarse_channels, stride=stride) if gate else None
-        self.conv = ConvBlock(spatial_dims, 2 * skip_channels, skip_channels, 1, norm, act)
+        self.conv = ConvBlock(spatial_dims, 2 * skip_channels, skip_channels, 1, norm, act, num_convs)
 
     def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         alpha = None
@@ -69,7 +69,7 @@ class AttentionUNet(nn.Module):
     Encoder level i: `ConvBlock` (two conv-norm-act) with downsampling by `strides[i-1]` (a strided first
     convolution, or max-pooling), then CBAM (Woo et al. 2018). Decoder level i: transposed-convolution upsampling
     of level i+1, the skip of level i multiplied by an attention gate driven by level i+1 (Oktay et al. 2018),
-    concatenation, `ConvBlock`. A 1x1 convolution gives the logits.
+    concatenation, `decoder_convs` conv-norm-act layers. A 1x1 convolution gives the logits.
 
     Args:
         spatial_dims: 2 or 3 (1 works too).
@@ -83,6 +83,9 @@ class AttentionUNet(nn.Module):
         deep_supervision: in training mode `forward` returns a list of logits, full resolution first, then one
             1x1 head per coarser decoder level (nnU-Net convention); in eval mode only the full-resolution logits.
         downsample: "conv" (strided convolution) or "pool" (max-pooling).
+        decoder_convs: conv-norm-act layers after each concatenation. 1 (as MONAI's AttentionUnet) keeps a
+            training step as fast as MONAI's although CBAM is added (bench/model_speed.py); 2 is nnU-Net's
+            decoder, ~25% more compute for more decoder capacity.
         cbam_reduction: CBAM channel-MLP reduction ratio r.
         cbam_kernel_size: CBAM spatial-attention kernel size k.
         norm: MONAI norm name or `(name, kwargs)`.
@@ -95,7 +98,7 @@ class AttentionUNet(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
                  channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int | Sequence[int]] = (2, 2, 2),
                  cbam: bool = True, gates: bool = True, deep_supervision: bool = False, downsample: str = "conv",
-                 cbam_reduction: int = 16, cbam_kernel_size: int = 7,
+                 decoder_convs: int = 1, cbam_reduction: int = 16, cbam_kernel_size: int = 7,
                  norm: str | tuple = ("instance", {"affine": True}),
                  act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})):
         super().__init__()
@@ -115,7 +118,7 @@ class AttentionUNet(nn.Module):
             for i in range(len(channels)))
         # decoder[i] produces level i from level i + 1; stored finest first, run coarsest first.
         self.decoder = nn.ModuleList(
-            DecoderLevel(spatial_dims, channels[i + 1], channels[i], self.strides[i], gates, norm, act)
+            DecoderLevel(spatial_dims, channels[i + 1], channels[i], self.strides[i], gates, norm, act, decoder_convs)
             for i in range(len(channels) - 1))
         conv = Conv[Conv.CONV, spatial_dims]
         self.head = conv(channels[0], out_channels, kernel_size=1)

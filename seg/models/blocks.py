@@ -21,31 +21,30 @@ _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 class ConvBlock(nn.Sequential):
-    """Two `conv(k=3) -> norm -> act` layers; the first may downsample by `stride`.
+    """`num_convs` (default two) `conv(k=3) -> norm -> act` layers; the first may downsample by `stride`.
 
     Args:
         spatial_dims: 1, 2 or 3.
         in_channels: channels of the input.
-        out_channels: channels of both convolutions' outputs.
+        out_channels: channels of every convolution's output.
         stride: stride of the first convolution (an int or one per spatial axis).
         norm: MONAI norm name or `(name, kwargs)`, e.g. `("instance", {"affine": True})`.
         act: MONAI activation name or `(name, kwargs)`.
+        num_convs: number of conv-norm-act layers.
 
     Shapes: `(N, in_channels, *S) -> (N, out_channels, *S / stride)`.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int | Sequence[int] = 1,
                  norm: str | tuple = ("instance", {"affine": True}),
-                 act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})):
+                 act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}), num_convs: int = 2):
         conv = Conv[Conv.CONV, spatial_dims]
-        super().__init__(
-            conv(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
-            get_norm_layer(norm, spatial_dims, out_channels),
-            get_act_layer(act),
-            conv(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            get_norm_layer(norm, spatial_dims, out_channels),
-            get_act_layer(act),
-        )
+        layers = []
+        for i in range(num_convs):
+            layers += [conv(in_channels if i == 0 else out_channels, out_channels, kernel_size=3,
+                            stride=stride if i == 0 else 1, padding=1, bias=False),
+                       get_norm_layer(norm, spatial_dims, out_channels), get_act_layer(act)]
+        super().__init__(*layers)
 
 
 class ChannelAttention(nn.Module):

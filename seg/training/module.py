@@ -50,6 +50,7 @@ class SegmentationModule(pl.LightningModule):
         gates: attention gates on the skips.
         deep_supervision: auxiliary losses on coarser decoder levels (weights 1, 1/2, 1/4, ...).
         downsample: "conv" (strided convolution) or "pool".
+        decoder_convs: conv-norm-act layers per decoder level (1 as MONAI's AttentionUnet, 2 as nnU-Net).
         loss: "dice_ce" (MONAI DiceCELoss) or "dice" (DiceLoss).
         batch_dice: Dice over the whole batch as one volume (nnU-Net's batch Dice), steadier for small targets.
         optimizer: "adamw" or "sgd" (Nesterov, momentum 0.99 as in nnU-Net).
@@ -78,6 +79,7 @@ class SegmentationModule(pl.LightningModule):
         gates: bool = True,
         deep_supervision: bool = False,
         downsample: Literal["conv", "pool"] = "conv",
+        decoder_convs: int = 1,
         loss: Literal["dice_ce", "dice"] = "dice_ce",
         batch_dice: bool = True,
         optimizer: Literal["adamw", "sgd"] = "adamw",
@@ -96,7 +98,8 @@ class SegmentationModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = AttentionUNet(spatial_dims, in_channels, out_channels, list(channels), list(strides), cbam=cbam,
-                                   gates=gates, deep_supervision=deep_supervision, downsample=downsample)
+                                   gates=gates, deep_supervision=deep_supervision, downsample=downsample,
+                                   decoder_convs=decoder_convs)
         base = (DiceCELoss if loss == "dice_ce" else DiceLoss)(to_onehot_y=True, softmax=True, batch=batch_dice)
         self.loss_fn = DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base
         self.class_names = list(class_names or [f"class_{i}" for i in range(1, out_channels)])
