@@ -6,12 +6,13 @@ import math
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Timer
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.metrics.utils import do_metric_reduction
+from monai.metrics import DiceMetric
+from monai.metrics.utils import do_metric_reduction, get_edge_surface_distance
 from monai.utils import MetricReduction
 
 from seg.models import AttentionUNet
@@ -28,6 +29,24 @@ def class_indices(logits: torch.Tensor, slab: int = 16) -> torch.Tensor:
     for start in range(0, logits.shape[-1], slab):
         out[..., start:start + slab] = logits[..., start:start + slab].argmax(1, keepdim=True)
     return out
+
+
+def hausdorff95(prediction: torch.Tensor, label: torch.Tensor, spacing=None) -> torch.Tensor:
+    """95th-percentile symmetric Hausdorff distance of binary masks `(N, 1, *S)` -> `(N, 1)`, in mm with `spacing`.
+
+    MONAI's `HausdorffDistanceMetric` step by step, less its `torch.quantile`, which refuses more than 2^24 surface
+    distances (an untrained network's speckled prediction on a 512 x 512 x 400 CT has more, and validation
+    crashed), and less its float copy of both masks. NaN when either mask is empty, as in MONAI.
+    """
+    scores = torch.empty((prediction.shape[0], 1), dtype=torch.float32)
+    for b in range(prediction.shape[0]):
+        _, distances, _ = get_edge_surface_distance(prediction[b, 0], label[b, 0], distance_metric="euclidean",
+                                                    spacing=spacing, symmetric=True)
+        with np.errstate(invalid="ignore"):  # all-inf distances (one mask empty) give NaN, as torch.quantile does
+            per_direction = [np.percentile(torch.as_tensor(d).cpu().numpy(), 95) if d.numel() else np.nan
+                             for d in distances]
+        scores[b, 0] = float(max(per_direction, key=lambda v: np.inf if np.isnan(v) else v)) if per_direction else 0.0
+    return scores
 
 
 class SegmentationModule(pl.LightningModule):
@@ -103,12 +122,11 @@ class SegmentationModule(pl.LightningModule):
         base = (DiceCELoss if loss == "dice_ce" else DiceLoss)(to_onehot_y=True, softmax=True, batch=batch_dice)
         self.loss_fn = DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base
         self.class_names = list(class_names or [f"class_{i}" for i in range(1, out_channels)])
-        # Both score class-index volumes, never a one-hot: on a 512 x 512 x 400 CT a float one-hot is 0.4 GiB per
-        # class, for prediction and label alike. Dice compares indices itself (`num_classes`); HD95 is run on one
-        # class's binary masks at a time (it copies its inputs to float).
+        # Scores from class-index volumes, never a one-hot: on a 512 x 512 x 400 CT a float one-hot is 0.4 GiB per
+        # class, for prediction and label alike. Dice compares indices itself (`num_classes`); HD95 takes one
+        # class's masks at a time (`hausdorff95`).
         self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True,
                                num_classes=out_channels)
-        self.hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="mean_batch")
         # What inference needs beyond the weights (spacing, orientation, normalisation, ...): given by the
         # datamodule at fit time, kept in every checkpoint under CHECKPOINT_KEY.
         self.preprocessing: dict | None = None
@@ -208,7 +226,7 @@ class SegmentationModule(pl.LightningModule):
         if self.hparams.hd95:
             spacing = (self.preprocessing or {}).get("spacing")
             spacing = spacing if spacing and min(spacing) > 0 else None
-            scores["hd95"] = torch.cat([self.hd95(prediction == c, label == c, spacing=spacing)
+            scores["hd95"] = torch.cat([hausdorff95(prediction == c, label == c, spacing=spacing)
                                         for c in range(1, self.hparams.out_channels)], dim=1)
         case_ids = batch.get("case_id") or [f"volume_{self.global_rank}_{len(self._volume_scores) + i}"
                                             for i in range(len(scores["dice"]))]
@@ -238,8 +256,7 @@ class SegmentationModule(pl.LightningModule):
 
     def _log_scores(self, prefix: str) -> None:
         volumes = self._gather_volume_scores()
-        self.dice.reset()  # their buffers are not used: the scores are kept per case id above
-        self.hd95.reset()
+        self.dice.reset()  # its buffer is not used: the scores are kept per case id above
         if not volumes:
             return
         for name in next(iter(volumes.values())):
