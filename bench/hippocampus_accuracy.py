@@ -6,9 +6,11 @@ layout with symlinks to the original files. Then, one after the other on the sam
      MINUTES and scores the held-out cases;
   2. `seg fit --config configs/hippocampus.yaml --trainer.max_time 00:00:MM:00` trains on the training folder
      (holding out 10 % of it for model selection), and `seg test --ckpt_path best` scores the same held-out cases.
-Prints one JSON line per method. Run it on an otherwise idle machine: both are time-bounded.
+Prints one JSON line per method. Run it on an otherwise idle machine: both are time-bounded. With --parallel the
+two run at the same time, one thread and no loader worker each, so that whatever else loads the machine slows
+both alike (a fair comparison on a shared machine, slower than each alone on two cores).
 
-usage: python bench/hippocampus_accuracy.py [--minutes 10] [--test-cases 40] [--out runs/bench_hippocampus]
+usage: python bench/hippocampus_accuracy.py [--minutes 10] [--test-cases 40] [--parallel] [--out runs/bench_hippocampus]
 """
 
 from __future__ import annotations
@@ -57,25 +59,32 @@ def make_split(source: Path, out: Path, test_cases: int, seed: int) -> tuple[Pat
     return train_dir, test_dir
 
 
-def run_monai(train_dir: Path, test_dir: Path, minutes: float) -> dict:
+def run_monai(train_dir: Path, test_dir: Path, minutes: float, threads: int = 2) -> dict:
     script = SHARED / "bench" / "monai_reference_hippocampus.py"
     start = time.time()
     result = subprocess.run([sys.executable, str(script), str(train_dir), str(test_dir), str(minutes)],
-                            capture_output=True, text=True, env={**os.environ, "THREADS": "2"}, check=True)
+                            capture_output=True, text=True, env={**os.environ, "THREADS": str(threads)}, check=True)
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     return {"method": "monai_reference", "wall_s": round(time.time() - start, 1), **scores}
 
 
-def run_seg(train_dir: Path, out: Path, minutes: float) -> dict:
+def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = None) -> dict:
     run_dir = out / "seg_run"
     common = ["--config", str(REPO / "configs" / "hippocampus.yaml"), "--data.root", str(train_dir),
               "--trainer.default_root_dir", str(run_dir), "--logging", "csv"]
+    env = dict(os.environ)
+    extra = []
+    if threads is not None:  # the --parallel mode: one thread, augmentation in the training process like MONAI's
+        env["OMP_NUM_THREADS"] = str(threads)
+        extra = ["--data.num_workers", "0"]
     start = time.time()
-    subprocess.run([sys.executable, "-m", "seg", "fit", *common, "--trainer.max_time",
-                    f"00:00:{int(minutes):02d}:{int(round((minutes % 1) * 60)):02d}"], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "seg", "fit", *common, *extra, "--trainer.max_time",
+                    f"00:00:{int(minutes):02d}:{int(round((minutes % 1) * 60)):02d}"], check=True, cwd=REPO, env=env,
+                   stdout=subprocess.DEVNULL)
     fit_s = time.time() - start
-    result = subprocess.run([sys.executable, "-m", "seg", "test", *common, "--ckpt_path", "best"],
-                            capture_output=True, text=True, check=True, cwd=REPO)
+    best = "best" if (run_dir / "checkpoints" / "best.ckpt").exists() else "last"  # no validation yet: last
+    subprocess.run([sys.executable, "-m", "seg", "test", *common, *extra, "--ckpt_path", best],
+                   capture_output=True, text=True, check=True, cwd=REPO, env=env)
     metrics = sorted((run_dir / "csv").glob("version_*/metrics.csv"))[-1]
     with open(metrics) as f:
         row = [r for r in csv.DictReader(f) if r.get("test/dice_mean")][-1]
@@ -96,8 +105,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "hippocampus")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_hippocampus")
     parser.add_argument("--only", choices=["seg", "monai"], default=None)
+    parser.add_argument("--parallel", action="store_true", help="run both at once, one thread each")
     args = parser.parse_args()
     train_dir, test_dir = make_split(args.data, args.out, args.test_cases, args.seed)
+    if args.parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            monai = pool.submit(run_monai, train_dir, test_dir, args.minutes, 1)
+            ours = pool.submit(run_seg, train_dir, args.out, args.minutes, 1)
+            print(json.dumps({**monai.result(), "threads": 1, "parallel": True}), flush=True)
+            print(json.dumps({**ours.result(), "threads": 1, "parallel": True}), flush=True)
+        return
     if args.only in (None, "monai"):
         print(json.dumps(run_monai(train_dir, test_dir, args.minutes)), flush=True)
     if args.only in (None, "seg"):

@@ -60,6 +60,19 @@ class SegCLI(LightningCLI):
         # is meant for scripts that do both by mistake.
         self.config = parser.parse_args(args)
 
+    def before_instantiate_classes(self) -> None:
+        """`--ckpt_path best|last` in a new process means the run folder's own `checkpoints/{best,last}.ckpt`.
+
+        Lightning resolves "best" only inside the process that trained; `seg validate/test --ckpt_path best`
+        is how users score a finished run.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        name = config.get("ckpt_path")
+        if name in ("best", "last"):
+            path = Path(config["trainer"]["default_root_dir"] or os.getcwd()) / "checkpoints" / f"{name}.ckpt"
+            if path.is_file() or self.subcommand != "fit":
+                config["ckpt_path"] = str(path)
+
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = Path(config["trainer"]["default_root_dir"] or os.getcwd())
@@ -72,8 +85,10 @@ class SegCLI(LightningCLI):
                             save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False),
             # last.ckpt from its own callback: since Lightning 2.6 `save_last=True` writes it only when a top-k
             # checkpoint was saved at the same step, so it went stale whenever the Dice did not improve.
+            # save_on_train_epoch_end: also when validation is rarer than epochs, or a `max_time` run stops before
+            # its first validation (it used to end with no checkpoint at all).
             ModelCheckpoint(dirpath=root / "checkpoints", filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
-                            enable_version_counter=False),
+                            enable_version_counter=False, save_on_train_epoch_end=True),
         ]
         if config["trainer"].get("enable_progress_bar") is not False:  # Lightning refuses a bar it was told not to show
             callbacks.append(RichProgressBar())

@@ -132,3 +132,15 @@ def test_fit_refuses_a_dataset_that_fails_its_checks(config, dataset, tmp_path):
     assert result.returncode == 1
     assert label_path.name in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_time_bounded_run_without_validation_still_leaves_last_checkpoint(config, tmp_path):
+    result = seg("fit", "--config", config, "--trainer.default_root_dir", tmp_path, "--logging", "csv",
+                 "--trainer.max_epochs", 1, "--trainer.check_val_every_n_epoch", 100, "--overlays.every_n_epochs", 0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+    scored = seg("test", "--config", config, "--trainer.default_root_dir", tmp_path, "--logging", "csv",
+                 "--ckpt_path", "last", "--overlays.every_n_epochs", 0)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "test/dice_mean" in scored.stdout
