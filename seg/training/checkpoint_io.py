@@ -82,8 +82,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except OSError as err:
-            raise CheckpointError(f"cannot write checkpoint: {describe_os_error(err)}; the previous checkpoint "
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer reports a failed write (full disk) as a RuntimeError with the OSError as context
+            cause = err
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise CheckpointError(f"cannot write checkpoint: {describe_os_error(cause)}; the previous checkpoint "
                                   "there, if any, is unchanged", path) from err
         finally:
             with contextlib.suppress(OSError):  # nothing to clean when the folder itself is unusable
