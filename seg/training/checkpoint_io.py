@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import pickle
 import re
@@ -71,8 +72,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(path.parent)
+            # Serialise in memory first, as Lightning's own _atomic_save does: torch's zip writer may report a
+            # full disk as "unexpected pos" with no OSError attached, while our write() raises ENOSPC plainly.
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
