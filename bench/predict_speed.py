@@ -59,7 +59,8 @@ def run_monai(checkpoint: str, input_dir: Path, output: Path) -> dict:
     import torch
     from monai.inferers import sliding_window_inference
     from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, Invertd, LoadImaged,
-                                  NormalizeIntensityd, Orientationd, SaveImage, Spacingd)
+                                  NormalizeIntensityd, Orientationd, SaveImage,
+                                  ScaleIntensityRanged, Spacingd)
 
     from seg.inference.checkpoint import load_trained_model
 
@@ -69,8 +70,16 @@ def run_monai(checkpoint: str, input_dir: Path, output: Path) -> dict:
              # float32 as in seg's transforms: nearest-neighbour ties at half-voxel positions round the same way
              Spacingd("image", pixdim=pre["spacing"], mode="bilinear", dtype=torch.float32)]
     if pre["crop_foreground"]:
-        steps.append(CropForegroundd("image", source_key="image", allow_smaller=True))
-    steps.append(NormalizeIntensityd("image", nonzero=True, channel_wise=True))
+        # seg crops to the nonzero voxels (MONAI's default, x > 0, would crop a CT to its soft tissue)
+        steps.append(CropForegroundd("image", source_key="image", select_fn=lambda x: x != 0, allow_smaller=True))
+    schemes = pre["normalization"]
+    if all(n["scheme"] == "zscore" for n in schemes) and len({n["nonzero"] for n in schemes}) == 1:
+        steps.append(NormalizeIntensityd("image", nonzero=schemes[0]["nonzero"], channel_wise=True))
+    elif len(schemes) == 1 and schemes[0]["scheme"] == "ct":  # clip to the HU window, then the dataset's mean/std
+        (low, high), mean, std = schemes[0]["clip"], schemes[0]["mean"], schemes[0]["std"]
+        steps.append(ScaleIntensityRanged("image", low, high, (low - mean) / std, (high - mean) / std, clip=True))
+    else:
+        raise SystemExit("the MONAI loop here does z-score or one CT channel; this checkpoint mixes schemes")
     transforms = Compose(steps)
     invert = Invertd("pred", transform=transforms, orig_keys="image", nearest_interp=True)
     save = SaveImage(output_dir=output, output_postfix="", separate_folder=False, output_dtype=np.uint8,
@@ -105,7 +114,7 @@ def agreement(seg_dir: Path, monai_dir: Path, input_dir: Path) -> dict:
 
     equal, dices, affine_ok = [], {}, []
     for scan in sorted(input_dir.iterdir()):
-        name = scan.name
+        name = scan.name.removesuffix(".gz").removesuffix(".nii") + ".nii.gz"  # both write <case>.nii.gz
         a_img, b_img, ref = nib.load(seg_dir / name), nib.load(monai_dir / name), nib.load(scan)
         a, b = np.asarray(a_img.dataobj), np.asarray(b_img.dataobj)
         affine_ok.append((a.shape == ref.shape, bool(np.allclose(a_img.affine, ref.affine, atol=1e-6)),

@@ -25,6 +25,7 @@ from monai.transforms import Invertd
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
 from seg.errors import CheckpointError, DataError, SegError
+from seg.inference.slabs import stitch_budget
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -191,7 +192,7 @@ class Predictor:
         return first
 
     def load(self, paths: Sequence[str | os.PathLike], case_id: str | None = None) -> LoadedScan:
-        """Read and preprocess a case: header checks, load, NaN/Inf check, the checkpoint's transforms.
+        """Read and preprocess a case: header checks, then the checkpoint's transforms (which refuse NaN/Inf).
 
         Args:
             paths: the case's file(s): one per channel (nnU-Net `_0000`, `_0001`, ...), or one file.
@@ -203,15 +204,8 @@ class Predictor:
             raise ValueError("a case needs at least one file")
         reference = self.inspect(paths)
         item = {"image": [os.fspath(p) for p in paths] if len(paths) > 1 else os.fspath(paths[0])}
-        item = self._apply(item, end=1)  # load only: check the raw values before they are resampled
-        image = item["image"]
-        if image.is_floating_point():
-            finite = torch.isfinite(image)
-            bad = int(finite.numel() - finite.sum())
-            if bad:
-                what = "all voxels are" if bad == finite.numel() else f"{bad} of {finite.numel()} voxels are"
-                raise DataError(f"{what} NaN or infinite; replace them (e.g. with 0) first", paths[0])
-        item = self._apply(item, start=1)
+        # one pass from file names: each step's input is dropped as soon as the next has its output
+        item = self._apply(item)
         if min(item["image"].shape[1:]) < 1:
             raise DataError("image has no nonzero voxels to segment", paths[0])
         name = case_id or strip_nifti_suffix(paths[0].name) or paths[0].name
@@ -265,8 +259,15 @@ class Predictor:
                 image = torch.nn.functional.pad(image, pad)
             images.append(image)
             crops.append(tuple(crop))
-        score_sum, gate_sum = self._predict(torch.stack(images).to(self.device, non_blocking=True), with_gates,
-                                            softmax=probabilities or len(self._flips) > 1)
+        # one scan: a view, not a stacked copy of what may be a whole CT
+        batch = (images[0][None] if len(images) == 1 else torch.stack(images)).to(self.device, non_blocking=True)
+        del images
+        if not (with_gates or probabilities or len(self._flips) > 1):
+            # labels alone: no full-size logits kept (slabs when they would outgrow the input)
+            with self._autocast():
+                labels = self.model.predict_labels(batch, max_buffer_bytes=stitch_budget(batch))
+            return [NetworkOutput(label=labels[i][crop].cpu()) for i, crop in enumerate(crops)]
+        score_sum, gate_sum = self._predict(batch, with_gates, softmax=probabilities or len(self._flips) > 1)
         n = len(self._flips)
         outputs = []
         for i, crop in enumerate(crops):
@@ -278,11 +279,13 @@ class Predictor:
             ))
         return outputs
 
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
+
     def _predict(self, image: torch.Tensor, with_gates: bool, softmax: bool) -> tuple[torch.Tensor, dict]:
         """Sum over the mirrored copies of the softmax (or, for one copy, the logits) and of the gate maps."""
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
         score_sum, gate_sum = None, {}
-        with autocast:
+        with self._autocast():
             for axes in self._flips:
                 x = torch.flip(image, axes) if axes else image
                 out = self.model.predict_volume(x, with_gates=with_gates)
@@ -313,7 +316,7 @@ class Predictor:
         """
         result = {"reference": scan.reference}
         label = self._invert(self._invert_label, scan, output.label.float())
-        result["label"] = np.rint(label[0]).astype(label_dtype(self.num_classes))
+        result["label"] = np.rint(label[0], out=label[0]).astype(label_dtype(self.num_classes))
         floats = ([output.probabilities] if output.probabilities is not None else []) + list(output.gates.values())
         if floats:
             # one resampling for every float map: probabilities and gates share the grid

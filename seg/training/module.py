@@ -15,6 +15,7 @@ from monai.metrics import DiceMetric
 from monai.metrics.utils import do_metric_reduction, get_edge_surface_distance
 from monai.utils import MetricReduction
 
+from seg.inference.slabs import sliding_window_labels, stitch_budget
 from seg.models import AttentionUNet
 
 CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
@@ -207,6 +208,17 @@ class SegmentationModule(pl.LightningModule):
             image, self.roi_size, self.hparams.sw_batch_size, self._window_predictor(with_gates, with_cbam),
             overlap=self.hparams.sw_overlap, mode="gaussian", sw_device=sw_device, device=device)
 
+    def predict_labels(self, image: torch.Tensor, max_buffer_bytes: int | None = None, sw_device=None,
+                       device=None) -> torch.Tensor:
+        """Class indices `(N, 1, *S)` (uint8) of `predict_volume`'s logits, without holding them all when big.
+
+        `max_buffer_bytes` caps the stitching buffers: a volume whose full-size logits would take more is done in
+        slabs (`seg.inference.slabs`), with the same result. None: the whole volume at once.
+        """
+        return sliding_window_labels(image, self.roi_size, self.hparams.sw_batch_size, self._window_predictor(False),
+                                     self.hparams.out_channels, overlap=self.hparams.sw_overlap,
+                                     max_buffer_bytes=max_buffer_bytes, sw_device=sw_device, device=device)
+
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss_fn(self(batch["image"]), batch["label"])
@@ -218,9 +230,9 @@ class SegmentationModule(pl.LightningModule):
         outputs = None
         if self.export_gates:
             outputs = self.predict_volume(batch["image"], with_gates=True, with_cbam=self.export_cbam)
-        logits = outputs["logits"] if outputs is not None else self.predict_volume(batch["image"])
-        prediction = class_indices(logits)
-        del logits  # freed here unless the overlays hold it
+            prediction = class_indices(outputs["logits"])
+        else:  # labels alone: a big volume's full-size logits are never held
+            prediction = self.predict_labels(batch["image"], max_buffer_bytes=stitch_budget(batch["image"]))
         label = batch["label"]
         scores = {"dice": self.dice(prediction, label)}  # (N, classes): one row per volume
         if self.hparams.hd95:

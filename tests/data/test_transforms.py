@@ -186,3 +186,47 @@ def test_unreadable_scan_is_a_data_error_naming_the_file(tmp_path):
     while error is not None and not isinstance(error, DataError):  # MONAI's Compose wraps it in a RuntimeError
         error = error.__cause__
     assert isinstance(error, DataError) and error.path == item["image"]
+
+
+@pytest.mark.parametrize("nonzero", [True, False])
+def test_in_place_zscore_matches_monai(nonzero):
+    from monai.transforms import NormalizeIntensity
+
+    from seg.data.transforms import zscore_
+
+    torch.manual_seed(0)
+    image = torch.randn(20, 30, 40) * 300 + 100
+    image[:4] = 0  # a zero background
+    expected = NormalizeIntensity(nonzero=nonzero, channel_wise=True)(image.clone()[None])[0]
+    got = zscore_(image.clone(), nonzero)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got[:4] == 0).all() == nonzero
+    assert torch.equal(zscore_(torch.zeros(3, 3, 3), True), torch.zeros(3, 3, 3))  # nothing to normalise
+    assert torch.equal(zscore_(torch.full((3, 3, 3), 7.0), False), torch.zeros(3, 3, 3))  # std 0 counts as 1
+
+
+def test_in_place_ct_normalisation_matches_monai():
+    from monai.transforms import ScaleIntensityRange
+
+    from seg.data.transforms import ct_normalize_
+
+    image = torch.linspace(-1200, 1500, 6000).reshape(10, 20, 30)
+    low, high, mean, std = -100.0, 250.0, 40.0, 60.0
+    expected = ScaleIntensityRange(low, high, (low - mean) / std, (high - mean) / std, clip=True)(image.clone())
+    got = ct_normalize_(image.clone(), low, high, mean, std)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got.min() == pytest.approx((low - mean) / std) and got.max() == pytest.approx((high - mean) / std)
+
+
+def test_nan_in_one_channel_file_is_a_data_error_naming_that_file(tmp_path):
+    good = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    bad = good.copy()
+    bad[1, 2, 3] = np.inf
+    files = [save(tmp_path / "case_0000.nii.gz", good), save(tmp_path / "case_0001.nii.gz", bad)]
+    preprocessing = {"orientation": "RAS", "spacing": [0, 0, 0], "crop_foreground": False,
+                     "normalization": [{"scheme": "zscore", "nonzero": False}] * 2}
+    with pytest.raises(RuntimeError) as err:  # MONAI's Compose wraps what its steps raise
+        inference_transforms(preprocessing)({"image": [str(f) for f in files]})
+    cause = err.value.__cause__
+    assert isinstance(cause, DataError) and "1 of 336 voxels are NaN or infinite" in str(cause)
+    assert str(files[1]) in str(cause) and str(files[0]) not in str(cause)

@@ -210,8 +210,8 @@ def test_small_scans_share_forward_passes_and_get_their_own_prediction(tmp_path)
         assert torch.equal(joint.label, alone.label)
 
     calls = []
-    forward = predictor.model.predict_volume
-    predictor.model.predict_volume = lambda x, **kw: calls.append(x.shape[0]) or forward(x, **kw)
+    forward = predictor.model.predict_labels  # labels alone: no logits kept
+    predictor.model.predict_labels = lambda x, **kw: calls.append(x.shape[0]) or forward(x, **kw)
     results = predict_folder(predictor, scans, tmp_path / "out", progress=False)
     assert [r.status for r in results] == ["ok"] * 5
     assert calls == [4, 1]  # two forward passes for five scans
@@ -419,3 +419,32 @@ def test_find_cases_groups_channel_files(tmp_path):
         "a": ["a_0000.nii.gz", "a_0001.nii.gz"], "b": ["b.nii"], "scan_2024": ["scan_2024.nii.gz"]}
     assert [r.case_id for r in broken] == ["gap"] and "gap_0002.nii.gz" in broken[0].message
     assert [p.name for p in ignored] == ["notes.txt"]
+
+
+def test_a_big_scan_is_predicted_in_slabs_with_the_same_labels(tmp_path, monkeypatch):
+    """Past the stitching budget the sliding window runs in slabs (no full-size logits); the labels do not change."""
+    import seg.inference.predictor as predictor_module
+    import seg.inference.slabs as slabs_module
+
+    torch.manual_seed(0)
+    module = SegmentationModule(out_channels=3, channels=[4, 8, 16], strides=[2, 2], roi_size=[16, 16, 16],
+                                sw_batch_size=2, class_names=["a", "b"], hd95=False)
+    module.preprocessing = {**stub_predictor().preprocessing, "num_classes": 3, "class_names": ["a", "b"],
+                            "labels": {"0": "background", "1": "a", "2": "b"}}
+    predictor = Predictor(module, device="cpu")
+    shape = (41, 36, 30)
+    affine = centred_affine(np.diag([-1.0, 1.0, 1.0]), shape)
+    path = save(tmp_path / "big.nii.gz", phantom(shape, affine)[0] + 10.0, affine)
+    passes = []
+    run = slabs_module.sliding_window_inference
+    monkeypatch.setattr(slabs_module, "sliding_window_inference", lambda *a, **k: passes.append(1) or run(*a, **k))
+
+    whole = predictor.predict_case(path)["label"]
+    assert len(passes) == 1
+    monkeypatch.setattr(predictor_module, "stitch_budget", lambda image: 1)
+    slabbed = predictor.predict_case(path)["label"]
+
+    assert len(passes) > 2
+    assert slabbed.shape == shape and slabbed.dtype == np.uint8
+    assert np.array_equal(slabbed, whole)
+    assert len(np.unique(whole)) > 1  # an untrained network, but not a constant answer
