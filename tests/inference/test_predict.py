@@ -186,14 +186,19 @@ def test_tta_averages_every_mirroring(tmp_path, spatial_dims, copies):
     assert dice(a["label"] == 1, target) > 0.8
 
 
-def test_small_scans_share_forward_passes_and_get_their_own_prediction(tmp_path):
-    """Scans that fit in one window are padded, stacked and predicted together: same answer as alone."""
+def untrained_predictor(roi, sw_batch_size) -> Predictor:
+    """A real (convolutional, untrained, seeded) 3D network with the stand-in's preprocessing and three classes."""
     torch.manual_seed(0)
-    module = SegmentationModule(out_channels=3, channels=[4, 8, 16], strides=[2, 2], roi_size=[32, 32, 32],
-                                sw_batch_size=4, class_names=["a", "b"], hd95=False)
+    module = SegmentationModule(out_channels=3, channels=[4, 8, 16], strides=[2, 2], roi_size=roi,
+                                sw_batch_size=sw_batch_size, class_names=["a", "b"], hd95=False)
     module.preprocessing = {**stub_predictor().preprocessing, "num_classes": 3, "class_names": ["a", "b"],
                             "labels": {"0": "background", "1": "a", "2": "b"}}
-    predictor = Predictor(module, device="cpu")
+    return Predictor(module, device="cpu")
+
+
+def test_small_scans_share_forward_passes_and_get_their_own_prediction(tmp_path):
+    """Scans that fit in one window are padded, stacked and predicted together: same answer as alone."""
+    predictor = untrained_predictor(roi=[32, 32, 32], sw_batch_size=4)
     scans = tmp_path / "scans"
     scans.mkdir()
     for i, shape in enumerate([(21, 27, 19), (30, 17, 23), (25, 31, 11), (19, 19, 19), (28, 22, 16)]):
@@ -426,12 +431,7 @@ def test_a_big_scan_is_predicted_in_slabs_with_the_same_labels(tmp_path, monkeyp
     import seg.inference.predictor as predictor_module
     import seg.inference.slabs as slabs_module
 
-    torch.manual_seed(0)
-    module = SegmentationModule(out_channels=3, channels=[4, 8, 16], strides=[2, 2], roi_size=[16, 16, 16],
-                                sw_batch_size=2, class_names=["a", "b"], hd95=False)
-    module.preprocessing = {**stub_predictor().preprocessing, "num_classes": 3, "class_names": ["a", "b"],
-                            "labels": {"0": "background", "1": "a", "2": "b"}}
-    predictor = Predictor(module, device="cpu")
+    predictor = untrained_predictor(roi=[16, 16, 16], sw_batch_size=2)
     shape = (41, 36, 30)
     affine = centred_affine(np.diag([-1.0, 1.0, 1.0]), shape)
     path = save(tmp_path / "big.nii.gz", phantom(shape, affine)[0] + 10.0, affine)
