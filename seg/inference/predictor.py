@@ -1,8 +1,9 @@
 """Predict one scan with a trained model, in the scan's own geometry: label map, probabilities, gate maps.
 
 The path is the validation path run forwards and then backwards: `inference_transforms` (the checkpoint's
-own preprocessing) -> sliding-window inference with Gaussian blending (`SegmentationModule.predict_volume`),
-optionally averaged over mirrored copies -> `monai.transforms.Invertd` back to the scan's grid. The three
+own preprocessing) -> sliding-window inference with Gaussian blending (`SegmentationModule.predict_volume`,
+optionally averaged over mirrored copies; for labels alone `predict_labels`, in slabs when the volume is big)
+-> `monai.transforms.Invertd` back to the scan's grid. The three
 stages are separate methods (`load`, `infer`, `to_original`) so that a folder runner can overlap them.
 """
 

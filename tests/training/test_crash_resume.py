@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from tiny_run import tiny_config
+
 
 EPOCHS, STEPS = 3, 3  # 3 epochs of 3 training batches: 9 optimizer steps in all
 TINY = {
@@ -34,13 +36,7 @@ def quiet_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    from seg.data.synthetic import write_dataset
-
-    root = tmp_path_factory.mktemp("crash")
-    data = write_dataset(root / "synth", cases=6, test_cases=0, size=(32, 32, 24))
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "root": str(data)}}))
-    return path
+    return tiny_config(tmp_path_factory.mktemp("crash"), TINY, cases=6)
 
 
 def test_checkpoints_go_through_the_atomic_writer(config, tmp_path):

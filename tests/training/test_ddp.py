@@ -14,6 +14,8 @@ import torch
 import yaml
 
 import wandb_log
+from tiny_run import tiny_config
+
 
 # 7 cases: 4 train (one batch of 2 per rank), 3 validation. Three volumes on two ranks: Lightning-style
 # DistributedSampler pads rank 1 with a repeat of the first volume, which a naive mean would count twice.
@@ -40,13 +42,7 @@ def same(a: float, b: float) -> bool:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    from seg.data.synthetic import write_dataset
-
-    root = tmp_path_factory.mktemp("ddp")
-    data = write_dataset(root / "synth", cases=7, test_cases=0, size=(32, 32, 24))
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "root": str(data)}}))
-    return path
+    return tiny_config(tmp_path_factory.mktemp("ddp"), TINY, cases=7)
 
 
 def test_ddp_fit_logs_once_and_scores_like_one_process(config, tmp_path):

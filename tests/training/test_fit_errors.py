@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from tiny_run import tiny_config
+
 
 TINY = {
     "trainer": {"max_epochs": 1, "accelerator": "cpu", "limit_train_batches": 1, "limit_val_batches": 1},
@@ -37,13 +39,7 @@ def assert_one_line_error(result, path):
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    from seg.data.synthetic import write_dataset
-
-    root = tmp_path_factory.mktemp("errors")
-    data = write_dataset(root / "synth", cases=4, test_cases=0, size=(32, 32, 24))
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "root": str(data)}}))
-    return path
+    return tiny_config(tmp_path_factory.mktemp("errors"), TINY, cases=4)
 
 
 def test_dataset_folder_that_is_a_symlink_loop(config, tmp_path):

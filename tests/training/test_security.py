@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from tiny_run import tiny_config
+
 
 SECRET = "sk-test-1234567890"
 TINY = {
@@ -39,13 +41,7 @@ def seg(*args, env_extra=None):
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    from seg.data.synthetic import write_dataset
-
-    root = tmp_path_factory.mktemp("security")
-    data = write_dataset(root / "synth", cases=4, test_cases=0, size=(32, 32, 24))
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "root": str(data)}}))
-    return path
+    return tiny_config(tmp_path_factory.mktemp("security"), TINY, cases=4)
 
 
 @pytest.fixture
