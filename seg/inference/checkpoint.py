@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -25,19 +24,27 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
         raise CheckpointError(f"refused: not a weights-only checkpoint ({first})", path) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {err}", path) from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+    except Exception as err:  # arbitrary bytes trip torch's zip reader and unpickler in many ways (IndexError...)
+        raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {type(err).__name__}: "
+                              f"{_first_line(err)}", path) from None
+    info = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(info, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError("not a seg checkpoint (no model settings inside); use a .ckpt written by `seg fit`",
                               path)
-    info = checkpoint[CHECKPOINT_KEY]
-    if not info.get("preprocessing"):
+    if not isinstance(info.get("preprocessing"), dict) or not info["preprocessing"]:
         raise CheckpointError("checkpoint has no preprocessing settings; it was not trained with a dataset", path)
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams, dict):
+        raise CheckpointError("checkpoint's hyper_parameters are not a mapping; use a .ckpt written by `seg fit`", path)
     try:
-        model = SegmentationModule(**hparams)
+        model = SegmentationModule(**{k: v for k, v in hparams.items() if not str(k).startswith("_")})
         model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint does not match this version of seg: {err}", path) from None
+    except (TypeError, RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint does not match this version of seg: {_first_line(err)}", path) from None
     model.preprocessing = info["preprocessing"]
     return model.eval().to(map_location)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

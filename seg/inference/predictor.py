@@ -25,7 +25,7 @@ from monai.transforms import Invertd
 
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
-from seg.errors import CheckpointError, DataError, SegError
+from seg.errors import DataError, SegError
 from seg.inference.slabs import stitch_budget
 
 
@@ -144,14 +144,7 @@ class Predictor:
         """A Predictor for a `seg fit` checkpoint (weights-only loading; `CheckpointError` when unusable)."""
         from seg.inference.checkpoint import load_trained_model
 
-        try:
-            model = load_trained_model(checkpoint, map_location="cpu")
-        except SegError:
-            raise
-        except Exception as err:  # garbage bytes can trip torch's unpickler in ways load_trained_model misses
-            raise CheckpointError(f"cannot read checkpoint (corrupt?): {type(err).__name__}: {_reason(err)}",
-                                  checkpoint) from None
-        return cls(model, device=device, **kwargs)
+        return cls(load_trained_model(checkpoint, map_location="cpu"), device=device, **kwargs)
 
     # ---- stage 1: files -> preprocessed tensor (CPU; safe to run in a background thread) --------------------
     def inspect(self, paths: Sequence[str | os.PathLike]) -> nib.Nifti1Image:

@@ -448,3 +448,31 @@ def test_a_big_scan_is_predicted_in_slabs_with_the_same_labels(tmp_path, monkeyp
     assert slabbed.shape == shape and slabbed.dtype == np.uint8
     assert np.array_equal(slabbed, whole)
     assert len(np.unique(whole)) > 1  # an untrained network, but not a constant answer
+
+
+def test_any_unusable_checkpoint_is_a_checkpoint_error(tmp_path, trained_checkpoint):
+    from seg.errors import CheckpointError
+    from seg.inference.checkpoint import load_trained_model
+    from seg.training.module import CHECKPOINT_KEY
+
+    good = torch.load(trained_checkpoint, weights_only=True)
+    raw = trained_checkpoint.read_bytes()
+    cases = {f"random_{seed}.ckpt": np.random.default_rng(seed).bytes(size)
+             for seed, size in enumerate([0, 1, 64, 4096, 100_000])}
+    cases |= {f"truncated_{n}.ckpt": raw[:n] for n in (len(raw) // 3, len(raw) - 100)}
+    cases["flipped.ckpt"] = raw[:1000] + bytes(b ^ 0xFF for b in raw[1000:3000]) + raw[3000:]
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    for name, checkpoint in {"seg_key_not_a_dict.ckpt": {**good, CHECKPOINT_KEY: [1, 2]},
+                             "hparams_not_a_dict.ckpt": {**good, "hyper_parameters": "x"},
+                             "state_dict_not_a_dict.ckpt": {**good, "state_dict": 3},
+                             "bad_hparam_value.ckpt": {**good, "hyper_parameters": {
+                                 **good["hyper_parameters"], "channels": "wide"}},
+                             "not_a_dict.ckpt": [1, 2, 3]}.items():
+        torch.save(checkpoint, tmp_path / name)
+        cases[name] = b""
+    for name in cases:
+        with pytest.raises(CheckpointError) as err:
+            load_trained_model(tmp_path / name)
+        assert name in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+    assert load_trained_model(trained_checkpoint).preprocessing == good[CHECKPOINT_KEY]["preprocessing"]
