@@ -26,7 +26,7 @@ from monai.transforms import Invertd
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
 from seg.errors import DataError, SegError
-from seg.inference.slabs import stitch_budget
+from seg.inference.slabs import class_indices, stitch_budget
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -43,7 +43,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def label_dtype(num_classes: int) -> np.dtype:
-    """The smallest unsigned integer type that holds every class index."""
+    """The smallest unsigned integer type that holds every class index (of the written label map)."""
     return np.dtype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
@@ -267,7 +267,7 @@ class Predictor:
         for i, crop in enumerate(crops):
             score = score_sum[i][crop]
             outputs.append(NetworkOutput(
-                label=score.argmax(0, keepdim=True).to(torch.int16 if self.num_classes > 256 else torch.uint8).cpu(),
+                label=class_indices(score[None])[0].cpu(),
                 probabilities=(score / n).float().cpu() if probabilities else None,
                 gates={k: (v[i][crop] / n).clamp_(0, 1).cpu() for k, v in gate_sum.items()},
             ))

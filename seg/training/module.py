@@ -15,21 +15,11 @@ from monai.metrics import DiceMetric
 from monai.metrics.utils import do_metric_reduction, get_edge_surface_distance
 from monai.utils import MetricReduction
 
-from seg.inference.slabs import sliding_window_labels, stitch_budget
+from seg.inference.slabs import class_indices, sliding_window_labels, stitch_budget
 from seg.models import AttentionUNet
 
 CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
 CHECKPOINT_FORMAT = 1
-
-
-def class_indices(logits: torch.Tensor, slab: int = 16) -> torch.Tensor:
-    """`logits.argmax(1, keepdim=True)` as uint8 `(N, 1, *S)` (int16 past 256 classes), a slab of the last axis
-    at a time: torch's argmax gives int64, 8 bytes a voxel (0.8 GiB for a 512 x 512 x 400 CT) where 1 will do."""
-    dtype = torch.uint8 if logits.shape[1] <= 256 else torch.int16
-    out = torch.empty((logits.shape[0], 1, *logits.shape[2:]), dtype=dtype, device=logits.device)
-    for start in range(0, logits.shape[-1], slab):
-        out[..., start:start + slab] = logits[..., start:start + slab].argmax(1, keepdim=True)
-    return out
 
 
 def hausdorff95(prediction: torch.Tensor, label: torch.Tensor, spacing=None) -> torch.Tensor:
