@@ -79,7 +79,7 @@ def _item(case: Case) -> dict:
 class NiftiDataModule(LightningDataModule):
     """Patches for training, whole volumes for validation and testing, from a folder of NIfTI scans.
 
-    Preprocessing (RAS, target spacing, per-channel normalisation, crop to the nonzero region) is described by
+    Preprocessing (RAS, target spacing, per-channel normalisation, crop to the body) is described by
     `preprocessing`, a JSON dict measured from the dataset once (see `seg.data.fingerprint`) and saved with the
     model, so `seg predict` rebuilds it exactly (`seg.data.transforms.inference_transforms`).
 
@@ -115,7 +115,7 @@ class NiftiDataModule(LightningDataModule):
             (and later runs) read, nothing held in memory; also holds the fingerprint.
         num_workers: loader worker processes (and cache-filling threads).
         check: run `seg.data.checks.check_or_raise` on the dataset in `prepare_data`.
-        crop_foreground: crop each scan to its nonzero region.
+        crop_foreground: crop each scan to the body (nonzero voxels; above -500 HU for CT).
     """
 
     def __init__(
@@ -192,6 +192,19 @@ class NiftiDataModule(LightningDataModule):
                 self.info, fingerprint, spatial_dims=h.spatial_dims, patch_size=h.patch_size, spacing=h.spacing,
                 normalization=h.normalization, ct_window=h.ct_window, crop_foreground=h.crop_foreground)
         return self._preprocessing
+
+    @property
+    def data_extent(self) -> list[float]:
+        """Voxels per patch axis of the median scan after resampling: what a patch can hold of real data.
+
+        From the fingerprint's median RAS shape and spacing and the target spacing (a component <= 0 keeps the
+        scan's own); 2D: the two in-plane axes.
+        """
+        fingerprint = load_fingerprint(self.info, self.hparams.cache_dir)
+        target = self.preprocessing["spacing"]
+        extent = [shape * (spacing / t if t > 0 else 1.0)
+                  for shape, spacing, t in zip(fingerprint["shape"], fingerprint["spacing"], target)]
+        return extent[: self.hparams.spatial_dims]
 
     # -- Lightning hooks --
     def prepare_data(self) -> None:

@@ -13,6 +13,12 @@ Shapes are ellipsoids deformed by smooth random fields; tissues carry texture; t
 blurred (partial-volume edges), multiplied by a smooth bias field, and get Rician noise (magnitude MRI).
 
     seg synth --output data/synthetic --cases 12 --test-cases 4 --oblique
+    seg synth --output data/thin --size 96 96 16 --spacing 0.8 0.8 4.0           # thin slices, as cardiac MR
+    seg synth --output data/ct --modality CT --size 128 128 32 --spacing 0.8 0.8 3   # HU, air at -1000
+    seg synth --output data/t1t2 --channels 2                                       # two MR contrasts, 4D files
+
+CT cases are drawn in Hounsfield units with air at -1000 HU around the body, stored as int16 as scanners do; a
+two-channel case renders the same anatomy in a T1- and a T2-like contrast.
 """
 
 from __future__ import annotations
@@ -50,10 +56,25 @@ _TISSUE = {
     "aorta": (0.15, 0.10),
     "gas": (0.05, 0.20),
     "liver": (1.0, 0.04),
+    "air": (0.0, 0.0),
 }
+# A second MR contrast (T2-weighted look: fluid and spleen bright, liver dark, lesions bright) for 2-channel data.
+_TISSUE_T2 = {**_TISSUE, "fat": (1.3, 0.03), "muscle": (0.5, 0.05), "spleen": (1.7, 0.04), "kidney": (1.6, 0.05),
+              "renal_medulla": (2.0, 0.05), "marrow": (0.9, 0.06), "liver": (0.7, 0.04)}
+# CT in Hounsfield units (portal-venous look), with air at -1000 HU around the body as a real CT has.
+_TISSUE_CT = {
+    "fat": (-100.0, 0.15), "muscle": (50.0, 0.10), "mesentery": (20.0, 0.5), "spleen": (110.0, 0.05),
+    "kidney": (150.0, 0.05), "renal_medulla": (90.0, 0.05), "marrow": (250.0, 0.10), "cortical_bone": (800.0, 0.10),
+    "aorta": (180.0, 0.05), "gas": (-950.0, 0.02), "liver": (100.0, 0.04), "air": (-1000.0, 0.0),
+}
+# Lesion contrast to the liver: a relative change of this size, its sign drawn per case (mostly hypo-intense)
+# and multiplied by the table's sign (lesions that are dark on T1 are bright on T2).
+_LESION = {"mr": ((0.10, 0.15), 1.0), "t2": ((0.10, 0.15), -1.0), "ct": ((0.30, 0.40), 1.0)}
+MODALITIES = ("MRI", "CT")
 
 
-def make_affine(size, spacing, rng: np.random.Generator | None = None, oblique: bool = False) -> np.ndarray:
+def make_affine(size, spacing, rng: np.random.Generator | None = None, oblique: bool = False,
+                orientation: str = "RAS") -> np.ndarray:
     """Voxel -> world (mm) affine of a case, with the centre of the volume near the world origin.
 
     Args:
@@ -62,11 +83,23 @@ def make_affine(size, spacing, rng: np.random.Generator | None = None, oblique: 
         rng: draws the oblique rotation and the table offset; None gives an exact, centred RAS affine.
         oblique: store the volume LPS-like (first two axes flipped) and rotated 10-25 degrees about a random
             axis, so that readers must honour the affine rather than assume RAS.
+        orientation: the world direction of each voxel axis as nibabel axis codes, e.g. "LPS", or "SAR" for a
+            volume stored slice axis first (a `(16, 96, 96)` array of 4 mm slices).
 
     Returns:
         `(4, 4)` float64 affine.
     """
-    linear = np.diag(np.asarray(spacing, dtype=np.float64))
+    try:
+        ornt = nib.orientations.axcodes2ornt(tuple(orientation.upper()))
+    except Exception:  # nibabel raises ValueError or KeyError for codes it does not know
+        raise DataError(f"--orientation must be three axis codes such as RAS, LPS or SAR, got '{orientation}'") \
+            from None
+    if len(ornt) != 3 or np.isnan(ornt).any() or len(set(ornt[:, 0].tolist())) != 3:
+        raise DataError(f"--orientation must name each of the three world axes once, got '{orientation}'")
+    axes = np.zeros((3, 3))
+    for voxel_axis, (world_axis, flip) in enumerate(ornt):
+        axes[int(world_axis), voxel_axis] = flip
+    linear = axes @ np.diag(np.asarray(spacing, dtype=np.float64))
     if oblique:
         if rng is None:
             rng = np.random.default_rng(0)
@@ -83,7 +116,8 @@ def make_affine(size, spacing, rng: np.random.Generator | None = None, oblique: 
 
 
 def make_case(size=DEFAULT_SIZE, spacing=DEFAULT_SPACING, rng: np.random.Generator | None = None,
-              affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              affine: np.ndarray | None = None, modality: str = "MRI",
+              channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Render one phantom scan and its label map.
 
     Args:
@@ -91,11 +125,17 @@ def make_case(size=DEFAULT_SIZE, spacing=DEFAULT_SPACING, rng: np.random.Generat
         spacing: voxel size in mm; ignored for geometry when `affine` is given (its columns carry it).
         rng: the random source; the same generator state gives the same case.
         affine: voxel -> world affine from `make_affine`; default an upright RAS grid.
+        modality: "MRI" (magnitude MR, zero air) or "CT" (Hounsfield units, air at -1000, int16 as scanners store).
+        channels: MRI only: 1 (T1-like) or 2 (T1-like and T2-like contrasts of the same anatomy).
 
     Returns:
-        `image` float32 `(X, Y, Z)` (arbitrary MR units, >= 0) and `label` uint8 `(X, Y, Z)` with values in
-        `LABELS` (0 background, 1 liver, 2 lesion; both foreground labels always present).
+        `image` `(X, Y, Z)` (float32 MR units >= 0, or int16 HU), `(X, Y, Z, 2)` for two channels, and `label`
+        uint8 `(X, Y, Z)` with values in `LABELS` (0 background, 1 liver, 2 lesion; both always present).
     """
+    if modality not in MODALITIES:
+        raise DataError(f"--modality must be one of {', '.join(MODALITIES)}, got '{modality}'")
+    if channels not in (1, 2) or (channels == 2 and modality != "MRI"):
+        raise DataError(f"--channels must be 1, or 2 for MRI (T1 + T2), got {channels} for {modality}")
     size = tuple(int(s) for s in size)
     rng = np.random.default_rng(0) if rng is None else rng
     if affine is None:
@@ -106,12 +146,27 @@ def make_case(size=DEFAULT_SIZE, spacing=DEFAULT_SPACING, rng: np.random.Generat
     grid = np.indices(size, dtype=np.float32) - ((np.asarray(size, dtype=np.float32) - 1) / 2)[:, None, None, None]
     world = np.tensordot(linear.astype(np.float32), grid, axes=1)
     del grid
-    mean, texture, label = _anatomy(world, spacing, rng)
-    return _acquire(mean, texture, spacing, rng), label
+    if modality == "CT":
+        mean, texture, label = _anatomy(world, spacing, rng, _TISSUE_CT, _LESION["ct"])
+        return _acquire_ct(mean, texture, spacing, rng), label
+    start = rng.bit_generator.state  # the second contrast redraws the same anatomy from the same state
+    mean, texture, label = _anatomy(world, spacing, rng, _TISSUE, _LESION["mr"])
+    images = [_acquire(mean, texture, spacing, rng)]
+    if channels == 2:
+        again = np.random.Generator(type(rng.bit_generator)())
+        again.bit_generator.state = start
+        mean, texture, _ = _anatomy(world, spacing, again, _TISSUE_T2, _LESION["t2"])
+        images.append(_acquire(mean, texture, spacing, rng))
+    return (images[0] if channels == 1 else np.stack(images, axis=-1)), label
 
 
-def _anatomy(world: np.ndarray, spacing: np.ndarray, rng: np.random.Generator):
+def _anatomy(world: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, tissues: dict = _TISSUE,
+             lesion_contrast=_LESION["mr"]):
     """Tissue maps of one abdomen sampled at `world` `(3, X, Y, Z)` mm (relative to the volume centre).
+
+    `tissues` gives each tissue's (mean, texture amplitude); `lesion_contrast` ((low, high), sign) the lesion's
+    relative contrast to the liver. The random draws do not depend on either, so the same generator state gives
+    the same anatomy in every contrast.
 
     Returns:
         `mean` (tissue intensity relative to liver), `texture` (its texture amplitude), both float32, and the
@@ -152,11 +207,11 @@ def _anatomy(world: np.ndarray, spacing: np.ndarray, rng: np.random.Generator):
     # Rims in units of the body radius, capped so that a small test volume still has an inside.
     fat_rim = min(rng.uniform(3.0, 8.0) / min(a, b), 0.12)
     wall = min(rng.uniform(2.5, 5.0) / min(a, b), 0.08)
-    mean = np.zeros(size, np.float32)  # tissue mean intensity, relative to liver
+    mean = np.full(size, tissues["air"][0], np.float32)  # tissue mean intensity
     texture = np.zeros(size, np.float32)  # tissue texture amplitude
 
     def paint(mask, tissue, jitter=True):
-        value, amplitude = _TISSUE[tissue]
+        value, amplitude = tissues[tissue]
         mean[mask] = value * (rng.uniform(0.93, 1.07) if jitter else 1.0)  # tissues vary between scans
         texture[mask] = amplitude
 
@@ -195,8 +250,10 @@ def _anatomy(world: np.ndarray, spacing: np.ndarray, rng: np.random.Generator):
     del liver_level, r_body
     lesion = _lesion(liver, depth, spacing, min(a, b), rng)
     paint(liver, "liver", jitter=False)
-    mean[lesion] = 1.0 + rng.uniform(0.10, 0.15) * (-1.0 if rng.random() < 0.7 else 1.0)  # mostly hypo-intense
-    texture[lesion] = _TISSUE["liver"][1] * 1.25
+    (low, high), sign = lesion_contrast
+    contrast = rng.uniform(low, high) * (-1.0 if rng.random() < 0.7 else 1.0) * sign  # mostly hypo-intense on T1
+    mean[lesion] = tissues["liver"][0] * (1.0 + contrast)
+    texture[lesion] = tissues["liver"][1] * 1.25
     label = np.zeros(size, np.uint8)
     label[liver] = 1
     label[lesion] = 2
@@ -218,6 +275,22 @@ def _acquire(mean: np.ndarray, texture: np.ndarray, spacing: np.ndarray, rng: np
     real = image + rng.normal(0.0, sigma, size).astype(np.float32)
     imag = rng.normal(0.0, sigma, size).astype(np.float32)
     return np.sqrt(real * real + imag * imag)
+
+
+def _acquire_ct(mean: np.ndarray, texture: np.ndarray, spacing: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a CT scanner makes of the tissue maps (HU): texture, partial-volume blur, Gaussian quantum noise.
+
+    Stored as int16 HU clipped to the scanner's range [-1024, 3071], as CT series are.
+    """
+    size = mean.shape
+    fine = _smooth_noise(size, spacing, rng, 1.5)
+    coarse = _smooth_noise(size, spacing, rng, 4.0)
+    # texture relative to a tissue's distance from water, at least 40 HU, so water-like tissue has texture too
+    image = mean + texture * np.maximum(np.abs(mean), 40.0) * (0.6 * fine + 0.8 * coarse)
+    del mean, texture, fine, coarse
+    image = ndimage.gaussian_filter(image, sigma=0.6, truncate=3.0)
+    image += rng.normal(0.0, rng.uniform(8.0, 15.0), size).astype(np.float32)
+    return np.clip(np.rint(image), -1024, 3071).astype(np.int16)
 
 
 def _lesion(liver: np.ndarray, depth: np.ndarray, spacing: np.ndarray, body_size: float,
@@ -301,7 +374,8 @@ def _is_synth_dataset(folder: Path) -> bool:
 
 
 def write_dataset(output, cases: int = 12, test_cases: int = 0, size=DEFAULT_SIZE, spacing=DEFAULT_SPACING,
-                  oblique: bool = False, seed: int = 0, progress: bool = False) -> Path:
+                  oblique: bool = False, seed: int = 0, progress: bool = False, modality: str = "MRI",
+                  channels: int = 1, orientation: str = "RAS") -> Path:
     """Write a synthetic dataset in MSD layout, all at once or not at all.
 
     Files are written to a hidden folder beside `output` and renamed into place at the end, so an interrupted
@@ -317,6 +391,9 @@ def write_dataset(output, cases: int = 12, test_cases: int = 0, size=DEFAULT_SIZ
         oblique: rotated, LPS-like affines (see `make_affine`).
         seed: case `i` depends only on `(seed, i)`, so adding cases keeps the earlier ones.
         progress: show a progress bar on stderr (only when stderr is a terminal).
+        modality: "MRI" or "CT" (HU, int16, air at -1000; see `make_case`).
+        channels: 1, or 2 for MRI (T1- and T2-like, one 4D file per case as MSD stores multi-modal scans).
+        orientation: voxel axis codes of every case (see `make_affine`), before any `oblique` rotation.
 
     Returns:
         The dataset folder.
@@ -333,6 +410,10 @@ def write_dataset(output, cases: int = 12, test_cases: int = 0, size=DEFAULT_SIZ
         raise DataError(f"--spacing needs 3 positive values in mm, got {spacing}", output)
     if seed < 0:
         raise DataError(f"--seed must be >= 0, got {seed}", output)
+    make_affine(size, spacing, orientation=orientation)  # refuses unknown axis codes before anything is written
+    if modality not in MODALITIES or channels not in (1, 2) or (channels == 2 and modality != "MRI"):
+        raise DataError(f"--modality {modality} with --channels {channels}: use MRI or CT, and 2 channels with MRI "
+                        "only", output)
     if output.exists():
         if not output.is_dir():
             raise DataError("exists and is not a folder; choose another --output", output)
@@ -351,27 +432,34 @@ def write_dataset(output, cases: int = 12, test_cases: int = 0, size=DEFAULT_SIZ
             (staging / sub).mkdir()
         for i in _progress(range(len(ids)), progress, "synth"):
             rng = np.random.default_rng([seed, i])
-            affine = make_affine(size, spacing, rng, oblique)
-            image, label = make_case(size, spacing, rng, affine)
+            affine = make_affine(size, spacing, rng, oblique, orientation)
+            image, label = make_case(size, spacing, rng, affine, modality, channels)
             split = "Tr" if i < cases else "Ts"
             _save_nifti(image, affine, staging / f"images{split}" / f"{ids[i]}.nii.gz")
             _save_nifti(label, affine, staging / f"labels{split}" / f"{ids[i]}.nii.gz")
+        kind = {("CT", 1): "CT (HU, int16) phantoms with air at -1000 HU: liver (1) and a small liver lesion "
+                           "(2) with 30-40 % contrast to the liver",
+                ("MRI", 1): "T1-weighted-like abdominal MRI phantoms: liver (1) and a small liver lesion (2) with "
+                            "10-15 % contrast to the liver",
+                ("MRI", 2): "two-channel (T1-like, T2-like; 4D files) abdominal MRI phantoms: liver (1) and a small "
+                            "liver lesion (2)"}[modality, channels]
         meta = {
             "name": "SynthAbdomen",
-            "description": "Synthetic T1-weighted-like abdominal MRI phantoms: liver (1) and a small liver lesion "
-                           "(2) with 10-15 % contrast to the liver. Test cases are in imagesTs/ with their labels "
-                           "in labelsTs/. For demos and tests, not for clinical use.",
+            "description": f"Synthetic {kind}. Test cases are in imagesTs/ with their labels in labelsTs/. For demos "
+                           "and tests, not for clinical use.",
             "reference": "generated by `seg synth`",
             "licence": "CC0 1.0 (generated data)",
             "tensorImageSize": "3D",
-            "modality": {"0": "MRI"},
+            "modality": {"0": "CT"} if modality == "CT" else {"0": "MRI"} if channels == 1 else {"0": "T1",
+                                                                                                "1": "T2"},
             "labels": {str(k): v for k, v in LABELS.items()},
             "numTraining": cases,
             "numTest": test_cases,
             "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ids[:cases]],
             "test": [f"./imagesTs/{c}.nii.gz" for c in ids[cases:]],
             "generator": {"tool": GENERATOR, "seed": seed, "size": list(size), "spacing": list(spacing),
-                          "oblique": oblique},
+                          "oblique": oblique, "orientation": orientation.upper(), "modality": modality,
+                          "channels": channels},
         }
         (staging / "dataset.json").write_text(json.dumps(meta, indent=1) + "\n")
         _swap_into_place(staging, output)
@@ -413,14 +501,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar=("SX", "SY", "SZ"), help="voxel size in mm (default 1.5 1.5 2.0)")
     parser.add_argument("--oblique", action="store_true",
                         help="rotated, LPS-like affines (tests that readers honour the affine)")
+    parser.add_argument("--orientation", default="RAS",
+                        help="world direction of the voxel axes as axis codes: RAS (default), LPS, or SAR for a "
+                             "volume stored thick axis first (--size 16 96 96 --spacing 4 0.8 0.8)")
+    parser.add_argument("--modality", choices=MODALITIES, default="MRI",
+                        help="MRI (default; zero air) or CT (Hounsfield units, int16, air at -1000 HU)")
+    parser.add_argument("--channels", type=int, choices=(1, 2), default=1,
+                        help="image channels: 1, or 2 (T1- and T2-like MRI of the same anatomy, 4D files)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     output = write_dataset(args.output, args.cases, args.test_cases, args.size, args.spacing, args.oblique,
-                           args.seed, progress=True)
+                           args.seed, progress=True, modality=args.modality, channels=args.channels,
+                           orientation=args.orientation)
     shape = "x".join(map(str, args.size))
     spacing = "x".join(f"{s:g}" for s in args.spacing)
-    print(f"wrote {args.cases} training + {args.test_cases} test cases ({shape} voxels, {spacing} mm"
-          f"{', oblique' if args.oblique else ''}) to {output}")
+    extras = [args.modality] + ([f"{args.channels} channels"] if args.channels > 1 else [])
+    extras += [args.orientation.upper()] if args.orientation.upper() != "RAS" else []
+    extras += ["oblique"] if args.oblique else []
+    print(f"wrote {args.cases} training + {args.test_cases} test cases ({shape} voxels, {spacing} mm, "
+          f"{', '.join(extras)}) to {output}")
     return 0

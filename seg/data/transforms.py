@@ -1,6 +1,6 @@
 """MONAI dictionary transforms from NIfTI files to network inputs, built from one `preprocessing` dict.
 
-The deterministic part (`inference_transforms`: load, RAS, resample, crop to the nonzero region, normalise)
+The deterministic part (`inference_transforms`: load, RAS, resample, crop to the body, normalise)
 is shared by validation, testing and the `seg predict` command, and every geometric step in it is
 invertible with `monai.transforms.Invertd` back to the scan's own grid. Training adds padding to the patch
 size, foreground-weighted patch sampling and augmentation (`train_transforms`).
@@ -16,7 +16,9 @@ The `preprocessing` dict (JSON-serialisable, saved with a model) holds:
     in_channels, num_classes: network input and output channels
     labels: {"0": "background", "1": ...}; class_names: the foreground names in label order
     patch_size: training patch (2 or 3 values)
-    crop_foreground: crop each scan to the bounding box of its nonzero voxels before normalising
+    crop_foreground: crop each scan to the bounding box of its foreground (the body) before normalising
+    crop_threshold: per channel, the intensity above which a voxel is body (CT: -500 HU, so air is cropped), or
+                    None: any nonzero voxel (MR, whose background is zero); absent in older checkpoints (nonzero)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
@@ -81,7 +84,7 @@ def make_preprocessing(
         spacing: target spacing along R, A, S; None: the dataset's median spacing.
         normalization: "auto" (CT channels: "ct", others: "zscore"), "zscore" or "ct" for every channel.
         ct_window: HU clip window for "ct"; None: the dataset's foreground 0.5 / 99.5 percentiles.
-        crop_foreground: crop to the nonzero region of the image.
+        crop_foreground: crop to the body: nonzero voxels, or for CT channels voxels above -500 HU (`BodyMask`).
     """
     target = [float(v) for v in (spacing if spacing is not None else fingerprint["spacing"])]
     if spatial_dims == 2:
@@ -115,12 +118,72 @@ def make_preprocessing(
         "class_names": info.class_names,
         "patch_size": [int(v) for v in patch_size],
         "crop_foreground": bool(crop_foreground),
+        "crop_threshold": [BODY_HU if m == "ct" else None for m in channel_schemes(info.modalities)],
     }
 
 
 def nonzero(x):
     """Foreground for cropping: any nonzero voxel (a module-level function so worker processes can pickle it)."""
     return x != 0
+
+
+# Air is -1000 HU and fat -100: -500 splits them. Lung (-850 to -500) is cut out of the mask but lies inside the
+# body's bounding box, which is all the crop uses.
+BODY_HU = -500.0
+# Labelling connected pieces on a grid of at most this many voxels (a coarser sampling of the mask) keeps the
+# speck removal under 0.1 s and a few MB on a 512 x 512 x 400 CT.
+_SPECK_GRID = 2**21
+
+
+class BodyMask:
+    """Foreground for cropping: the voxels that belong to the patient, from any channel.
+
+    A channel with a threshold (CT: `BODY_HU`) counts voxels above it, so the air around a CT (-1000 HU, which
+    crop-to-nonzero keeps) is cropped; a channel without one counts nonzero voxels, as MR's zero background asks.
+    With a threshold, pieces smaller than 1% of the largest (noise and streaks in the air) are dropped first, so
+    a single bright voxel in a corner cannot stretch the crop back to the whole scan; arms and the table stay.
+
+    Args:
+        thresholds: one per image channel, a float or None.
+    """
+
+    def __init__(self, thresholds: Sequence[float | None]):
+        self.thresholds = [None if t is None else float(t) for t in thresholds]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """`(C, *S)` image -> `(1, *S)` bool mask."""
+        mask = None
+        for c in range(image.shape[0]):
+            threshold = self.thresholds[c] if c < len(self.thresholds) else None
+            part = image[c] > threshold if threshold is not None else image[c] != 0
+            mask = part if mask is None else mask.logical_or_(part)
+        if any(t is not None for t in self.thresholds):
+            mask = drop_specks(mask)
+        return mask[None]
+
+
+def drop_specks(mask: torch.Tensor, keep: float = 0.01) -> torch.Tensor:
+    """`mask` `(*S)` bool, cleared outside the bounding box of its pieces of at least `keep` x the largest one.
+
+    Pieces are found on a regular subsample of the mask (`_SPECK_GRID` voxels at most), and the box grows by one
+    sampling step on every side so nothing of a kept piece is lost between samples.
+    """
+    from scipy import ndimage
+
+    step = max(1, math.ceil((mask.numel() / _SPECK_GRID) ** (1 / mask.ndim)))
+    coarse = mask[(slice(None, None, step),) * mask.ndim].cpu().numpy()
+    pieces, count = ndimage.label(coarse)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(pieces.ravel())[1:]
+    kept = np.isin(pieces, 1 + np.flatnonzero(sizes >= keep * sizes.max()))
+    where = np.argwhere(kept)
+    lo = np.maximum((where.min(0) - 1) * step, 0)
+    hi = np.minimum((where.max(0) + 2) * step, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    out = torch.zeros_like(mask)
+    out[box] = mask[box]
+    return out
 
 
 # Elements per step of the chunked checks and normalisation: temporaries stay under 64 MiB, whatever the scan.
@@ -249,7 +312,7 @@ def inference_transforms(preprocessing: dict, keys: Sequence[str] = ("image",)) 
     """The deterministic preprocessing of a scan (and optionally its label), from a preprocessing dict alone.
 
     Load, channels first, RAS, resample to the target spacing (image bilinear, others nearest), crop to the
-    nonzero region of the image, normalise. Invert with `Invertd(..., transform=<this>, orig_keys="image")`.
+    body (`BodyMask`: nonzero voxels, or above -500 HU for CT), normalise. Invert with `Invertd(..., transform=<this>, orig_keys="image")`.
 
     Args:
         preprocessing: see the module docstring.
@@ -270,7 +333,9 @@ def inference_transforms(preprocessing: dict, keys: Sequence[str] = ("image",)) 
     ]
     if preprocessing["crop_foreground"]:
         # Before normalising: afterwards the background is no longer zero.
-        steps.append(CropForegroundd(keys, source_key="image", select_fn=nonzero, allow_smaller=True,
+        thresholds = preprocessing.get("crop_threshold")
+        select = BodyMask(thresholds) if thresholds and any(t is not None for t in thresholds) else nonzero
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=select, allow_smaller=True,
                                      start_coord_key=None, end_coord_key=None))
     steps.append(NormalizeChannelsd("image", preprocessing["normalization"]))
     return Compose(steps)

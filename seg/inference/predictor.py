@@ -201,7 +201,7 @@ class Predictor:
         # one pass from file names: each step's input is dropped as soon as the next has its output
         item = self._apply(item)
         if min(item["image"].shape[1:]) < 1:
-            raise DataError("image has no nonzero voxels to segment", paths[0])
+            raise DataError("image has no foreground (body) voxels to segment: all zero, or all air for CT", paths[0])
         name = case_id or strip_nifti_suffix(paths[0].name) or paths[0].name
         return LoadedScan(name, paths, reference, item, time.perf_counter() - start)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from seg.errors import CheckpointError
@@ -118,3 +119,31 @@ def load_weights_only(path, map_location: Any | None = "cpu") -> dict:
         raise CheckpointError("checkpoint not found", path) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {err}", path) from None
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt`: written when a training epoch's batches are done, before its validation runs, and again at the
+    epoch's end.
+
+    Lightning validates inside the training epoch, before `on_train_epoch_end`, so a checkpoint saved only at epoch
+    end is lost with the epoch when validation fails or the process is killed during it. The copy saved at
+    validation start holds the finished steps; resuming from it (`--ckpt_path last`) goes on from there. The
+    epoch-end save replaces it with the epoch's final loop state (Lightning skips a second save at the same
+    global step, so the step it last saved is forgotten first).
+
+    Args:
+        dirpath: the checkpoint folder.
+    """
+
+    def __init__(self, dirpath):
+        super().__init__(dirpath=dirpath, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, enable_version_counter=False,
+                         save_on_train_epoch_end=True)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # fitting, not the sanity check, a new step
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._last_global_step_saved == trainer.global_step and not trainer.sanity_checking:
+            self._last_global_step_saved = -1
+        super().on_train_epoch_end(trainer, pl_module)

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from seg.data import NiftiDataModule
 from seg.errors import SegError
-from seg.training.checkpoint_io import AtomicCheckpointIO, describe_os_error, load_weights_only
+from seg.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, describe_os_error, load_weights_only
 from seg.training.module import SegmentationModule
 from seg.training.overlays import GateOverlays
 
@@ -84,11 +84,10 @@ class SegCLI(LightningCLI):
             ModelCheckpoint(dirpath=root / "checkpoints", filename="best", monitor="val/dice_mean", mode="max",
                             save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False),
             # last.ckpt from its own callback: since Lightning 2.6 `save_last=True` writes it only when a top-k
-            # checkpoint was saved at the same step, so it went stale whenever the Dice did not improve.
-            # save_on_train_epoch_end: also when validation is rarer than epochs, or a `max_time` run stops before
-            # its first validation (it used to end with no checkpoint at all).
-            ModelCheckpoint(dirpath=root / "checkpoints", filename=ModelCheckpoint.CHECKPOINT_NAME_LAST,
-                            enable_version_counter=False, save_on_train_epoch_end=True),
+            # checkpoint was saved at the same step, so it went stale whenever the Dice did not improve. It is
+            # written at every training epoch's end, and before each validation, so a failing or killed validation
+            # never costs the epoch; also when validation is rarer than epochs, or a `max_time` run stops first.
+            LastCheckpoint(root / "checkpoints"),
         ]
         if config["trainer"].get("enable_progress_bar") is not False:  # Lightning refuses a bar it was told not to show
             callbacks.append(RichProgressBar())

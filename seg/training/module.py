@@ -17,6 +17,7 @@ from monai.utils import MetricReduction
 
 from seg.inference.slabs import class_indices, sliding_window_labels, stitch_budget
 from seg.models import AttentionUNet
+from seg.models.topology import check_strides
 
 CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
 CHECKPOINT_FORMAT = 1
@@ -133,6 +134,9 @@ class SegmentationModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "preprocessing"):
             self.preprocessing = datamodule.preprocessing
+        if stage == "fit" and hasattr(datamodule, "data_extent"):
+            # before the first step: strides that a thin axis cannot take are a one-line error, not a wasted run
+            check_strides(self.hparams.strides, self.roi_size[: self.hparams.spatial_dims], datamodule.data_extent)
 
     def configure_model(self) -> None:
         if self._memory_format is not None:

@@ -37,10 +37,29 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return nib.orientations.apply_orientation(volume, ornt), spacing
 
 
+# The RAS axis each view cuts across: sagittal slices are taken along R (x), coronal along A (y), axial along S (z).
+PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
 def view(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
-    """A 2D slice of a RAS volume as displayed: rows top to bottom, columns left to right (radiological)."""
-    cut = {"axial": volume[:, :, index], "coronal": volume[:, index, :], "sagittal": volume[index, :, :]}[plane]
+    """A 2D slice of a RAS volume as displayed: rows top to bottom, columns left to right (radiological).
+
+    `index` counts along the plane's own axis (`PLANE_AXIS`) and is clipped to it: only that axis is indexed, so
+    a 16-slice volume with 96 x 96 voxels in-plane never sees an in-plane index along its slice axis.
+    """
+    axis = PLANE_AXIS[plane]
+    cut = np.take(volume, int(np.clip(index, 0, volume.shape[axis] - 1)), axis=axis)
     return cut.T[::-1, ::-1]
+
+
+def drawable_planes(shape: Sequence[int]) -> tuple[str, ...]:
+    """The views of a RAS volume of `shape` that are images (at least 2 x 2 pixels), in `VIEWS` order.
+
+    A single slice has one (its own plane); a volume two voxels thick or more has all three. When no view is
+    2 x 2 (a line of voxels), every view is drawn as it is.
+    """
+    planes = tuple(p for p in VIEWS if min(s for a, s in enumerate(shape) if a != PLANE_AXIS[p]) >= 2)
+    return planes or VIEWS
 
 
 def view_spacing(spacing: Sequence[float], plane: str) -> tuple[float, float]:
@@ -115,6 +134,7 @@ def render_overlay(
     class_names: Sequence[str] = (),
     title: str = "",
     map_titles: Mapping[str, str] | None = None,
+    image_title: str = "scan",
     dpi: int = 110,
 ) -> None:
     """Write the overlay PNG atomically: rows axial / coronal / sagittal, one column per map.
@@ -128,6 +148,9 @@ def render_overlay(
         class_names: foreground class names, for the legend (class c is `class_names[c - 1]`).
         title: the figure title (case id, epoch, Dice).
         map_titles: column titles by map name; default the name.
+        image_title: title of the first column (the scan alone), e.g. which channel of a multi-channel scan it is.
+
+    Rows are the views that are images at all (`drawable_planes`): three for a volume, one for a single slice.
     """
     image_ras, spacing = to_ras(image, affine)
     maps_ras = {name: to_ras(m, affine)[0] for name, m in maps.items()}
@@ -135,7 +158,8 @@ def render_overlay(
     prediction_ras = to_ras(prediction, affine)[0] if prediction is not None else None
     target = label_ras if label_ras is not None and label_ras.any() else prediction_ras
     indices = slice_indices(target, next(reversed(maps_ras.values()), None))
-    index_of = {"sagittal": indices[0], "coronal": indices[1], "axial": indices[2]}
+    index_of = {plane: indices[axis] for plane, axis in PLANE_AXIS.items()}
+    planes = drawable_planes(image_ras.shape)
     low, high = grey_window(image_ras)
     top = max([int(v.max()) for v in (label_ras, prediction_ras) if v is not None and v.size] + [0])
     classes = range(1, top + 1)
@@ -143,9 +167,9 @@ def render_overlay(
     # A first column without heatmap: the anatomy and the contours as they are, to compare the maps against.
     columns = [("scan", None), *maps_ras.items()]
     # A bare Figure (Agg canvas), not pyplot: no global backend switch, nothing left open, thread-safe.
-    fig = Figure(figsize=(3.1 * len(columns) + 1.4, 3.1 * 3 + 1.5), layout="constrained")
-    axes = fig.subplots(3, len(columns), squeeze=False)
-    for row, plane in enumerate(VIEWS):
+    fig = Figure(figsize=(3.1 * len(columns) + 1.4, 3.1 * len(planes) + 1.5), layout="constrained")
+    axes = fig.subplots(len(planes), len(columns), squeeze=False)
+    for row, plane in enumerate(planes):
         row_mm, col_mm = view_spacing(spacing, plane)
         for col, (name, volume) in enumerate(columns):
             ax = axes[row, col]
@@ -160,6 +184,8 @@ def render_overlay(
                 if volume_ras is None:
                     continue
                 cut = view(volume_ras, plane, index_of[plane])
+                if min(cut.shape) < 2:  # a line of pixels has no contour (matplotlib needs 2 x 2)
+                    continue
                 for c in classes:
                     if (cut == c).any():
                         ax.contour(cut == c, levels=[0.5], colors=colour, linewidths=1.4, extent=extent,
@@ -168,7 +194,7 @@ def render_overlay(
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title((map_titles or {}).get(name, name) if volume is not None else "scan", fontsize=10)
+                ax.set_title((map_titles or {}).get(name, name) if volume is not None else image_title, fontsize=10)
             if col == 0:
                 ax.set_ylabel(f"{plane} ({index_of[plane]})", fontsize=10)
     what = "attention (gate or CBAM map)" if any(n.startswith("cbam") for n in maps_ras) else "gate activation"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import math
 import os
 import sys
@@ -33,6 +34,20 @@ from lightning.pytorch.utilities import rank_zero_warn
 from seg.errors import DataError, SegError
 from seg.training.concentration import attention_concentration
 from seg.training.overlay_figure import axial_rgb, render_overlay
+
+
+log = logging.getLogger(__name__)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _batch_case_id(batch, default: str) -> str:
+    """The case id of a validation batch of one volume, for messages."""
+    ids = batch.get("case_id") if isinstance(batch, Mapping) else None
+    return str(ids[0]) if isinstance(ids, (list, tuple)) and ids else default
 
 
 @dataclass
@@ -106,6 +121,14 @@ def map_title(name: str, count: int, concentration: float | None) -> str:
     return text if concentration is None else f"{text}\nconcentration {_fmt(concentration, 1)}x"
 
 
+def channel_title(channels: int, modalities: Sequence[str] = ()) -> str:
+    """The scan column's title: "scan", or which channel of a multi-channel scan is shown (the first)."""
+    if channels <= 1:
+        return "scan"
+    name = f" ({modalities[0]})" if modalities else ""
+    return f"scan: channel 0{name} of {channels}"
+
+
 def export_case(
     folder: Path,
     case_id: str,
@@ -117,6 +140,7 @@ def export_case(
     class_names: Sequence[str] = (),
     dilation_mm: float = 2.0,
     epoch: int | None = None,
+    image_title: str = "scan",
 ) -> CaseOverlay:
     """Write one scan's map NIfTIs and overlay PNG; measure concentration and Dice when `label` is given.
 
@@ -131,6 +155,7 @@ def export_case(
         class_names: foreground class names.
         dilation_mm: the ground truth is grown by this much before measuring concentration.
         epoch: for the title, when exported during training.
+        image_title: the scan column's title (`channel_title` for a multi-channel scan).
     """
     folder.mkdir(parents=True, exist_ok=True)
     result = CaseOverlay(case_id, folder)
@@ -147,7 +172,7 @@ def export_case(
     count = {kind: sum(n.startswith(kind) for n in maps) for kind in ("gate", "cbam")}
     titles = {n: map_title(n, count[n.split("_")[0]], result.concentration.get(n)) for n in maps}
     render_overlay(result.png, image, maps, affine, label=label, prediction=prediction, class_names=class_names,
-                   title=title, map_titles=titles)
+                   title=title, map_titles=titles, image_title=image_title)
     gates = [n for n in maps if n.startswith("gate_")] or list(maps)
     if gates:
         masks = {"ground_truth": label, "prediction": prediction}
@@ -211,6 +236,7 @@ class GateOverlays(Callback):
         self._active = False
         self._results: list[CaseOverlay] = []
         self._inverter = None
+        self.failed: list[str] = []  # case ids whose export failed at the last validation (logged, skipped)
 
     # ---- when ---------------------------------------------------------------------------------------------------
     def _due(self, trainer) -> bool:
@@ -234,6 +260,7 @@ class GateOverlays(Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._results = []
+        self.failed = []
         self._active = self._due(trainer)
         if self._active:  # rebuilt each time: `seg validate` after `fit` may bring another datamodule
             self._inverter = self._make_inverter(trainer)
@@ -248,7 +275,13 @@ class GateOverlays(Callback):
         pl_module.export_gates = pl_module.export_cbam = False
         if self._active and isinstance(outputs, Mapping) and "logits" in outputs:
             folder = Path(trainer.default_root_dir) / "overlays" / f"epoch={trainer.current_epoch}"
-            self._results.append(self._export(folder, pl_module, outputs, batch, trainer.current_epoch))
+            try:
+                self._results.append(self._export(folder, pl_module, outputs, batch, trainer.current_epoch))
+            except Exception as err:  # noqa: BLE001 - a drawing bug must never cost the run its training
+                case_id = _batch_case_id(batch, f"volume {batch_idx}")
+                log.error("overlays: export of case %s failed, skipped (the run goes on): %s: %s", repr(case_id),
+                          type(err).__name__, _first_line(err))
+                self.failed.append(case_id)
 
     # ---- one volume -----------------------------------------------------------------------------------------------
     def _export(self, folder: Path, pl_module, outputs: Mapping, batch: Mapping, epoch: int) -> CaseOverlay:
@@ -279,8 +312,10 @@ class GateOverlays(Callback):
         prediction = floats[1:1 + num_classes].argmax(0).astype(np.int16)
         maps = {k: np.clip(floats[1 + num_classes + i], 0.0, 1.0) for i, k in enumerate(names)}
         case_id = str(item.get("case_id", f"case_{len(self._results)}"))
+        modalities = (getattr(pl_module, "preprocessing", None) or {}).get("modalities") or ()
         return export_case(folder / case_id, case_id, floats[0], maps, affine, prediction, label,
-                           pl_module.class_names, self.dilation_mm, epoch)
+                           pl_module.class_names, self.dilation_mm, epoch,
+                           image_title=channel_title(int(item["image"].shape[0]), modalities))
 
     # ---- the epoch ------------------------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -296,7 +331,11 @@ class GateOverlays(Callback):
             # Every process holds the gathered results, so all log the same number (no sync needed).
             pl_module.log(f"overlays/concentration_{level}", value, on_step=False, on_epoch=True)
         if trainer.is_global_zero:
-            self._log_wandb(trainer, pl_module.class_names, results)
+            try:
+                self._log_wandb(trainer, pl_module.class_names, results)
+            except Exception as err:  # noqa: BLE001 - the files are written; a logger problem must not stop training
+                log.error("overlays: logging to W&B failed (the overlay files are written): %s: %s",
+                          type(err).__name__, _first_line(err))
 
     @staticmethod
     def _gather(trainer, results: list[CaseOverlay]) -> list[CaseOverlay]:
@@ -420,7 +459,8 @@ def overlay_scan(predictor, paths: Sequence[Path], case_id: str, folder: Path, l
     image = image[..., 0] if image.ndim == 4 else image
     maps = {k: result[k] for k in map_order(result)}
     return export_case(folder, case_id, image, maps, reference.affine, result["label"], label,
-                       predictor.class_names, dilation_mm)
+                       predictor.class_names, dilation_mm,
+                       image_title=channel_title(predictor.in_channels, predictor.preprocessing.get("modalities") or ()))
 
 
 def run(args: argparse.Namespace) -> int:

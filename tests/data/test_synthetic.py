@@ -180,5 +180,51 @@ def test_seg_synth_command(tmp_path):
     assert "wrote 2 training + 1 test cases" in result.stdout and str(out) in result.stdout
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["generator"] == {"tool": "seg synth", "seed": 7, "size": [16, 16, 12], "spacing": [2.0, 2.0, 3.0],
-                                 "oblique": True}
+                                 "oblique": True, "orientation": "RAS", "modality": "MRI", "channels": 1}
     assert nib.load(out / "imagesTs" / "synth_002.nii.gz").shape == (16, 16, 12)
+
+
+def test_ct_phantom_is_in_hounsfield_units_with_air_around_the_body():
+    rng = np.random.default_rng([0, 0])
+    image, label = make_case((40, 40, 16), (1.0, 1.0, 3.0), rng, make_affine((40, 40, 16), (1.0, 1.0, 3.0)), "CT")
+    assert image.dtype == np.int16 and image.min() >= -1024 and image.max() <= 3071
+    assert abs(float(image[0, 0, :].mean()) + 1000) < 30  # the corners are air
+    liver, lesion = image[label == 1].astype(float), image[label == 2].astype(float)
+    assert 70 < liver.mean() < 130  # an enhanced liver
+    assert liver.mean() - lesion.mean() > 15 or lesion.mean() - liver.mean() > 15  # a lesion that CT can show
+
+
+def test_two_channel_phantom_draws_one_anatomy_in_two_contrasts():
+    rng = np.random.default_rng([3, 0])
+    size = (32, 32, 20)
+    image, label = make_case(size, SPACING, rng, make_affine(size, SPACING), channels=2)
+    alone, label_alone = make_case(size, SPACING, np.random.default_rng([3, 0]), make_affine(size, SPACING))
+    assert image.shape == (*size, 2) and np.array_equal(label, label_alone)
+    assert np.array_equal(image[..., 0], alone)  # channel 0 is the one-channel phantom
+    t1, t2 = image[..., 0], image[..., 1]
+    # liver is brighter than spleen-like tissue on T1 and darker on T2: the contrasts differ, not just the scale
+    assert np.corrcoef(t1[label == 1], t2[label == 1])[0, 1] < 0.99
+    assert t2[label == 1].mean() / t2[label == 0].mean() != pytest.approx(t1[label == 1].mean() / t1[label == 0].mean(),
+                                                                          rel=0.05)
+
+
+@pytest.mark.parametrize("codes", ["LPS", "SAR", "AIL"])
+def test_orientation_codes_set_the_affine_axes(codes):
+    size, spacing = (16, 20, 24), (4.0, 0.8, 0.9)
+    affine = make_affine(size, spacing, orientation=codes)
+    assert nib.aff2axcodes(affine) == tuple(codes)
+    assert np.allclose(nib.affines.voxel_sizes(affine), spacing)
+    with pytest.raises(DataError, match="orientation"):
+        make_affine(size, spacing, orientation="RRS")
+
+
+def test_write_dataset_ct_and_two_channels(tmp_path):
+    ct = write_dataset(tmp_path / "ct", cases=1, size=(16, 16, 8), modality="CT")
+    assert load_dataset(ct).modalities == ["CT"]
+    assert nib.load(ct / "imagesTr" / "synth_000.nii.gz").get_data_dtype() == np.int16
+    mr = write_dataset(tmp_path / "mr2", cases=1, size=(16, 16, 8), channels=2, orientation="LPS")
+    assert load_dataset(mr).modalities == ["T1", "T2"]
+    image = nib.load(mr / "imagesTr" / "synth_000.nii.gz")
+    assert image.shape == (16, 16, 8, 2) and nib.aff2axcodes(image.affine) == ("L", "P", "S")
+    with pytest.raises(DataError, match="channels"):
+        write_dataset(tmp_path / "bad", cases=1, size=(16, 16, 8), modality="CT", channels=2)

@@ -116,10 +116,15 @@ def test_ct_normalisation_clips_then_scales(tmp_path):
     prep = make_preprocessing(info, fingerprint, patch_size=[8, 8, 8], ct_window=[-100, 300])
     assert prep["normalization"] == [{"scheme": "ct", "clip": [-100.0, 300.0], "mean": stats["mean"],
                                       "std": stats["std"]}]
-    out = inference_transforms(prep)({"image": str(info.cases[0].images[0])})["image"]
+    assert prep["crop_threshold"] == [-500.0]
+    # the air around the body (-1000 HU, which crop-to-nonzero kept) is cropped: only the 4^3 body is left
+    cropped = inference_transforms(prep)({"image": str(info.cases[0].images[0])})["image"]
+    assert cropped.shape == (1, 4, 4, 4)
+    out = inference_transforms({**prep, "crop_foreground": False})({"image": str(info.cases[0].images[0])})["image"]
     std = stats["std"]
     assert out.min().item() == pytest.approx((-100 - 100) / std, rel=1e-5)  # air clipped to the window
     assert out[0, 5, 5, 5].item() == pytest.approx((image[5, 5, 5] - 100) / std, rel=1e-4)
+    assert torch.equal(cropped[0], out[0, 3:7, 3:7, 3:7])
 
 
 def _blob_case(tmp_path, shape=(32, 32, 32)):
