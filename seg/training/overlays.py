@@ -121,6 +121,14 @@ def map_title(name: str, count: int, concentration: float | None) -> str:
     return text if concentration is None else f"{text}\nconcentration {_fmt(concentration, 1)}x"
 
 
+def display_background(preprocessing: Mapping | None) -> float:
+    """The first channel's background after normalisation: CT's clipped air `(low - mean) / std`, else 0."""
+    scheme = ((preprocessing or {}).get("normalization") or [{}])[0]
+    if scheme.get("scheme") == "ct":
+        return (float(scheme["clip"][0]) - float(scheme["mean"])) / float(scheme["std"])
+    return 0.0
+
+
 def channel_title(channels: int, modalities: Sequence[str] = ()) -> str:
     """The scan column's title: "scan", or which channel of a multi-channel scan is shown (the first)."""
     if channels <= 1:
@@ -292,7 +300,10 @@ class GateOverlays(Callback):
         probabilities = torch.softmax(outputs["logits"][0].float(), 0)
         num_classes = probabilities.shape[0]
         # One resampling for every float volume: they share the grid and the interpolation.
-        floats = torch.cat([item["image"].as_tensor()[:1].float(), probabilities,
+        # The inverse pads the cropped-away border with zeros; shown as the scan, that border should read as the
+        # background it was (CT: the clipped air, not the normalised mean's grey), so the scan is shifted by it.
+        background = display_background(getattr(pl_module, "preprocessing", None))
+        floats = torch.cat([item["image"].as_tensor()[:1].float() - background, probabilities,
                             *[outputs[k][0].float() for k in names]]).cpu()
         data = {"image": item["image"], "floats": MetaTensor(floats)}
         if "label" in item:
@@ -301,6 +312,7 @@ class GateOverlays(Callback):
         floats = inverted["floats"]
         affine = floats.affine.double().numpy()
         floats = floats.as_tensor().numpy()
+        floats[0] += background
         meta = item["image"].meta
         shape = tuple(int(v) for v in meta.get("spatial_shape", floats.shape[1:]))
         original = np.asarray(meta.get("original_affine", affine), dtype=np.float64)

@@ -235,3 +235,38 @@ def test_nan_in_one_channel_file_is_a_data_error_naming_that_file(tmp_path):
     cause = err.value.__cause__
     assert isinstance(cause, DataError) and "1 of 336 voxels are NaN or infinite" in str(cause)
     assert str(files[1]) in str(cause) and str(files[0]) not in str(cause)
+
+
+def test_body_mask_crops_air_and_ignores_a_bright_speck_in_it():
+    from seg.data.transforms import BodyMask
+
+    image = torch.full((1, 60, 50, 20), -1000.0)
+    image[0, 10:40, 15:35, 2:18] = 40.0  # the body
+    image[0, 58, 1, 19] = 300.0  # one bright voxel in the air (noise, a streak)
+    mask = BodyMask([-500.0])(image)
+    assert mask.shape == (1, 60, 50, 20) and mask.dtype == torch.bool
+    where = torch.nonzero(mask[0])
+    assert where.min(0).values.tolist() == [10, 15, 2] and where.max(0).values.tolist() == [39, 34, 17]
+    # an MR channel (no threshold) keeps crop-to-nonzero exactly
+    mr = torch.zeros((1, 8, 8, 8))
+    mr[0, 2:5, 3:6, 1:7] = 5.0
+    assert torch.equal(BodyMask([None])(mr), mr != 0)
+
+
+def test_ct_crop_is_inverted_back_onto_the_scans_grid(tmp_path):
+    from monai.transforms import Invertd
+
+    shape = (24, 20, 12)
+    image = np.full(shape, -1000.0, np.float32)
+    image[4:20, 5:15, 2:10] = 50.0
+    label = np.zeros(shape, np.uint8)
+    label[8:12, 8:12, 4:8] = 1
+    root = write_dataset(tmp_path / "ct", {"a": (image, label, np.diag([0.8, 0.8, 3.0, 1.0]))}, modality=("CT",),
+                         labels=("background", "organ"))
+    info = load_dataset(root)
+    prep = make_preprocessing(info, compute_fingerprint(info, intensities=True), patch_size=[8, 8, 8])
+    transforms = inference_transforms(prep, keys=("image", "label"))
+    out = transforms({"image": str(info.cases[0].images[0]), "label": str(info.cases[0].label)})
+    assert out["image"].shape == (1, 16, 10, 8)  # the body's box, no air
+    back = Invertd("label", transform=transforms, orig_keys="image", nearest_interp=True)(out)["label"]
+    assert back.shape == (1, *shape) and np.array_equal(back[0].numpy(), label)
