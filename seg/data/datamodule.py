@@ -104,6 +104,8 @@ class NiftiDataModule(LightningDataModule):
         use_albumentations: in 2D, augment with albumentations (intensity and affine).
         albumentations_3d: in 3D, do the intensity augmentation with albumentations instead of MONAI.
         val_fraction: share of cases held out for validation (seeded), unless `val_cases` or `fold` is set.
+        group_pattern: a regular expression whose first group names the patient of a case id, e.g.
+            `^(patient\d+)_` for ACDC's `patient001_frame01`: a patient's cases are never on both sides of the split.
         val_cases: explicit validation case ids.
         fold: validate on fold `fold` of `num_folds` (nnU-Net style).
         num_folds: folds for `fold`.
@@ -116,6 +118,8 @@ class NiftiDataModule(LightningDataModule):
         num_workers: loader worker processes (and cache-filling threads).
         check: run `seg.data.checks.check_or_raise` on the dataset in `prepare_data`.
         crop_foreground: crop each scan to the body (nonzero voxels; above -500 HU for CT).
+        plan: the reasons of `seg plan` for this config (config key -> reason); kept in the preprocessing, and so in
+            every checkpoint, to say where the settings came from.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class NiftiDataModule(LightningDataModule):
         use_albumentations: bool = True,
         albumentations_3d: bool = False,
         val_fraction: float = 0.2,
+        group_pattern: str | None = None,
         val_cases: list[str] | None = None,
         fold: int | None = None,
         num_folds: int = 5,
@@ -143,6 +148,7 @@ class NiftiDataModule(LightningDataModule):
         num_workers: int = 2,
         check: bool = True,
         crop_foreground: bool = True,
+        plan: dict[str, str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -191,6 +197,8 @@ class NiftiDataModule(LightningDataModule):
             self._preprocessing = make_preprocessing(
                 self.info, fingerprint, spatial_dims=h.spatial_dims, patch_size=h.patch_size, spacing=h.spacing,
                 normalization=h.normalization, ct_window=h.ct_window, crop_foreground=h.crop_foreground)
+            if h.plan:
+                self._preprocessing["plan"] = {str(k): str(v) for k, v in h.plan.items()}
         return self._preprocessing
 
     @property
@@ -226,7 +234,7 @@ class NiftiDataModule(LightningDataModule):
         if self.split is None:
             self.split = split_cases([c.case_id for c in self.info.cases], val_fraction=h.val_fraction,
                                      val_cases=h.val_cases, fold=h.fold, num_folds=h.num_folds, seed=h.seed,
-                                     source=self.info.root)
+                                     source=self.info.root, group_pattern=h.group_pattern)
             self.train_transforms = train_transforms(
                 self.preprocessing, samples_per_volume=h.samples_per_volume, foreground_ratio=h.foreground_ratio,
                 flip_axes=h.flip_axes, augment=h.augment,

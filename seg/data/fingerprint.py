@@ -1,6 +1,6 @@
 """Dataset fingerprint: the numbers preprocessing needs, measured once per dataset and cached as JSON.
 
-- median voxel spacing and shape along R, A, S (after reorientation), from the NIfTI headers only;
+- median voxel spacing and shape along R, A, S (after reorientation), and each case's, from the NIfTI headers only;
 - on request (CT normalisation), per image channel the 0.5 / 99.5 percentiles, mean and std of the
   intensities under the labels, from up to `max_cases` cases and `voxels_per_case` voxels each (nnU-Net).
 
@@ -23,7 +23,7 @@ import numpy as np
 from seg.data.layout import Case, DatasetInfo
 from seg.errors import DataError
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: per-case spacings and shapes
 
 
 def ras_geometry(path: str | os.PathLike) -> tuple[list[float], list[int]]:
@@ -123,6 +123,9 @@ def compute_fingerprint(info: DatasetInfo, intensities: bool = False) -> dict:
         # rounded: float32 affines give 0.99999998 mm for 1 mm
         "spacing": [round(float(v), 5) for v in np.median([g[0] for g in geometry], axis=0)],
         "shape": [float(v) for v in np.median([g[1] for g in geometry], axis=0)],
+        # per case, for planning (percentiles of the thick axis, resampled sizes): a few numbers per case
+        "spacings": [[round(float(v), 5) for v in g[0]] for g in geometry],
+        "shapes": [[int(v) for v in g[1]] for g in geometry],
         "intensity": foreground_intensities(info) if intensities else None,
     }
 

@@ -1,13 +1,15 @@
 """Which cases train and which validate: a seeded hold-out fraction, an explicit list, or fold k of n.
 
 The k-fold split follows nnU-Net: sorted case ids, shuffled with the seed, cut into `num_folds` near-equal
-parts; fold k validates on part k. The same ids and seed always give the same split, on any machine.
+parts; fold k validates on part k. With a group pattern, the same is done with groups of cases (the volumes of
+one patient), so no patient is on both sides. The same ids and seed always give the same split, on any machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,8 +38,12 @@ def split_cases(
     num_folds: int = 5,
     seed: int = 0,
     source: str | os.PathLike | None = None,
+    group_pattern: str | None = None,
 ) -> Split:
     """Split case ids into train and validation; `val_cases` wins over `fold`, which wins over `val_fraction`.
+
+    With `group_pattern`, cases of one group (one patient: `patient001_frame01` and `patient001_frame12`) are never
+    split apart: groups are shuffled and cut instead of cases, and `val_fraction` counts the cases of whole groups.
 
     Args:
         case_ids: every labelled case of the dataset.
@@ -47,6 +53,8 @@ def split_cases(
         num_folds: number of folds for `fold`.
         seed: shuffles the cases before the hold-out or the folds are cut.
         source: the dataset folder, named in error messages.
+        group_pattern: a regular expression whose first group names a case's group (`^(patient\d+)_`); a case it
+            does not match is a group of its own.
 
     Raises:
         DataError: unknown `val_cases`, a fold outside 0..num_folds-1, or too few cases to split.
@@ -58,23 +66,49 @@ def split_cases(
             raise DataError(f"val_cases {unknown[:5]} are not cases of this dataset", source)
         val = sorted(set(val_cases))
     else:
-        shuffled = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+        groups = case_groups(ids, group_pattern, source)
+        names = sorted(groups)
+        shuffled = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
         if fold is not None:
-            if num_folds < 2 or num_folds > len(ids):
-                raise DataError(f"num_folds={num_folds} needs 2..{len(ids)} (the number of cases)", source)
+            if num_folds < 2 or num_folds > len(names):
+                raise DataError(f"num_folds={num_folds} needs 2..{len(names)} (the number of "
+                                f"{'groups' if group_pattern else 'cases'})", source)
             if not 0 <= fold < num_folds:
                 raise DataError(f"fold={fold} must be in 0..{num_folds - 1}", source)
-            val = sorted(np.array_split(np.array(shuffled, dtype=object), num_folds)[fold].tolist())
+            part = np.array_split(np.array(shuffled, dtype=object), num_folds)[fold].tolist()
+            val = sorted(c for g in part for c in groups[g])
         else:
             if not 0.0 <= val_fraction < 1.0:
                 raise DataError(f"val_fraction={val_fraction} must be in [0, 1)", source)
             n_val = 0 if val_fraction == 0 else max(1, round(len(ids) * val_fraction))
-            val = sorted(shuffled[:n_val])
+            val = []
+            for g in shuffled:  # whole groups until the held-out cases reach the fraction
+                if len(val) >= n_val:
+                    break
+                val += groups[g]
+            val = sorted(val)
     held_out = set(val)
     train = [i for i in ids if i not in held_out]
     if not train:
         raise DataError(f"no training cases left after holding out {len(val)} for validation", source)
     return Split(train=train, val=val, seed=seed, fold=fold if val_cases is None else None)
+
+
+def case_groups(case_ids: Sequence[str], pattern: str | None, source=None) -> dict[str, list[str]]:
+    """Case ids by group: the first group of `pattern` matched at the start of the id, else the id itself."""
+    if pattern is None:
+        return {i: [i] for i in case_ids}
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise DataError(f"group_pattern '{pattern}' is not a regular expression ({err})", source) from None
+    if regex.groups < 1:
+        raise DataError(f"group_pattern '{pattern}' needs a group in parentheses naming the patient", source)
+    groups: dict[str, list[str]] = {}
+    for case_id in case_ids:
+        match = regex.match(case_id)
+        groups.setdefault(match.group(1) if match and match.group(1) else case_id, []).append(case_id)
+    return groups
 
 
 def save_split(split: Split, path: str | os.PathLike) -> Path:

@@ -128,8 +128,39 @@ class SegCLI(LightningCLI):
         return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+def _option(args: list[str], name: str) -> str | None:
+    """The value of `--name value` or `--name=value` in `args` (the last one given), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def plan_when_unconfigured(subcommand: str, args: list[str]) -> list[str]:
+    """`seg fit --data.root ROOT` without `--config`: plan the dataset first (`seg plan`) and train on the plan.
+
+    The plan is written to `<default_root_dir>/plan.yaml`, summarised one line per decision on stderr, and put
+    first on the command line, so every other option given still overrides it.
+    """
+    root = _option(args, "--data.root")
+    if subcommand != "fit" or root is None or _option(args, "--config") is not None or "--print_config" in args:
+        return args
+    from seg.data.plan import plan_dataset, render_yaml, summary, write_plan
+
+    run_dir = Path(_option(args, "--trainer.default_root_dir") or "runs/latest")
+    decisions = plan_dataset(root)
+    path = write_plan(run_dir / "plan.yaml", render_yaml(decisions, root, "seg fit " + " ".join(args)))
+    print(f"seg fit: no --config given: planned {root} (`seg plan`), written to {path}:\n{summary(decisions)}",
+          file=sys.stderr)
+    return ["--config", str(path), *args]
+
+
 def run_lightning(subcommand: str, args: list[str]) -> int:
     """Run `seg fit|validate|test ARGS`; returns the exit code."""
+    args = plan_when_unconfigured(subcommand, args)
     try:
         SegCLI(
             SegmentationModule,

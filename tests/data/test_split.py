@@ -57,3 +57,25 @@ def test_save_and_load_round_trip(tmp_path):
     assert load_split(path) == s
     assert [p.name for p in path.parent.iterdir()] == ["split.json"]  # no temporary file left behind
     assert isinstance(load_split(path), Split)
+
+
+def test_group_pattern_keeps_a_patients_volumes_together():
+    from seg.data.split import case_groups
+
+    ids = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 21) for f in (1, 12)] + ["loner"]
+    pattern = r"^(patient\d+)_"
+    assert case_groups(ids, pattern)["patient003"] == ["patient003_frame01", "patient003_frame12"]
+    for split in [split_cases(ids, val_fraction=0.2, seed=s, group_pattern=pattern) for s in range(5)] + \
+                 [split_cases(ids, fold=k, num_folds=5, group_pattern=pattern) for k in range(5)]:
+        val_patients = {c.split("_")[0] for c in split.val}
+        train_patients = {c.split("_")[0] for c in split.train}
+        assert not val_patients & train_patients
+        assert sorted(split.train + split.val) == sorted(ids)
+    assert len(split_cases(ids, val_fraction=0.2, group_pattern=pattern).val) in (8, 9)  # 20 % of 41 in pairs
+    folds = [set(split_cases(ids, fold=k, num_folds=5, group_pattern=pattern).val) for k in range(5)]
+    assert set().union(*folds) == set(ids) and sum(map(len, folds)) == len(ids)
+
+
+def test_group_pattern_without_a_group_is_refused():
+    with pytest.raises(DataError, match="needs a group"):
+        split_cases(["a", "b", "c"], group_pattern=r"^patient\d+")

@@ -7,6 +7,7 @@ validation and overlay export, then `seg predict` and `seg overlays` on a held-o
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -27,6 +28,7 @@ GEOMETRIES = {
     "oblique": {"size": (40, 40, 24), "spacing": (1.5, 1.5, 2.0), "oblique": True},
     "ct": {"size": (96, 96, 24), "spacing": (0.8, 0.8, 3.0), "modality": "CT"},
     "two_channels": {"size": (40, 40, 24), "spacing": (1.5, 1.5, 2.0), "channels": 2},
+    "two_channel_files": {"size": (40, 40, 24), "spacing": (1.5, 1.5, 2.0), "channels": 2, "nnunet": True},
     "2d": {"size": (96, 96, 16), "spacing": (0.8, 0.8, 4.0), "spatial_dims": 2},
 }
 VAL_CASE, TEST_CASE = "synth_003", "synth_004"
@@ -53,12 +55,31 @@ def _same_grid(path: Path, reference: Path) -> None:
     assert np.allclose(image.affine, ref.affine, atol=1e-4)
 
 
+def _as_nnunet(root: Path) -> Path:
+    """The 4D MSD dataset at `root` rewritten in nnU-Net v2's layout: one file per channel, `case_0000.nii.gz`."""
+    out = root.parent / "nnunet"
+    for split in ("Tr", "Ts"):
+        (out / f"images{split}").mkdir(parents=True)
+        (root / f"labels{split}").rename(out / f"labels{split}")
+        for path in sorted((root / f"images{split}").glob("*.nii.gz")):
+            image = nib.load(path)
+            for c in range(image.shape[3]):
+                channel = nib.Nifti1Image(np.asarray(image.dataobj)[..., c], image.affine, image.header)
+                nib.save(channel, out / f"images{split}" / path.name.replace(".nii.gz", f"_{c:04d}.nii.gz"))
+    meta = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "liver": 1, "lesion": 2},
+            "numTraining": 4, "file_ending": ".nii.gz"}
+    (out / "dataset.json").write_text(json.dumps(meta))
+    return out
+
+
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, spec in GEOMETRIES.items():
-        spec = {k: v for k, v in spec.items() if k != "spatial_dims"}
+        spec = {k: v for k, v in spec.items() if k not in ("spatial_dims", "nnunet")}
         out[name] = write_dataset(tmp_path_factory.mktemp(name) / "data", cases=4, test_cases=1, **spec)
+        if GEOMETRIES[name].get("nnunet"):
+            out[name] = _as_nnunet(out[name])
     return out
 
 
@@ -83,18 +104,20 @@ def test_fit_validate_overlays_and_predict_in_the_scans_geometry(name, datasets,
     assert (folder / "overlay.png").stat().st_size > 10_000
     gates = sorted(folder.glob("gate_*.nii.gz"))
     assert [g.name for g in gates] == ["gate_0.nii.gz", "gate_1.nii.gz"]
+    val_image = next((root / "imagesTr").glob(f"{VAL_CASE}*.nii.gz"))  # synth_003.nii.gz or synth_003_0000.nii.gz
     for gate in gates:  # in the scan's own grid, whatever its orientation and spacing
-        _same_grid(gate, root / "imagesTr" / f"{VAL_CASE}.nii.gz")
+        _same_grid(gate, val_image)
         values = np.asarray(nib.load(gate).dataobj)
         assert 0.0 <= values.min() and values.max() <= 1.0
-    assert titles == (["scan: channel 0 (T1) of 2"] if name == "two_channels" else ["scan"])
+    assert titles == (["scan: channel 0 (T1) of 2"] if GEOMETRIES[name].get("channels") == 2 else ["scan"])
 
     scans = root / "imagesTs"
     predictions = tmp_path / "predictions"
     assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--input", str(scans),
                  "--output", str(predictions)]) == 0
+    test_image = next(scans.glob(f"{TEST_CASE}*.nii.gz"))
     label = predictions / f"{TEST_CASE}.nii.gz"
-    _same_grid(label, scans / f"{TEST_CASE}.nii.gz")
+    _same_grid(label, test_image)
     values = np.asarray(nib.load(label).dataobj)
     assert np.issubdtype(values.dtype, np.integer) and set(np.unique(values)) <= {0, 1, 2}
     if name == "ct":
@@ -104,10 +127,11 @@ def test_fit_validate_overlays_and_predict_in_the_scans_geometry(name, datasets,
         assert values[0, 0, :].max() == 0 and values[-1, -1, :].max() == 0
 
     drawn = tmp_path / "drawn"
-    assert main(["overlays", "--checkpoint", str(run / "checkpoints" / "best.ckpt"),
-                 "--input", str(scans / f"{TEST_CASE}.nii.gz"), "--output", str(drawn)]) == 0
+    assert main(["overlays", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--input", str(scans),
+                 "--output", str(drawn)]) == 0
     assert (drawn / TEST_CASE / "overlay.png").stat().st_size > 10_000
-    _same_grid(drawn / TEST_CASE / "gate_1.nii.gz", scans / f"{TEST_CASE}.nii.gz")
+    _same_grid(drawn / TEST_CASE / "gate_1.nii.gz", test_image)
+    assert titles[-1] == titles[0]  # `seg overlays` names the channel it shows as the callback does
 
 
 def test_a_failing_overlay_export_is_logged_and_training_goes_on(datasets, tmp_path, monkeypatch, caplog):

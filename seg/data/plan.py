@@ -1,0 +1,371 @@
+"""`seg plan`: a complete training config derived from a dataset's fingerprint, each value with its reason.
+
+The rules follow nnU-Net's planner where they apply to our network, and say so:
+
+- **Target spacing**: the median spacing. When the data are anisotropic (largest / smallest median spacing > 3),
+  the thick axis takes the 10th percentile of its spacings instead (nnU-Net), but never finer than the other
+  axes: resampling every scan to the thickest slices would throw away the thin-slice cases' detail.
+- **2D or 3D**: 3D unless the thick axis holds fewer than `MIN_3D_SLICES` voxels after resampling (a 3D patch
+  could then see no context along it: ACDC-like cine MR at 10 mm); then 2D in-plane slices.
+- **Patch**: the median resampled scan, shrunk along its longest axis (in mm) until it fits the budget (CPU: a
+  step-time budget of voxels per patch; GPU: voxels that fit `--gpu-memory` in bf16), then padded to a multiple
+  of the strides as nnU-Net does.
+- **Topology**: halve an axis at each level while its feature map stays >= `MIN_FEATURE` voxels and its spacing
+  is at most twice the finest axis's (so thin slices are first brought to the in-plane resolution); widths
+  double from 16 (CPU) or 32 (GPU) per level, capped at 128 or 320.
+- **Batch**: 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4 slices in 2D; a
+  third of the patches centred on foreground.
+- **Normalisation** per channel from `dataset.json`'s modality: CT is clipped to the foreground's 0.5-99.5
+  percentiles and scaled by the foreground mean and std; every other channel gets a per-scan z-score.
+- **Validation**: often enough to pick a good checkpoint, rarely enough to stay about a tenth of the run, from a
+  step-time estimate (a constant per voxel measured on this project's 2-core CPU reference machine).
+- **Split by patient**: case ids like `patient001_frame01` (several volumes of one patient) are split by patient.
+
+Every decision is a `Decision` (config key, value, reason); `render_yaml` writes them as a LightningCLI config
+with the reason beside each value, and the decisions also travel inside checkpoints (`data.plan`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from seg.data.fingerprint import load_fingerprint
+from seg.data.layout import DatasetInfo, load_dataset
+from seg.data.transforms import channel_schemes
+from seg.errors import DataError
+
+MIN_3D_SLICES = 12  # fewer resampled voxels along the thick axis than this: 2D
+MIN_FEATURE = 4  # nnU-Net's smallest feature map edge
+ANISOTROPY = 3.0  # nnU-Net's threshold for a thick axis
+# Voxels per training patch. CPU: a step of 2 x 2 patches of this size takes about 2 s on two cores with widths
+# 16-128 (the hippocampus config, 40 x 56 x 40 = 90k voxels, runs 0.5 steps/s; BENCHMARKS.md). 2D convolutions
+# cost about a third as much per voxel, so a 2D patch may hold more voxels per step.
+CPU_PATCH_VOXELS = {3: 128_000, 2: 256 * 256}
+# GPU: nnU-Net's reference, a 128^3 patch with batch 2 and widths 32-320 in about 10 GB of bf16 training memory.
+GPU_VOXELS_PER_GB = {3: 128**3 / 10.0, 2: 1024 * 1024 / 10.0}
+CPU_SECONDS_PER_VOXEL = {3: 2.0 / (4 * 40 * 56 * 40), 2: 2.0 / (4 * 40 * 56 * 40) / 3}  # one training step
+# Case ids that name a patient and one of its volumes: `patient001_frame01`, `sub-01_ses-2`, `p7_ED`.
+GROUP_PATTERN = r"(?i)^(.+?)[_-](?:frame|phase|time|tp|visit|ses|scan|ed|es)[_-]?\d*$"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One planned config value: `key` is LightningCLI's dotted path (`data.patch_size`), `reason` says why."""
+
+    key: str
+    value: object
+    reason: str
+
+
+def target_spacing(spacings: np.ndarray) -> tuple[list[float], str]:
+    """The target voxel size (mm, R A S) for per-case spacings `(N, 3)`, and why."""
+    median = np.median(spacings, axis=0)
+    thick = int(np.argmax(median))
+    ratio = float(median.max() / max(median.min(), 1e-6))
+    if ratio <= ANISOTROPY:
+        return [round(float(v), 4) for v in median], f"the median spacing (anisotropy {ratio:.1f} <= {ANISOTROPY:g})"
+    target = median.copy()
+    others = np.delete(median, thick)
+    target[thick] = max(float(np.percentile(spacings[:, thick], 10)), float(others.max()))
+    return [round(float(v), 4) for v in target], (
+        f"anisotropic ({ratio:.1f}x): the median spacing in-plane, the 10th percentile of the thick axis's "
+        f"spacings along it (nnU-Net), so thin-slice cases keep their detail")
+
+
+def resampled_shape(shapes: np.ndarray, spacings: np.ndarray, target: Sequence[float]) -> np.ndarray:
+    """The median shape `(3,)` of the cases after resampling to `target`."""
+    return np.median(shapes * spacings / np.asarray(target, dtype=np.float64), axis=0)
+
+
+def plan_strides(patch: Sequence[int], spacing: Sequence[float], max_levels: int,
+                 min_feature: int = MIN_FEATURE) -> list[list[int]]:
+    """Per-level, per-axis strides for `patch` (voxels) at `spacing` (mm); see the module docstring."""
+    size = np.array(patch, dtype=np.float64)  # copies: the caller's patch stays as it is
+    mm = np.array(spacing, dtype=np.float64)
+    strides = []
+    for _ in range(max_levels):
+        step = [2 if size[a] / 2 >= min_feature and mm[a] <= 2 * mm.min() else 1 for a in range(len(size))]
+        if all(s == 1 for s in step):
+            break
+        size /= step
+        mm *= step
+        strides.append(step)
+    return strides
+
+
+def _multiple(strides: list[list[int]], dims: int) -> np.ndarray:
+    return np.prod(np.asarray(strides), axis=0).astype(int) if strides else np.ones(dims, dtype=int)
+
+
+def plan_patch(median: Sequence[float], spacing: Sequence[float], budget: float,
+               max_levels: int) -> tuple[list[int], list[list[int]]]:
+    """The patch (voxels) and its strides: the median shape shrunk to `budget` voxels, padded to the strides."""
+    median = np.maximum(np.asarray(median, dtype=np.float64), 1.0)
+    mm = np.asarray(spacing, dtype=np.float64)
+    patch = median.copy()
+    while np.prod(patch) > budget:  # shrink the longest side in mm, by 5 %: the field of view stays as square as it can
+        axis = int(np.argmax(patch * mm))
+        patch[axis] = max(patch[axis] * 0.95, MIN_FEATURE)
+        if np.all(patch <= MIN_FEATURE):
+            break
+    for _ in range(4):  # strides depend on the patch, the padded patch on the strides: settles in one or two rounds
+        strides = plan_strides(np.floor(patch), spacing, max_levels)
+        multiple = _multiple(strides, len(patch))
+        padded = np.ceil(patch / multiple) * multiple
+        if np.prod(padded) > budget * 1.25:  # padding up would overshoot the budget: round down instead
+            padded = np.maximum(np.floor(patch / multiple), 1) * multiple
+        if np.array_equal(plan_strides(padded, spacing, max_levels), strides):
+            return [int(v) for v in padded], strides
+        patch = padded
+    return [int(v) for v in padded], plan_strides(padded, spacing, max_levels)
+
+
+def detect_groups(case_ids: Sequence[str]) -> str | None:
+    """`GROUP_PATTERN` when it puts several cases of this dataset into one group (patients with several volumes)."""
+    regex = re.compile(GROUP_PATTERN)
+    groups = [m.group(1) for m in map(regex.match, case_ids) if m]
+    return GROUP_PATTERN if groups and len(set(groups)) < len(groups) else None
+
+
+def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float = 10.0,
+                 minutes: float | None = None, dims: str = "auto", check: bool = True) -> list[Decision]:
+    """Plan a training run for the dataset at `root`.
+
+    Args:
+        root: the dataset folder (any layout `seg.data.layout` reads).
+        device: "cpu" or "gpu": sets the patch budget, widths, optimiser and precision.
+        gpu_memory: GB of GPU memory to plan for (device "gpu").
+        minutes: training time; None: 60 minutes on a CPU, 1000 epochs on a GPU.
+        dims: "auto" (the rule above), "2d" or "3d".
+        check: run `seg check-data` first; a dataset with problems is not planned.
+
+    Raises:
+        DataError: the dataset cannot be read, or `seg check-data` finds problems (all of them, one line each).
+    """
+    if device not in ("cpu", "gpu"):
+        raise DataError(f"--device must be cpu or gpu, got '{device}'")
+    if dims not in ("auto", "2d", "3d"):
+        raise DataError(f"--dims must be auto, 2d or 3d, got '{dims}'")
+    if device == "gpu" and not gpu_memory > 0:
+        raise DataError(f"--gpu-memory must be a positive number of GB, got {gpu_memory}")
+    if minutes is not None and not minutes > 0:
+        raise DataError(f"--minutes must be positive, got {minutes}")
+    if check:
+        from seg.data.checks import check_or_raise
+
+        info = check_or_raise(root)
+    else:
+        info = load_dataset(root)
+    ct = "ct" in channel_schemes(info.modalities)
+    fingerprint = load_fingerprint(info, intensities=ct)
+    spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
+    shapes = np.asarray(fingerprint["shapes"], dtype=np.float64)
+    gpu = device == "gpu"
+    decisions: list[Decision] = []
+
+    def decide(key: str, value, reason: str) -> None:
+        decisions.append(Decision(key, value, reason))
+
+    target, why = target_spacing(spacings)
+    median = resampled_shape(shapes, spacings, target)
+    thick = int(np.argmax(target))
+    shape_text = "x".join(f"{v:.0f}" for v in median)
+    if dims == "auto":
+        spatial = 2 if median[thick] < MIN_3D_SLICES and thick == 2 else 3
+        dims_why = (f"2D: {median[thick]:.0f} slices after resampling (< {MIN_3D_SLICES}) give a 3D patch no context "
+                    "along S" if spatial == 2 else f"3D: the median resampled scan is {shape_text} voxels")
+    else:
+        spatial = int(dims[0])
+        dims_why = f"--dims {dims}"
+    decide("data.spatial_dims", spatial, dims_why)
+    if spatial == 2:
+        target[2] = 0.0  # slices keep their own thickness
+    decide("data.spacing", target, why + ("; 2D slices keep their own thickness (0)" if spatial == 2 else ""))
+
+    budget = (GPU_VOXELS_PER_GB[spatial] * gpu_memory) if gpu else CPU_PATCH_VOXELS[spatial]
+    max_levels = 5 if gpu else 4
+    in_plane = median[:spatial]
+    patch, strides = plan_patch(in_plane, np.asarray(target[:spatial]) if spatial == 3 else target[:2], budget,
+                                max_levels)
+    over = [a for a in range(spatial) if patch[a] > in_plane[a]]
+    decide("data.patch_size", patch,
+           f"the median resampled scan ({'x'.join(f'{v:.0f}' for v in in_plane)}) "
+           + ("padded" if over else "shrunk along its longest side (mm) to the budget and rounded")
+           + f" to a multiple of the strides; budget {budget / 1000:.0f}k voxels "
+           + (f"({gpu_memory:g} GB of GPU memory, bf16)" if gpu else "(about 2 s a step on 2 CPU cores)"))
+    base, cap = (32, 320) if gpu else (16, 128)
+    channels = [min(base * 2**i, cap) for i in range(len(strides) + 1)]
+    decide("model.channels", channels, f"{base} at full resolution, doubling per level, capped at {cap}")
+    decide("model.strides", strides,
+           f"halve an axis while its feature map stays >= {MIN_FEATURE} voxels and its spacing <= 2x the finest "
+           f"(coarsest map {'x'.join(str(int(p // m)) for p, m in zip(patch, _multiple(strides, spatial)))})")
+
+    per_volume = 4 if spatial == 2 else 2
+    decide("data.batch_size", 2, "2 volumes a step: batch statistics and batch Dice need at least 2")
+    decide("data.samples_per_volume", per_volume,
+           f"{per_volume} {'slices' if spatial == 2 else 'patches'} from each loaded volume: loading costs more than a "
+           "patch")
+    decide("data.foreground_ratio", 0.33, "a third of the patches centred on a labelled voxel (nnU-Net)")
+    schemes = channel_schemes(info.modalities)
+    decide("data.normalization", "auto",
+           "per channel from dataset.json: " + ", ".join(
+               f"{m}: {'CT clip to the foreground 0.5-99.5 percentiles, foreground mean/std' if s == 'ct' else 'z-score per scan'}"
+               for m, s in zip(info.modalities, schemes)))
+    group = detect_groups([c.case_id for c in info.cases])
+    decide("data.group_pattern", group,
+           "several volumes per patient (case ids such as patient001_frame01): split by patient" if group else
+           "one volume per case id: split by case")
+    n_val = max(1, round(len(info.cases) * (0.1 if len(info.cases) >= 50 else 0.2)))
+    decide("data.val_fraction", 0.1 if len(info.cases) >= 50 else 0.2,
+           f"{n_val} of {len(info.cases)} cases held out for validation")
+    decide("data.num_workers", 2 if not gpu else 8, "loader processes: one per core on the 2-core reference" if not gpu
+           else "loader processes for a GPU node")
+
+    if gpu:
+        decide("model.optimizer", "sgd", "SGD with Nesterov momentum 0.99 (nnU-Net) on a GPU")
+        decide("model.lr", 0.01, "nnU-Net's initial learning rate for SGD")
+        decide("model.deep_supervision", True, "auxiliary losses on coarser levels (nnU-Net)")
+        decide("trainer.precision", "bf16-mixed", "bf16 mixed precision on the GPU")
+        decide("trainer.accelerator", "gpu", "--device gpu")
+    else:
+        decide("model.optimizer", "adamw", "AdamW converges in fewer steps than SGD, and a CPU run has few")
+        decide("model.lr", 0.003, "the learning rate that trained the hippocampus model best here (BENCHMARKS.md)")
+        decide("trainer.accelerator", "auto", "the GPU when there is one, else the CPU")
+    decide("model.weight_decay", 3e-5, "nnU-Net's weight decay")
+    decide("model.schedule", "poly", "warm-up then polynomial decay over the run (by time when time-bounded)")
+    decide("model.sw_batch_size", 4, "windows per forward pass at validation and prediction")
+
+    # Time and validation: estimate a training step and a validation, then validate about every tenth of the run.
+    voxels_per_step = 2 * per_volume * float(np.prod(patch))
+    step_seconds = voxels_per_step * CPU_SECONDS_PER_VOXEL[spatial] / (1 if not gpu else 50)
+    n_train = len(info.cases) - n_val
+    epoch_seconds = math.ceil(n_train / 2) * step_seconds
+    # sliding windows at overlap 0.5 cover each voxel about 2^dims times, a forward pass is ~1/3 of a step
+    scan_voxels = float(np.prod(median[:3] if spatial == 3 else median[:2])) * (median[2] if spatial == 2 else 1)
+    val_seconds = n_val * scan_voxels * 2**spatial * CPU_SECONDS_PER_VOXEL[spatial] / 3 / (1 if not gpu else 50)
+    total_minutes = minutes if minutes is not None else (None if gpu else 60.0)
+    cost = f"a validation: {val_seconds:.0f} s for {n_val} scans, an epoch: {epoch_seconds:.0f} s (estimated)"
+    if total_minutes is not None:
+        epochs = max(1, int(total_minutes * 60 / max(epoch_seconds, 1e-6)))
+        decide("trainer.max_time", _duration(total_minutes),
+               f"{total_minutes:g} minutes of training; about {epochs} epochs of {epoch_seconds:.0f} s (estimated)")
+        decide("trainer.max_epochs", -1, "bounded by time, not epochs")
+        # validations that fit in an eighth of the run, the final one (always run at the end) included
+        runs = int(total_minutes * 60 / 8 // max(val_seconds, 1e-6))
+        every = epochs + 1 if runs <= 1 else max(1, math.ceil(epochs / runs))
+        why = (f"only the final validation fits in an eighth of the run ({cost})" if runs <= 1 else
+               f"{min(runs, epochs)} validations fit in an eighth of the run, the final one included ({cost})")
+    else:
+        decide("trainer.max_epochs", 1000, "1000 epochs, as nnU-Net trains on a GPU")
+        every = max(1, math.ceil(val_seconds / max(0.1 * epoch_seconds, 1e-6)))
+        why = f"validation at most a tenth of the training time ({cost})"
+    decide("trainer.check_val_every_n_epoch", every, why)
+    decide("overlays.every_n_epochs", every, "gate overlays at every validation")
+    decide("trainer.log_every_n_steps", max(1, min(50, math.ceil(n_train / 2) // 2)), "twice an epoch, at most every 50")
+    return decisions
+
+
+def _duration(minutes: float) -> str:
+    seconds = int(round(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def plan_config(decisions: Sequence[Decision], root: str | os.PathLike) -> dict:
+    """The decisions as a nested config dict (LightningCLI's sections), with `data.root` and `data.plan`."""
+    config: dict = {"seed_everything": 0}
+    for d in decisions:
+        section, key = d.key.split(".", 1)
+        config.setdefault(section, {})[key] = d.value
+    config["data"]["root"] = os.fspath(root)
+    config["data"]["plan"] = {d.key: d.reason for d in decisions}
+    return config
+
+
+def render_yaml(decisions: Sequence[Decision], root: str | os.PathLike, command: str = "") -> str:
+    """A LightningCLI YAML config: every planned value with its reason as a comment; `data.plan` keeps them."""
+    lines = ["# Planned by `seg plan` from the dataset's fingerprint; train with:",
+             "#   seg fit --config THIS_FILE [--trainer.default_root_dir runs/NAME]"]
+    if command:
+        lines.append(f"# made by: {command}")
+    lines.append("seed_everything: 0")
+    sections: dict[str, list[Decision]] = {}
+    for d in decisions:
+        sections.setdefault(d.key.split(".", 1)[0], []).append(d)
+    for section in ("trainer", "model", "data", "overlays"):
+        if section not in sections and section != "data":
+            continue
+        lines.append(f"{section}:")
+        if section == "data":
+            lines.append(f"  root: {json.dumps(os.fspath(root))}")
+        for d in sections.get(section, []):
+            lines.append(f"  {d.key.split('.', 1)[1]}: {json.dumps(d.value)}  # {d.reason}")
+        if section == "data":  # the reasons travel into checkpoints with the preprocessing
+            lines.append("  plan:")
+            lines += [f"    {json.dumps(d.key)}: {json.dumps(d.reason)}" for d in decisions]
+    return "\n".join(lines) + "\n"
+
+
+def summary(decisions: Sequence[Decision]) -> str:
+    """One line per decision: `key = value  (reason)`."""
+    return "\n".join(f"  {d.key} = {json.dumps(d.value)}  ({d.reason})" for d in decisions)
+
+
+def write_plan(path: str | os.PathLike, text: str) -> Path:
+    """Write the plan atomically (temporary name beside it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---- seg plan -----------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Write a complete `seg fit` config for a dataset, derived from its fingerprint, with the "
+                          "reason for every value as a comment. " + __doc__.split("\n\n", 1)[1].split("\n\nEvery")[0])
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("root", type=Path, help="the dataset folder (MSD, nnU-Net v2 or imagesTr/ + labelsTr/)")
+    parser.add_argument("--output", type=Path, default=None, help="the YAML to write (default: print it)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="plan for a CPU (default) or a GPU")
+    parser.add_argument("--gpu-memory", type=float, default=10.0, help="GB of GPU memory to fill (default 10)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training time; default 60 on a CPU, 1000 epochs on a GPU")
+    parser.add_argument("--dims", choices=("auto", "2d", "3d"), default="auto",
+                        help="2D slices or 3D patches; auto: 2D only when the thick axis has under 12 voxels")
+
+
+def run(args: argparse.Namespace) -> int:
+    from seg.data.checks import check_dataset
+
+    problems = check_dataset(args.root)
+    if problems:  # a dataset `seg check-data` rejects is not planned: every problem, one line each
+        for problem in problems:
+            print(f"seg plan: error: {problem}", file=sys.stderr)
+        print(f"seg plan: {len(problems)} problem(s) in {args.root}; fix them (`seg check-data`) and plan again",
+              file=sys.stderr)
+        return 1
+    decisions = plan_dataset(args.root, device=args.device, gpu_memory=args.gpu_memory, minutes=args.minutes,
+                             dims=args.dims, check=False)
+    command = "seg plan " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+    text = render_yaml(decisions, args.root, command)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    write_plan(args.output, text)
+    print(f"plan for {args.root}:\n{summary(decisions)}\nwritten to {args.output}; train with "
+          f"`seg fit --config {args.output}`")
+    return 0

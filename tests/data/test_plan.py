@@ -1,0 +1,136 @@
+"""`seg plan`: the same dataset gives the same plan; thin, isotropic, CT, 2-channel and small datasets get what
+their geometry asks for; each plan trains and validates as written; a broken dataset is not planned."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from seg.cli import main
+from seg.data.plan import detect_groups, plan_dataset, plan_patch, plan_strides, render_yaml, target_spacing
+from seg.data.synthetic import write_dataset
+
+DATASETS = {
+    "thin": {"size": (64, 64, 20), "spacing": (0.7, 0.7, 5.0)},
+    "isotropic": {"size": (40, 40, 40), "spacing": (1.0, 1.0, 1.0)},
+    "ct": {"size": (64, 64, 24), "spacing": (0.8, 0.8, 3.0), "modality": "CT"},
+    "two_channels": {"size": (40, 40, 32), "spacing": (1.5, 1.5, 2.0), "channels": 2},
+    "small": {"size": (24, 20, 12), "spacing": (1.0, 1.0, 1.0)},
+}
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    return {name: write_dataset(tmp_path_factory.mktemp(name) / "data", cases=5, **spec)
+            for name, spec in DATASETS.items()}
+
+
+def _values(decisions) -> dict:
+    return {d.key: d.value for d in decisions}
+
+
+def test_the_same_dataset_gives_the_same_plan(datasets):
+    first = render_yaml(plan_dataset(datasets["thin"], minutes=10), datasets["thin"])
+    assert first == render_yaml(plan_dataset(datasets["thin"], minutes=10), datasets["thin"])
+
+
+def test_thin_data_get_no_stride_along_the_thick_axis_at_the_first_levels(datasets):
+    plan = _values(plan_dataset(datasets["thin"], minutes=10))
+    assert plan["data.spatial_dims"] == 3 and plan["data.spacing"] == [0.7, 0.7, 5.0]
+    strides = plan["model.strides"]
+    assert strides[0] == [2, 2, 1] and strides[1] == [2, 2, 1]  # 0.7 mm in-plane must reach 2.8 mm first
+    assert all(s[0] == s[1] == 2 for s in strides)
+    assert plan["data.patch_size"][2] == 20 or plan["data.patch_size"][2] % np.prod([s[2] for s in strides]) == 0
+
+
+def test_isotropic_data_get_isotropic_strides_and_the_median_spacing(datasets):
+    plan = _values(plan_dataset(datasets["isotropic"], minutes=10))
+    assert plan["data.spacing"] == [1.0, 1.0, 1.0]
+    assert all(s == [2, 2, 2] for s in plan["model.strides"])
+    assert plan["data.patch_size"] == [40, 40, 40]  # the whole median scan fits the CPU budget
+
+
+def test_ct_gets_ct_normalisation_and_two_channels_two_inputs(datasets):
+    from seg.data import NiftiDataModule
+
+    ct = _values(plan_dataset(datasets["ct"], minutes=10))
+    assert "CT: CT clip to the foreground 0.5-99.5 percentiles" in next(
+        d.reason for d in plan_dataset(datasets["ct"], minutes=10) if d.key == "data.normalization")
+    module = NiftiDataModule(str(datasets["ct"]), patch_size=ct["data.patch_size"], spacing=ct["data.spacing"])
+    assert module.preprocessing["normalization"][0]["scheme"] == "ct"
+    assert module.preprocessing["crop_threshold"] == [-500.0]
+    two = _values(plan_dataset(datasets["two_channels"], minutes=10))
+    assert NiftiDataModule(str(datasets["two_channels"]), patch_size=two["data.patch_size"]).in_channels == 2
+
+
+def test_a_dataset_smaller_than_a_patch_gets_a_patch_clipped_to_it(datasets):
+    plan = _values(plan_dataset(datasets["small"], minutes=10))
+    multiple = np.prod(np.asarray(plan["model.strides"]), axis=0)
+    # the scan itself, padded at most to the next multiple of the strides
+    assert all(p < s + m for p, s, m in zip(plan["data.patch_size"], (24, 20, 12), multiple))
+    assert all(p % m == 0 for p, m in zip(plan["data.patch_size"], multiple))
+
+
+def test_rules_in_isolation():
+    spacing, why = target_spacing(np.array([[1.5, 1.5, 10.0]] * 9 + [[1.5, 1.5, 5.0]] * 3))
+    assert spacing == [1.5, 1.5, 5.0] and "10th percentile" in why  # thin-slice cases keep their detail
+    assert target_spacing(np.array([[0.8, 0.8, 1.0]] * 4))[0] == [0.8, 0.8, 1.0]
+    assert plan_strides([40, 56, 40], [1, 1, 1], 4) == [[2, 2, 2]] * 3  # stops at 5 x 7 x 5
+    patch, strides = plan_patch([219, 249, 18], [1.48, 1.48, 5.0], 128_000, 4)
+    assert np.prod(patch) <= 128_000 * 1.25 and patch[2] >= 16
+    assert detect_groups(["patient001_frame01", "patient001_frame12", "patient002_frame01"])
+    assert detect_groups(["hippocampus_001", "hippocampus_003"]) is None
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_each_plan_trains_one_short_epoch_and_validates(name, datasets, tmp_path):
+    config = tmp_path / "plan.yaml"
+    assert main(["plan", str(datasets[name]), "--output", str(config), "--minutes", "5"]) == 0
+    written = yaml.safe_load(config.read_text())
+    assert written["data"]["plan"]["model.strides"].startswith("halve an axis")  # the reasons travel
+    run = tmp_path / "run"
+    assert main(["fit", "--config", str(config), "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1",
+                 "--trainer.max_time", "null", "--trainer.limit_train_batches", "1",
+                 "--trainer.check_val_every_n_epoch", "1", "--data.num_workers", "0", "--logging", "csv",
+                 "--trainer.enable_progress_bar", "false", "--overlays.every_n_epochs", "0"]) == 0
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["hyper_parameters"]["strides"] == written["model"]["strides"]
+    assert best["seg"]["preprocessing"]["plan"]["data.patch_size"] == written["data"]["plan"]["data.patch_size"]
+
+
+def test_fit_without_a_config_plans_first(datasets, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "seg", "fit", "--data.root", str(datasets["small"]), "--trainer.default_root_dir",
+         str(run), "--trainer.max_epochs", "1", "--trainer.max_time", "null", "--trainer.limit_train_batches", "1",
+         "--trainer.check_val_every_n_epoch", "1", "--data.num_workers", "0", "--logging", "csv",
+         "--trainer.enable_progress_bar", "false"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no --config given: planned" in result.stderr and "  model.strides = " in result.stderr
+    plan = yaml.safe_load((run / "plan.yaml").read_text())
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["channels"] == plan["model"]["channels"]
+
+
+def test_a_dataset_check_data_rejects_is_not_planned(datasets, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    write_dataset(broken, cases=3, size=(16, 16, 8))
+    label = broken / "labelsTr" / "synth_001.nii.gz"
+    image = nib.load(label)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:8], image.affine), label)  # a label on another grid
+    (broken / "imagesTr" / "synth_002.nii.gz").write_bytes(b"not a nifti")
+    output = tmp_path / "plan.yaml"
+    assert main(["plan", str(broken), "--output", str(output)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert any("synth_001" in line for line in lines) and any("synth_002" in line for line in lines)
+    assert all(line.startswith("seg plan: ") for line in lines)
+    assert not output.exists()
+    json.dumps(lines)  # plain text
