@@ -22,6 +22,7 @@ The `preprocessing` dict (JSON-serialisable, saved with a model) holds:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +47,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
+from seg.data.guard import guard_file
 from seg.data.layout import DatasetInfo
 from seg.errors import DataError
 
@@ -130,10 +132,19 @@ _CHUNK = 2**23
 class LoadScand(LoadImaged):
     """`LoadImaged` that turns an unreadable file, or one with NaN or infinite voxels, into a `DataError` naming it.
 
-    The values are checked as loaded, before resampling would smear a NaN over its neighbours.
+    The values are checked as loaded, before resampling would smear a NaN over its neighbours. Before that,
+    each file's header passes the size guard (`seg.data.guard`), with the size after resampling to `spacing`.
     """
 
+    def __init__(self, keys, *args, spacing: Sequence[float] | None = None, **kwargs):
+        super().__init__(keys, *args, **kwargs)
+        self.spacing = spacing
+
     def __call__(self, data, reader=None):
+        for key in self.key_iterator(dict(data)):
+            for path in self._files(data[key]):
+                if isinstance(path, (str, os.PathLike)):
+                    guard_file(path, self.spacing)
         try:
             loaded = super().__call__(data, reader)
         except Exception as err:
@@ -263,7 +274,7 @@ def inference_transforms(preprocessing: dict, keys: Sequence[str] = ("image",)) 
         raise ValueError(f"keys must include 'image', got {keys}")
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     steps = [
-        LoadScand(keys, reader="NibabelReader", image_only=False),
+        LoadScand(keys, reader="NibabelReader", image_only=False, spacing=preprocessing["spacing"]),
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes=preprocessing["orientation"], labels=None),  # None: axis names from the file's space
         Spacingd(keys, pixdim=preprocessing["spacing"], mode=modes, dtype=torch.float32),
