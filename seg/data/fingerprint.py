@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from seg.data.guard import guard_file, ras_spacing_shape
+from seg.data.guard import guard_file, named_warnings, ras_spacing_shape
 from seg.data.layout import Case, DatasetInfo
 from seg.errors import DataError
 
@@ -33,7 +33,8 @@ def ras_geometry(path: str | os.PathLike) -> tuple[list[float], list[int]]:
     Reads the header only. Spacing is the norm of each affine column, as MONAI's `Spacingd` measures it.
     """
     try:
-        image = nib.load(os.fspath(path))
+        with named_warnings(path):
+            image = nib.load(os.fspath(path))
     except Exception as err:  # nibabel raises many types for a bad header
         raise DataError(f"cannot read NIfTI header: {err}", path) from None
     return ras_spacing_shape(image.affine, image.shape)

@@ -83,14 +83,14 @@ def format_bytes(n: float) -> str:
 
 
 @contextmanager
-def named_warnings(path: str | os.PathLike) -> Iterator[None]:
-    """Prefix nibabel's header messages ("pixdim[0] (qfac) should be 1 ...; setting qfac to 1") with the file name.
+def named_warnings(*paths: str | os.PathLike) -> Iterator[None]:
+    """Prefix nibabel's header messages ("vox offset (=360) not divisible by 16 ...") with the file name(s).
 
-    nibabel logs what it fixes in a header on its `nibabel.global` logger, without saying which file; the
-    message is re-logged with the name, as one line.
+    nibabel logs what it finds (and fixes) in a header on its `nibabel.global` logger, without saying which
+    file; within this context each message names the files being read, on one line.
     """
     logger = logging.getLogger("nibabel.global")
-    name = shown(path)
+    name = ", ".join(shown(p) for p in paths)
 
     class Prefix(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:

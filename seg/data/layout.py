@@ -102,6 +102,12 @@ def inside_root(root: Path, relative: str, what: str = "path") -> Path:
     return Path(joined)
 
 
+def case_channel(stem: str) -> tuple[str, int]:
+    """`case_0001` -> ("case", 1); a name without a channel suffix is channel 0 of its own case."""
+    match = _CHANNEL_SUFFIX.match(stem)
+    return (match["case"], int(match["channel"])) if match else (stem, 0)
+
+
 def group_channel_files(files: list[Path]) -> dict[str, list[Path]]:
     """Group NIfTI files into cases: nnU-Net `case_0000`, `case_0001` -> one case with two channels.
 
@@ -112,8 +118,7 @@ def group_channel_files(files: list[Path]) -> dict[str, list[Path]]:
         stem = strip_nifti_suffix(path.name)
         if stem is None:
             continue
-        match = _CHANNEL_SUFFIX.match(stem)
-        case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
+        case_id, channel = case_channel(stem)
         groups.setdefault(case_id, {})[channel] = path
     out = {}
     for case_id, channels in groups.items():

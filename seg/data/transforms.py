@@ -47,7 +47,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-from seg.data.guard import guard_file
+from seg.data.guard import guard_file, named_warnings
 from seg.data.layout import DatasetInfo
 from seg.errors import DataError
 
@@ -141,12 +141,13 @@ class LoadScand(LoadImaged):
         self.spacing = spacing
 
     def __call__(self, data, reader=None):
-        for key in self.key_iterator(dict(data)):
-            for path in self._files(data[key]):
-                if isinstance(path, (str, os.PathLike)):
-                    guard_file(path, self.spacing)
+        files = [p for key in self.key_iterator(dict(data)) for p in self._files(data[key])
+                 if isinstance(p, (str, os.PathLike))]
+        for path in files:
+            guard_file(path, self.spacing)
         try:
-            loaded = super().__call__(data, reader)
+            with named_warnings(*files):
+                loaded = super().__call__(data, reader)
         except Exception as err:
             for key in self.key_iterator(dict(data)):
                 for path in self._files(data[key]):
