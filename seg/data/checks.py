@@ -8,7 +8,11 @@ What is checked, per case (the integrity check nnU-Net runs before planning, in 
   files agree with each other in shape and affine;
 - image and label have the same shape and affine (within `AFFINE_TOLERANCE_MM` plus `AFFINE_TOLERANCE_REL`
   of the voxel size), and the voxel spacing is positive, finite and below `MAX_SPACING_MM`;
-- no NaN or infinite voxels; the label is 3D, whole-numbered, and uses only declared label values.
+- no NaN or infinite voxels; the label is 3D, whole-numbered, and uses only declared label values;
+- what `seg fit` will do with it: before any voxel is read, the header's claim against the file size and the
+  memory, and the size after resampling to the dataset's median spacing (`seg.data.guard`); a voxel size more
+  than `SPACING_FACTOR` times off the dataset's median along an axis.
+A malformed file or dataset.json entry is one problem line; the check goes on with the rest.
 Extreme anisotropy and an all-background label are notes, not problems: the data can still be used.
 
     seg check-data data/Task04_Hippocampus
@@ -27,14 +31,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from seg.data.fingerprint import ras_geometry
+from seg.data.guard import GZIP_MAX_RATIO, format_bytes, guard_file, named_warnings, ras_spacing_shape
 from seg.data.layout import Case, DatasetInfo, load_dataset, strip_nifti_suffix
-from seg.errors import DataError
+from seg.errors import DataError, escape, one_line
 
 AFFINE_TOLERANCE_MM = 1e-4
 AFFINE_TOLERANCE_REL = 1e-3  # of the smallest voxel size
 MAX_SPACING_MM = 50.0
 ANISOTROPY_NOTE = 10.0  # largest / smallest voxel size above which a note is printed
 SHOWN_IN_ERROR = 3  # problems quoted by `check_or_raise`
+# A case whose voxels are this many times larger (or smaller) than the dataset's median along an axis: resampling
+# it to the median multiplies (or divides) its voxel count by as much per axis (a 45 mm case among 1 mm ones:
+# 45^3, 22 GB for 48 x 48 x 32 voxels). MSD's most varied task (Liver, 0.7 to 5 mm slices) stays under 8.
+SPACING_FACTOR = 10.0
+GZIP_SLACK = 1 << 20  # bytes a gzip stream may hold past the image it describes before the check stops reading
 
 
 @dataclass
@@ -46,7 +57,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.case_id}: {self.path}: {self.message}"
+        return one_line(f"{escape(self.case_id)}: {escape(self.path)}: {self.message}")
 
 
 @dataclass
@@ -88,19 +99,24 @@ def check_or_raise(root, workers: int = 1) -> DatasetInfo:
 
 
 def _run(root: Path, progress: bool, workers: int) -> _Report:
+    errors: list[DataError] = []
     try:
-        info = load_dataset(root)
+        info = load_dataset(root, problems=errors)
     except DataError as err:
-        path = err.path or str(root)
-        message = str(err)[len(path) + 2:] if str(err).startswith(f"{path}: ") else str(err)
-        return _Report(None, problems=[Problem("dataset", path, message)])
-    report = _Report(info)
+        return _Report(None, problems=[_dataset_problem(err, root)])
+    report = _Report(info, problems=[_dataset_problem(err, root) for err in errors])
     cases = [(case, True) for case in info.cases] + [(case, False) for case in info.test_images]
     report.cases = len(cases)
     seen_labels: set[int] = set()
+    spacing = _median_spacing(info)
 
     def one(item):
-        return _check_case(item[0], info, labelled=item[1])
+        case, labelled = item
+        try:
+            return _check_case(case, info, labelled, spacing)
+        except Exception as err:  # noqa: BLE001 - one case that trips a check must not lose the whole report
+            path = str(case.images[0]) if case.images else str(root)
+            return [Problem(case.case_id, path, f"could not be checked: {_one_line(err)}")], [], set()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for problems, notes, labels in _progress(pool.map(one, cases), len(cases), progress):
@@ -114,7 +130,29 @@ def _run(root: Path, progress: bool, workers: int) -> _Report:
     return report
 
 
-def _check_case(case: Case, info: DatasetInfo, labelled: bool) -> tuple[list[Problem], list[Problem], set[int]]:
+def _dataset_problem(err: DataError, root: Path) -> Problem:
+    """A layout error as a problem of "dataset", its file apart from its message."""
+    path = err.path or str(root)
+    prefix = f"{escape(path)}: "
+    message = str(err)[len(prefix):] if str(err).startswith(prefix) else str(err)
+    return Problem("dataset", path, message)
+
+
+def _median_spacing(info: DatasetInfo) -> list[float] | None:
+    """The dataset's median voxel spacing along R, A, S, from the headers: what `seg fit` resamples to by default."""
+    spacings = []
+    for case in info.cases:
+        try:
+            spacing, _ = ras_geometry(case.images[0])
+        except (DataError, OSError, ValueError):
+            continue  # an unreadable case is reported by its own check
+        if all(np.isfinite(spacing)) and min(spacing) > 0:
+            spacings.append(spacing)
+    return [float(v) for v in np.median(spacings, axis=0)] if spacings else None
+
+
+def _check_case(case: Case, info: DatasetInfo, labelled: bool,
+                spacing: list[float] | None = None) -> tuple[list[Problem], list[Problem], set[int]]:
     """All checks of one case, reading one file at a time. Returns problems, notes and the label values seen."""
     problems: list[Problem] = []
     notes: list[Problem] = []
@@ -122,21 +160,21 @@ def _check_case(case: Case, info: DatasetInfo, labelled: bool) -> tuple[list[Pro
     def problem(path, message):
         problems.append(Problem(case.case_id, str(path), message))
 
-    grid = _check_images(case, info, problem, notes)
+    grid = _check_images(case, info, problem, notes, spacing)
     labels: set[int] = set()
     if labelled and case.label is not None:
-        labels = _check_label(case, info, grid, problem, notes)
+        labels = _check_label(case, info, grid, problem, notes, spacing)
     return problems, notes, labels
 
 
-def _check_images(case: Case, info: DatasetInfo, problem, notes: list[Problem]):
+def _check_images(case: Case, info: DatasetInfo, problem, notes: list[Problem], spacing: list[float] | None = None):
     """Channel count, values and geometry of a case's image file(s); returns the first file's grid or None."""
     channels = len(info.modalities)
     declared = f"dataset.json declares {_plural(channels, 'modality')} {info.modalities}"
     single = len(case.images) == 1
     grids = []  # (path, spatial shape, affine) of each readable image file with a usable affine
     for path in case.images:
-        image = _read(path, problem)
+        image = _read(path, problem, spacing)
         if image is None:
             continue
         data, affine = image
@@ -151,7 +189,7 @@ def _check_images(case: Case, info: DatasetInfo, problem, notes: list[Problem]):
             problem(path, f"image has {_plural(found, 'channel')} (shape {shape}) but {declared}")
         _check_values(data, "image", path, problem)
         del data
-        if _check_spacing(affine, path, problem, notes, case.case_id) and len(shape) >= 3:
+        if _check_spacing(affine, path, problem, notes, case.case_id, spacing) and len(shape) >= 3:
             grids.append((path, shape[:3], affine))
     if not single and len(case.images) != channels:
         problem(case.images[0], f"{len(case.images)} channel files but {declared}")
@@ -160,10 +198,11 @@ def _check_images(case: Case, info: DatasetInfo, problem, notes: list[Problem]):
     return grids[0] if grids else None
 
 
-def _check_label(case: Case, info: DatasetInfo, grid, problem, notes: list[Problem]) -> set[int]:
+def _check_label(case: Case, info: DatasetInfo, grid, problem, notes: list[Problem],
+                 spacing: list[float] | None = None) -> set[int]:
     """Dimensions, values and grid of a case's label map; returns the label values it holds."""
     path = case.label
-    label = _read(path, problem)
+    label = _read(path, problem, spacing)
     if label is None:
         return set()
     data, affine = label
@@ -172,7 +211,7 @@ def _check_label(case: Case, info: DatasetInfo, grid, problem, notes: list[Probl
         problem(path, f"label is {data.ndim}D {data.shape}; expected a 3D map of label values")
     if _check_values(data, "label", path, problem) and _whole_numbers(data, path, problem):
         values = _label_values(data)
-        undeclared = sorted(values - set(info.labels))
+        undeclared = sorted(values - set(info.labels)) if info.labels_valid else []
         if undeclared:
             declared = ", ".join(f"{k} {v}" for k, v in info.labels.items())
             problem(path, f"label values {undeclared} are not declared in dataset.json labels ({declared})")
@@ -185,8 +224,12 @@ def _check_label(case: Case, info: DatasetInfo, grid, problem, notes: list[Probl
     return values
 
 
-def _read(path: Path, problem) -> tuple[np.ndarray, np.ndarray] | None:
-    """Voxel data (every byte read) and affine of a NIfTI file, or None after reporting why not."""
+def _read(path: Path, problem, spacing: list[float] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Voxel data (every byte read) and affine of a NIfTI file, or None after reporting why not.
+
+    The size guard runs first, on the header alone: nothing the header claims is allocated before it is
+    checked against the file and the memory (and, with `spacing`, against the size after resampling to it).
+    """
     if not path.exists():
         problem(path, "file not found" + (" (broken link)" if path.is_symlink() else ""))
         return None
@@ -199,18 +242,30 @@ def _read(path: Path, problem) -> tuple[np.ndarray, np.ndarray] | None:
     if strip_nifti_suffix(path.name) is None:
         problem(path, "not a NIfTI file (.nii or .nii.gz)")
         return None
-    if path.name.lower().endswith(".gz"):
-        damage = _gzip_damage(path)
-        if damage:
-            problem(path, f"truncated or corrupt gzip stream: {damage}")
-            return None
+    gzipped = path.name.lower().endswith(".gz")
     # nibabel's errors for damaged files range over ImageFileError, EOFError, zlib.error, OSError, ValueError
     # and more, depending on where the damage is; any of them means the same to the user.
     try:
-        image = nib.load(path, mmap=False)
+        with named_warnings(path):
+            image = nib.load(path, mmap=False)  # the header only
     except Exception as err:  # noqa: BLE001 - third-party parser of user files, see above
-        problem(path, f"cannot read the NIfTI header: {_one_line(err)}")
+        damage = _gzip_damage(path, GZIP_MAX_RATIO * path.stat().st_size) if gzipped else None
+        problem(path, f"truncated or corrupt gzip stream: {damage}" if damage
+                else f"cannot read the NIfTI header: {_one_line(err)}")
         return None
+    try:
+        guard_file(path, spacing, image=image)
+    except DataError as err:
+        prefix = f"{escape(str(path))}: "
+        problem(path, str(err)[len(prefix):] if str(err).startswith(prefix) else str(err))
+        return None
+    if gzipped:
+        header = image.header
+        expected = int(image.dataobj.offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        damage = _gzip_damage(path, expected + GZIP_SLACK)
+        if damage:
+            problem(path, f"truncated or corrupt gzip stream: {damage}")
+            return None
     try:
         data = np.asanyarray(image.dataobj)
     except Exception as err:  # noqa: BLE001
@@ -219,17 +274,22 @@ def _read(path: Path, problem) -> tuple[np.ndarray, np.ndarray] | None:
     return data, image.affine
 
 
-def _gzip_damage(path: Path) -> str | None:
+def _gzip_damage(path: Path, limit: int) -> str | None:
     """Why a .gz file does not decompress to its end with a matching CRC, or None if it does.
 
     nibabel reads only as many bytes as the header asks for, so it never sees the gzip trailer: a flipped bit
     in the compressed data can give wrong voxels without an error. Streaming the file once more through gzip
-    costs a second decompression but no memory.
+    costs a second decompression but no memory; it stops after `limit` bytes, so that a small file that
+    inflates to gigabytes past its image (a gzip bomb behind a modest header) costs no more than the image.
     """
+    total = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 22):
-                pass
+            while chunk := stream.read(1 << 22):
+                total += len(chunk)
+                if total > limit:
+                    return (f"the stream inflates to more than {format_bytes(limit)}, past the image its header "
+                            "describes: a gzip bomb, or not a NIfTI file as any tool writes it")
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         return _one_line(err)
     return None
@@ -266,7 +326,8 @@ def _label_values(data: np.ndarray) -> set[int]:
     return {int(v) for v in np.unique(values)}
 
 
-def _check_spacing(affine: np.ndarray, path: Path, problem, notes: list[Problem] | None, case_id: str) -> bool:
+def _check_spacing(affine: np.ndarray, path: Path, problem, notes: list[Problem] | None, case_id: str,
+                   dataset_spacing: list[float] | None = None) -> bool:
     """Report an unusable affine or voxel size; True when the geometry can be compared and used."""
     if not np.isfinite(affine).all():
         problem(path, "affine has NaN or infinite entries; check the header's sform/qform")
@@ -281,6 +342,15 @@ def _check_spacing(affine: np.ndarray, path: Path, problem, notes: list[Problem]
         return False
     if notes is not None and spacing.max() / spacing.min() > ANISOTROPY_NOTE:
         notes.append(Problem(case_id, str(path), f"strongly anisotropic voxels {shown} mm"))
+    if dataset_spacing is not None:
+        ras, _ = ras_spacing_shape(affine, (1, 1, 1))
+        factors = [max(s / m, m / s) for s, m in zip(ras, dataset_spacing) if s > 0 and m > 0]
+        if factors and max(factors) > SPACING_FACTOR:
+            median = " x ".join(f"{m:.4g}" for m in dataset_spacing)
+            problem(path, f"voxel spacing {shown} mm is {max(factors):.3g} times off the dataset's median "
+                          f"{median} mm (limit {SPACING_FACTOR:g}x), which `seg fit` resamples every case to: "
+                          "check the header, or resample this case first")
+            return False
     return True
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from seg.data.guard import guard_file, named_warnings, ras_spacing_shape
 from seg.data.layout import Case, DatasetInfo
 from seg.errors import DataError
 
@@ -32,17 +33,11 @@ def ras_geometry(path: str | os.PathLike) -> tuple[list[float], list[int]]:
     Reads the header only. Spacing is the norm of each affine column, as MONAI's `Spacingd` measures it.
     """
     try:
-        image = nib.load(os.fspath(path))
+        with named_warnings(path):
+            image = nib.load(os.fspath(path))
     except Exception as err:  # nibabel raises many types for a bad header
         raise DataError(f"cannot read NIfTI header: {err}", path) from None
-    affine = image.affine
-    zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    shape = (list(image.shape) + [1, 1, 1])[:3]
-    spacing, size = [0.0] * 3, [0] * 3
-    for voxel_axis, (ras_axis, _) in enumerate(nib.orientations.io_orientation(affine)):
-        spacing[int(ras_axis)] = float(zooms[voxel_axis])
-        size[int(ras_axis)] = int(shape[voxel_axis])
-    return spacing, size
+    return ras_spacing_shape(image.affine, image.shape)
 
 
 def dataset_key(info: DatasetInfo) -> str:
@@ -73,8 +68,8 @@ def fingerprint_path(info: DatasetInfo, cache_dir: str | os.PathLike | None = No
 def _channels(case: Case) -> list[np.ndarray]:
     """The image channels of a case as 3D arrays in file voxel order (one file per channel, or one 4D file)."""
     if len(case.images) > 1:
-        return [np.asarray(nib.load(p).dataobj) for p in case.images]
-    data = np.asarray(nib.load(case.images[0]).dataobj)
+        return [np.asarray(guard_file(p).dataobj) for p in case.images]
+    data = np.asarray(guard_file(case.images[0]).dataobj)
     return [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[-1])]
 
 
@@ -90,8 +85,10 @@ def foreground_intensities(info: DatasetInfo, max_cases: int = 64, voxels_per_ca
     samples: list[list[np.ndarray]] = [[] for _ in range(info.in_channels)]
     for case in (info.cases[i] for i in picks):
         try:
-            mask = np.asarray(nib.load(case.label).dataobj) > 0
+            mask = np.asarray(guard_file(case.label).dataobj) > 0
             channels = _channels(case)
+        except DataError:
+            raise
         except Exception as err:
             raise DataError(f"cannot read case '{case.case_id}': {err}", case.images[0]) from None
         index = np.flatnonzero(mask.reshape(-1))

@@ -14,6 +14,7 @@ Only the layout is read here (no voxel data); `seg.data.checks` looks inside the
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from seg.errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# The largest label value dataset.json may declare (TotalSegmentator, among the largest label sets, has 117).
+MAX_LABEL = 1000
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class DatasetInfo:
         modalities: one entry per image channel, e.g. `["CT"]` or `["FLAIR", "T1w", "T1gd", "T2w"]`.
         name: the dataset's name.
         test_images: unlabelled `imagesTs` cases, if any.
+        labels_valid: False when dataset.json's labels could not be read (`load_dataset` with `problems`):
+            `labels` is then a stand-in and label values are not checked against it.
     """
 
     root: Path
@@ -53,6 +58,7 @@ class DatasetInfo:
     modalities: list[str]
     name: str = ""
     test_images: list[Case] = field(default_factory=list)
+    labels_valid: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -96,6 +102,12 @@ def inside_root(root: Path, relative: str, what: str = "path") -> Path:
     return Path(joined)
 
 
+def case_channel(stem: str) -> tuple[str, int]:
+    """`case_0001` -> ("case", 1); a name without a channel suffix is channel 0 of its own case."""
+    match = _CHANNEL_SUFFIX.match(stem)
+    return (match["case"], int(match["channel"])) if match else (stem, 0)
+
+
 def group_channel_files(files: list[Path]) -> dict[str, list[Path]]:
     """Group NIfTI files into cases: nnU-Net `case_0000`, `case_0001` -> one case with two channels.
 
@@ -106,8 +118,7 @@ def group_channel_files(files: list[Path]) -> dict[str, list[Path]]:
         stem = strip_nifti_suffix(path.name)
         if stem is None:
             continue
-        match = _CHANNEL_SUFFIX.match(stem)
-        case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
+        case_id, channel = case_channel(stem)
         groups.setdefault(case_id, {})[channel] = path
     out = {}
     for case_id, channels in groups.items():
@@ -119,23 +130,53 @@ def group_channel_files(files: list[Path]) -> dict[str, list[Path]]:
 
 
 def _parse_labels(raw: dict, path: Path) -> dict[int, str]:
-    """MSD writes `{"0": "background"}`, nnU-Net v2 `{"background": 0}`; both become `{0: "background"}`."""
+    """MSD writes `{"0": "background"}`, nnU-Net v2 `{"background": 0}`; both become `{0: "background"}`.
+
+    A label value must be a whole number from 0 to `MAX_LABEL`: the network gets one output channel per value
+    up to the largest, so `100000000` would ask for a network (and logits) 10^8 channels wide.
+    """
+    if not isinstance(raw, dict):
+        raise DataError(f"'labels' must map label values to names, got {_short(raw)}", path)
     labels: dict[int, str] = {}
-    try:
-        for key, value in raw.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                labels[int(value)] = str(key)
-            elif isinstance(value, list):  # nnU-Net v2 region labels: not supported as classes
-                raise DataError(f"label '{key}' is a region {value}; region-based training is not supported", path)
-            else:
-                labels[int(key)] = str(value)
-    except (TypeError, ValueError, AttributeError):
-        raise DataError(f"'labels' must map label values to names, got {raw!r}", path) from None
+    for key, value in raw.items():
+        if isinstance(value, list):  # nnU-Net v2 region labels: not supported as classes
+            raise DataError(f"label '{key}' is a region {_short(value)}; region-based training is not supported", path)
+        number, name = (value, key) if isinstance(value, (int, float)) and not isinstance(value, bool) else (key, value)
+        labels[_label_value(number, path)] = str(name)
     if 0 not in labels:
         labels[0] = "background"
-    if any(v < 0 for v in labels):
-        raise DataError(f"label values must be >= 0, got {sorted(labels)}", path)
     return dict(sorted(labels.items()))
+
+
+def _label_value(raw, path: Path) -> int:
+    """A declared label value as an int: a whole number in [0, MAX_LABEL], written as a number or as text."""
+    if isinstance(raw, str):  # MSD's keys are text: "1"
+        try:
+            raw = int(raw.strip())
+        except ValueError:
+            try:
+                raw = float(raw.strip())  # "1.5", "inf": refused below, with the reason
+            except ValueError:
+                pass
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise DataError(f"label value {_short(raw)} is not a number; 'labels' maps values 0, 1, ... to names", path)
+    if not math.isfinite(raw) or raw != int(raw):
+        raise DataError(f"label value {raw!r} is not a whole number", path)
+    if raw < 0:
+        raise DataError(f"label values must be >= 0, got {int(raw)}", path)
+    if raw > MAX_LABEL:
+        raise DataError(f"label value {int(raw)} is above {MAX_LABEL}; a network gets one output per value up to "
+                        "the largest: number the labels 0, 1, 2, ...", path)
+    return int(raw)
+
+
+def _short(value, limit: int = 80) -> str:
+    """`repr` of a value from dataset.json, cut to `limit` characters (a malformed file may hold anything)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse_modalities(meta: dict, path: Path) -> list[str] | None:
@@ -183,8 +224,15 @@ def _cases_from_folders(root: Path, images_dir: str = "imagesTr", labels_dir: st
     return cases
 
 
-def load_dataset(root: str | os.PathLike) -> DatasetInfo:
-    """Read a dataset folder's layout. Raises `DataError` naming the file and the problem."""
+def load_dataset(root: str | os.PathLike, problems: list[DataError] | None = None) -> DatasetInfo:
+    """Read a dataset folder's layout. Raises `DataError` naming the file and the problem.
+
+    Args:
+        root: the dataset folder.
+        problems: when given, a bad entry of dataset.json (a path that leaves the folder, a wrong type, a bad
+            label) is appended to it and left out, and the rest is read: `seg check-data` reports every problem
+            of a dataset in one pass. A dataset.json that cannot be parsed at all still raises.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError("dataset folder not found", root)
@@ -195,48 +243,77 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
             raise DataError("no dataset.json and no NIfTI files in imagesTr/; see data/README.md for the layouts", root)
         return DatasetInfo(root, cases, labels={0: "background", 1: "foreground"}, modalities=["unknown"],
                            name=root.name, test_images=_cases_from_folders(root, "imagesTs", None))
+
+    def bad(err: DataError) -> None:
+        if problems is None:
+            raise err
+        problems.append(err)
+
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"cannot read dataset.json: {err}", meta_path) from None
+    except RecursionError:  # Python's parser recurses once per level: 200,000 nested lists exhaust the stack
+        raise DataError("cannot read dataset.json: nested too deeply to be a dataset description", meta_path) from None
     if not isinstance(meta, dict):
         raise DataError("dataset.json must hold a JSON object", meta_path)
+    labels, labels_valid = {0: "background", 1: "foreground"}, False
     if "labels" not in meta:
-        raise DataError("dataset.json has no 'labels'", meta_path)
-    labels = _parse_labels(meta["labels"], meta_path)
-    modalities = _parse_modalities(meta, meta_path) or ["unknown"]
+        bad(DataError("dataset.json has no 'labels'", meta_path))
+    else:
+        try:
+            labels, labels_valid = _parse_labels(meta["labels"], meta_path), True
+        except DataError as err:
+            bad(err)
+    try:
+        modalities = _parse_modalities(meta, meta_path) or ["unknown"]
+    except DataError as err:
+        bad(err)
+        modalities = ["unknown"]
 
     entries = meta.get("training")
+    cases = []
     if entries is None:  # nnU-Net v2 does not list files: find them
         cases = _cases_from_folders(root)
+    elif not isinstance(entries, list):
+        bad(DataError(f"'training' must be a list of {{image, label}} entries, got {_short(entries)}", meta_path))
     else:
-        if not isinstance(entries, list):
-            raise DataError("'training' must be a list of {image, label} entries", meta_path)
-        cases = []
         for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise DataError(f"training entry {i} must have 'image' and 'label', got {entry!r}", meta_path)
-            images = _resolve_image(root, entry["image"])
-            label = inside_root(root, entry["label"], "label path")
+            try:
+                if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                    raise DataError(f"training entry {i} must have 'image' and 'label', got {_short(entry)}", meta_path)
+                images = _resolve_image(root, entry["image"])
+                label = inside_root(root, entry["label"], "label path")
+            except DataError as err:
+                bad(err)
+                continue
             stem = strip_nifti_suffix(label.name) or label.name
+            if any(c.case_id == stem for c in cases):
+                bad(DataError(f"dataset.json lists case(s) ['{stem}'] more than once (training entry {i})", meta_path))
+                continue
             cases.append(Case(stem, images, label))
-        ids = [c.case_id for c in cases]
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})
-            raise DataError(f"dataset.json lists case(s) {dup[:5]} more than once", meta_path)
-    if not cases:
-        raise DataError("dataset.json lists no training cases", meta_path)
+        if not entries:
+            bad(DataError("dataset.json lists no training cases", meta_path))
+    if entries is None and not cases:
+        bad(DataError("dataset.json lists no training cases and imagesTr/ has none", meta_path))
     test = []
     if meta.get("test") is None:  # nnU-Net v2 does not list its test images either: find them
         test = _cases_from_folders(root, "imagesTs", None)
     elif not isinstance(meta["test"], list):
-        raise DataError("'test' must be a list of image paths", meta_path)
-    for i, entry in enumerate(meta.get("test") or []):
+        bad(DataError(f"'test' must be a list of image paths, got {_short(meta['test'])}", meta_path))
+    for i, entry in enumerate(meta["test"] if isinstance(meta.get("test"), list) else []):
         relative = entry.get("image") if isinstance(entry, dict) else entry
-        if not isinstance(relative, str):
-            raise DataError(f"test entry {i} must be an image path or {{\"image\": path}}, got {entry!r}", meta_path)
-        images = _resolve_image(root, relative)
+        try:
+            if not isinstance(relative, str):
+                raise DataError(f"test entry {i} must be an image path or {{\"image\": path}}, got {_short(entry)}",
+                                meta_path)
+            images = _resolve_image(root, relative)
+        except DataError as err:
+            bad(err)
+            continue
         # the case is named by the entry, not by its first channel file (`x_0000`)
         test.append(Case(strip_nifti_suffix(Path(relative).name) or f"test_{i}", images))
+    name = meta.get("name")
     return DatasetInfo(root, sorted(cases, key=lambda c: c.case_id), labels, modalities,
-                       name=str(meta.get("name", root.name)), test_images=test)
+                       name=name if isinstance(name, str) else root.name, test_images=test,
+                       labels_valid=labels_valid)

@@ -24,6 +24,7 @@ The `preprocessing` dict (JSON-serialisable, saved with a model) holds:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +50,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
+from seg.data.guard import guard_file, named_warnings
 from seg.data.layout import DatasetInfo
 from seg.errors import DataError
 
@@ -193,12 +195,22 @@ _CHUNK = 2**23
 class LoadScand(LoadImaged):
     """`LoadImaged` that turns an unreadable file, or one with NaN or infinite voxels, into a `DataError` naming it.
 
-    The values are checked as loaded, before resampling would smear a NaN over its neighbours.
+    The values are checked as loaded, before resampling would smear a NaN over its neighbours. Before that,
+    each file's header passes the size guard (`seg.data.guard`), with the size after resampling to `spacing`.
     """
 
+    def __init__(self, keys, *args, spacing: Sequence[float] | None = None, **kwargs):
+        super().__init__(keys, *args, **kwargs)
+        self.spacing = spacing
+
     def __call__(self, data, reader=None):
+        files = [p for key in self.key_iterator(dict(data)) for p in self._files(data[key])
+                 if isinstance(p, (str, os.PathLike))]
+        for path in files:
+            guard_file(path, self.spacing)
         try:
-            loaded = super().__call__(data, reader)
+            with named_warnings(*files):
+                loaded = super().__call__(data, reader)
         except Exception as err:
             for key in self.key_iterator(dict(data)):
                 for path in self._files(data[key]):
@@ -326,7 +338,7 @@ def inference_transforms(preprocessing: dict, keys: Sequence[str] = ("image",)) 
         raise ValueError(f"keys must include 'image', got {keys}")
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     steps = [
-        LoadScand(keys, reader="NibabelReader", image_only=False),
+        LoadScand(keys, reader="NibabelReader", image_only=False, spacing=preprocessing["spacing"]),
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes=preprocessing["orientation"], labels=None),  # None: axis names from the file's space
         Spacingd(keys, pixdim=preprocessing["spacing"], mode=modes, dtype=torch.float32),

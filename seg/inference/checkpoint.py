@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
 import torch
 
+from seg.data.checks import MAX_SPACING_MM
 from seg.errors import CheckpointError
 from seg.training.module import CHECKPOINT_KEY, SegmentationModule
+
+# Voxel sizes a checkpoint may resample to: below 0.01 mm (10 micrometres, beyond any CT or MR) a scan of a few
+# cm would be resampled to billions of voxels; above `MAX_SPACING_MM`, as check-data, the header's units are off.
+MIN_SPACING_MM = 0.01
 
 
 def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:
@@ -36,6 +42,12 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     hparams = checkpoint.get("hyper_parameters", {})
     if not isinstance(hparams, dict):
         raise CheckpointError("checkpoint's hyper_parameters are not a mapping; use a .ckpt written by `seg fit`", path)
+    check_hyper_parameters(hparams, path)
+    check_preprocessing(info["preprocessing"], hparams, path)
+    for name, tensor in checkpoint["state_dict"].items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"weight '{name}' holds NaN or infinite values: the model would predict garbage "
+                                  "(a diverged run?); use an earlier checkpoint", path)
     try:
         model = SegmentationModule(**{k: v for k, v in hparams.items() if not str(k).startswith("_")})
         model.load_state_dict(checkpoint["state_dict"])
@@ -43,6 +55,101 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         raise CheckpointError(f"checkpoint does not match this version of seg: {_first_line(err)}", path) from None
     model.preprocessing = info["preprocessing"]
     return model.eval().to(map_location)
+
+
+def _fail(path: Path, field: str, value, expected: str):
+    text = repr(value)
+    raise CheckpointError(f"checkpoint's {field} is {text[:80] + '...' if len(text) > 80 else text}; expected "
+                          f"{expected}: the file was not written by `seg fit` or was edited", path)
+
+
+def _is_int(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value, low: float = -math.inf, high: float = math.inf) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and low <= value <= high)
+
+
+def check_hyper_parameters(hparams: dict, path: Path) -> None:
+    """The hyper-parameters the Predictor reads, with their types and ranges; `CheckpointError` otherwise."""
+    checks = {
+        "spatial_dims": (lambda v: v in (2, 3), "2 or 3"),
+        "in_channels": (_is_int, "a positive integer"),
+        "out_channels": (lambda v: _is_int(v, 2), "an integer >= 2"),
+        "channels": (lambda v: isinstance(v, (list, tuple)) and len(v) >= 2 and all(_is_int(c) for c in v),
+                     "a list of at least 2 positive integers"),
+        "sw_overlap": (lambda v: _is_number(v, 0.0) and v < 1.0, "a number in [0, 1)"),
+        "sw_batch_size": (_is_int, "a positive integer"),
+        "gates": (lambda v: isinstance(v, bool), "true or false"),
+        "roi_size": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_int(c) for c in v)),
+                     "a list of positive integers"),
+        "class_names": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v)),
+                        "a list of names"),
+    }
+    for field, (ok, expected) in checks.items():
+        if field in hparams and not ok(hparams[field]):
+            _fail(path, f"hyper-parameter '{field}'", hparams[field], expected)
+
+
+def check_preprocessing(pre: dict, hparams: dict, path: Path) -> None:
+    """Every preprocessing field the Predictor reads (`seg.data.transforms.make_preprocessing` writes them).
+
+    Unknown extra fields are left alone (a newer seg may add some); missing or malformed ones, or ones that
+    disagree with the network (channels, classes, dimensions), are a `CheckpointError`.
+    """
+    def need(field: str, ok, expected: str):
+        if field not in pre:
+            raise CheckpointError(f"checkpoint's preprocessing has no '{field}'; use a .ckpt written by `seg fit`",
+                                  path)
+        if not ok(pre[field]):
+            _fail(path, f"preprocessing '{field}'", pre[field], expected)
+        key = {"in_channels": "in_channels", "num_classes": "out_channels", "spatial_dims": "spatial_dims"}.get(field)
+        if key in hparams and hparams[key] != pre[field]:
+            raise CheckpointError(f"checkpoint's preprocessing says {field} {pre[field]!r} but the network has "
+                                  f"{key} {hparams[key]!r}; the file was edited or mixed from two runs", path)
+        return pre[field]
+
+    dims = need("spatial_dims", lambda v: v in (2, 3), "2 or 3")
+    need("orientation", lambda v: isinstance(v, str) and len(v) == 3 and _valid_axcodes(v),
+         "three axis codes such as 'RAS'")
+    low, high = MIN_SPACING_MM, MAX_SPACING_MM
+    need("spacing", lambda v: isinstance(v, (list, tuple)) and len(v) == 3
+         and all(_is_number(s, low, high) or (dims == 2 and i == 2 and s == 0) for i, s in enumerate(v)),
+         f"3 voxel sizes in mm from {low:g} to {high:g} (a 2D model: 0 for the last)")
+    channels = need("in_channels", _is_int, "a positive integer")
+    need("modalities", lambda v: isinstance(v, (list, tuple)) and len(v) == channels
+         and all(isinstance(m, str) for m in v), f"{channels} modality names")
+    need("normalization", lambda v: isinstance(v, (list, tuple)) and len(v) == channels and all(map(_scheme, v)),
+         f"{channels} schemes: {{'scheme': 'zscore', 'nonzero': bool}} or {{'scheme': 'ct', 'clip': [low, high], "
+         "'mean': m, 'std': s > 0}")
+    classes = need("num_classes", lambda v: _is_int(v, 2), "an integer >= 2")
+    need("labels", lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(n, str)
+                                                           for k, n in v.items()), "label value -> name")
+    need("class_names", lambda v: isinstance(v, (list, tuple)) and len(v) == classes - 1
+         and all(isinstance(n, str) for n in v), f"{classes - 1} class names")
+    need("patch_size", lambda v: isinstance(v, (list, tuple)) and len(v) == dims and all(_is_int(p) for p in v),
+         f"{dims} positive integers")
+    need("crop_foreground", lambda v: isinstance(v, bool), "true or false")
+
+
+def _valid_axcodes(codes: str) -> bool:
+    pairs = [{"L", "R"}, {"P", "A"}, {"I", "S"}]
+    return sorted(next((i for i, p in enumerate(pairs) if c in p), -1) for c in codes) == [0, 1, 2]
+
+
+def _scheme(s) -> bool:
+    if not isinstance(s, dict):
+        return False
+    if s.get("scheme") == "zscore":
+        return isinstance(s.get("nonzero"), bool)
+    if s.get("scheme") == "ct":
+        clip = s.get("clip")
+        return (isinstance(clip, (list, tuple)) and len(clip) == 2 and all(map(_is_number, clip))
+                and clip[0] < clip[1] and _is_number(s.get("mean")) and _is_number(s.get("std"))
+                and s["std"] > 0)
+    return False
 
 
 def _first_line(err: BaseException) -> str:

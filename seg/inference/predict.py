@@ -7,7 +7,10 @@ For each case (one file, or nnU-Net channel files `case_0000.nii.gz`, `case_0001
 - with `--save-probabilities`: `OUT/<case>_probabilities.nii.gz`, one 4D float32 file, (X, Y, Z, classes),
   background first;
 - with `--save-gates`: `OUT/<case>_gate_<level>.nii.gz`, float32 in [0, 1], coarsest level first;
-- `OUT/summary.csv`: status (ok / failed / skipped), seconds, error message and volume in ml per class.
+- `OUT/summary.csv`: status (ok / failed / skipped), seconds, error message and volume in ml per class; also a
+  row for every folder entry that is not predicted: "failed" for a scan that cannot be read (dangling link, link
+  loop, not a regular file), two files giving one case id, or a case whose outputs would overwrite another's;
+  "ignored" for other files. File names with control characters are written escaped (`repr`).
 
 Three stages overlap: a thread loads and preprocesses the next scan while the model predicts the current one,
 and a thread inverts and writes the previous one; scans small enough for one sliding window are predicted
@@ -20,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import os
 import re
+import stat
 import sys
 import time
 import traceback
@@ -34,13 +39,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from seg.data.layout import group_channel_files, strip_nifti_suffix
-from seg.errors import DataError, SegError
+from seg.data.layout import case_channel, group_channel_files, strip_nifti_suffix
+from seg.errors import DataError, SegError, escape, one_line
 from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor
 
 SUMMARY = "summary.csv"
 _TMP = re.compile(r"^\.tmp-(?P<pid>\d+)-")  # `.tmp-<pid>-<final name>`: hidden, and ends like the final name
-_CHANNEL = re.compile(r"^(?P<case>.+)_\d{4}$")
 # Predictions waiting to be written: one keeps the writer busy and memory near one scan's worth per stage.
 # Scans are loaded one ahead of the model, or a whole group ahead while they are small enough to be predicted
 # together (`Predictor.infer_batch`, groups of the model's `sw_batch_size`).
@@ -53,7 +57,7 @@ class CaseResult:
 
     Attributes:
         case_id: the case name (the output is `<case_id>.nii.gz`).
-        status: "ok", "failed" or "skipped" (output already there, `--skip-existing`).
+        status: "ok", "failed", "skipped" (output already there, `--skip-existing`) or "ignored" (not a scan).
         inputs: the case's input files.
         message: why it failed (one line, names the file), or "".
         seconds: load + predict + write time of this case.
@@ -71,42 +75,103 @@ class CaseResult:
 
 
 # ---- finding cases ------------------------------------------------------------------------------------------------
-def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult], list[Path]]:
-    """The cases under `input_path` (a folder or one file).
+def unreadable_reason(path: Path) -> str | None:
+    """Why a folder entry cannot be read as a scan (dangling link, link loop, folder, fifo, no permission), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return f"dangling symbolic link (to {escape(os.readlink(path))})"
+        return f"cannot be read ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a fifo, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
+
+def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult], list[CaseResult]]:
+    """The cases under `input_path` (a folder or one file), and every entry that is not one, with the reason.
 
     Returns:
         cases: case id -> files in channel order (nnU-Net `_0000` naming groups channel files);
-        broken: cases whose channel files are not numbered 0..n-1 (failed results);
-        ignored: files that are not NIfTI.
+        failed: inputs that cannot be predicted, one result each: a NIfTI name that is a dangling link, a link
+            loop or not a regular file; channel files not numbered 0..n-1; two files that give one case id
+            (`twin.nii` and `twin.nii.gz`, `case.nii.gz` and `case_0000.nii.gz`), none of them predicted;
+        ignored: entries that are not NIfTI scans (other names, hidden files), status "ignored".
     """
-    if input_path.is_file():
-        files, ignored = [input_path], []
+    failed, ignored = [], []
+    if input_path.is_dir():
+        files = []
+        for path in sorted(input_path.iterdir()):
+            stem = strip_nifti_suffix(path.name)
+            why = unreadable_reason(path)
+            if path.name.startswith(".") or stem is None:
+                reason = "hidden file" if path.name.startswith(".") else why or "not a .nii/.nii.gz file"
+                ignored.append(CaseResult(path.name, "ignored", [path], f"{escape(str(path))}: skipped: {reason}"))
+            elif why is not None:
+                failed.append(CaseResult(stem, "failed", [path], f"{escape(str(path))}: cannot read: {why}"))
+            else:
+                files.append(path)
+    else:
+        why = unreadable_reason(input_path)
+        if why is not None:
+            raise DataError("input not found; give a folder of .nii.gz scans or one scan" if not
+                            (os.path.lexists(input_path)) else f"cannot read the input: {why}", input_path)
         if strip_nifti_suffix(input_path.name) is None:
             raise DataError("is not a NIfTI file (.nii or .nii.gz)", input_path)
-    elif input_path.is_dir():
-        entries = sorted(p for p in input_path.iterdir() if not p.name.startswith(".") and p.is_file())
-        files = [p for p in entries if strip_nifti_suffix(p.name) is not None]
-        ignored = [p for p in entries if strip_nifti_suffix(p.name) is None]
-    else:
-        raise DataError("input not found; give a folder of .nii.gz scans or one scan", input_path)
+        files = [input_path]
     # Grouped case by case, so that one case with a gap in its channel numbers does not stop the others.
     buckets: dict[str, list[Path]] = {}
     for path in files:
-        stem = strip_nifti_suffix(path.name)
-        match = _CHANNEL.match(stem)
-        buckets.setdefault(match["case"] if match else stem, []).append(path)
-    cases, broken = {}, []
+        buckets.setdefault(case_channel(strip_nifti_suffix(path.name))[0], []).append(path)
+    cases = {}
     for case_id, paths in sorted(buckets.items()):
+        twins = _same_channel(paths)
+        if twins:
+            names = " and ".join(escape(p.name) for p in twins)
+            failed.append(CaseResult(case_id, "failed", paths, f"{escape(str(paths[0].parent))}: {names} both give "
+                                     f"case '{escape(case_id)}'; none of them is predicted: rename or remove one"))
+            continue
         try:
             cases.update(group_channel_files(paths))
         except DataError:
             if len(paths) == 1:  # a lone `scan_2024.nii.gz` is a scan, not channel 2024 of one
                 cases[strip_nifti_suffix(paths[0].name)] = paths
             else:
-                names = ", ".join(p.name for p in paths)
-                broken.append(CaseResult(case_id, "failed", paths, f"{paths[0].parent}: case '{case_id}' has channel "
-                                         f"files {names}; number them {case_id}_0000, {case_id}_0001, ..."))
-    return cases, broken, ignored
+                names = ", ".join(escape(p.name) for p in paths)
+                failed.append(CaseResult(case_id, "failed", paths, f"{escape(str(paths[0].parent))}: case "
+                                         f"'{escape(case_id)}' has channel files {names}; number them "
+                                         f"{case_id}_0000, {case_id}_0001, ..."))
+    return cases, failed, ignored
+
+
+def _same_channel(paths: list[Path]) -> list[Path]:
+    """The files of one bucket that would be the same channel of the same case (`x.nii` / `x.nii.gz` / `x_0000`)."""
+    seen: dict[tuple[str, int], list[Path]] = {}
+    for path in paths:
+        seen.setdefault(case_channel(strip_nifti_suffix(path.name)), []).append(path)
+    return next((group for group in seen.values() if len(group) > 1), [])
+
+
+def colliding_cases(case_ids, output: Path, probabilities: bool, gate_names: list[str]) -> dict[str, str]:
+    """Case id -> why its outputs would overwrite another case's (`p_probabilities` and `p`, `x_gate_0` and `x`)."""
+    owners: dict[Path, list[str]] = {}
+    for case_id in case_ids:
+        for path in output_paths(output, case_id, probabilities, gate_names).values():
+            owners.setdefault(path, []).append(case_id)
+    why: dict[str, str] = {}
+    for path, ids in owners.items():
+        if len(ids) > 1:
+            for case_id in ids:
+                others = ", ".join(f"'{escape(i)}'" for i in ids if i != case_id)
+                why.setdefault(case_id, f"{escape(str(path))}: would be written for case '{escape(case_id)}' and "
+                                        f"for case {others}; neither is predicted: rename one of the scans")
+    return why
 
 
 def check_output_folder(input_path: Path, output: Path) -> None:
@@ -211,8 +276,8 @@ def write_summary(results: list[CaseResult], path: Path, class_names: list[str])
     writer.writerow(["case", "status", "seconds", *[f"volume_ml_{n}" for n in class_names], "inputs", "message"])
     for r in results:
         volumes = [f"{r.volumes_ml[n]:.3f}" if n in r.volumes_ml else "" for n in class_names]
-        writer.writerow([r.case_id, r.status, f"{r.seconds:.2f}", *volumes, ";".join(p.name for p in r.inputs),
-                         r.message])
+        writer.writerow([escape(r.case_id), r.status, f"{r.seconds:.2f}", *volumes,
+                         ";".join(escape(p.name) for p in r.inputs), one_line(r.message)])
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         tmp.write_text(buffer.getvalue())
@@ -239,7 +304,7 @@ class _Run:
         if isinstance(err, SegError):
             message = str(err)
         else:  # a bug or an unforeseen file: keep the run going, but show where it came from
-            message = f"{inputs[0]}: unexpected error ({type(err).__name__}: {_first_line(err)})"
+            message = one_line(f"{escape(str(inputs[0]))}: unexpected error ({type(err).__name__}: {_first_line(err)})")
             self.report("".join(traceback.format_exception(err)).rstrip())
         self.report(message)
         for path in self.paths(case_id).values():  # an older output would pass for this scan's
@@ -342,6 +407,7 @@ def predict_folder(
     check_output_folder(input_path, output)
     if not cases and not results:
         raise DataError("no .nii or .nii.gz scans found", input_path)
+
     if isinstance(checkpoint, Predictor):
         predictor = checkpoint
     else:  # before the output folder is made: a bad checkpoint leaves nothing behind
@@ -349,13 +415,21 @@ def predict_folder(
                                               sw_batch_size=sw_batch_size)
     prepare_output_folder(output)
     clean_stale_tmp(output)
-    if ignored:
-        names = ", ".join(p.name for p in ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
-        report(f"note: ignoring {len(ignored)} file(s) that are not .nii/.nii.gz: {names}")
-    for r in results:
+    for r in ignored:
         report(r.message)
     run = _Run(predictor, output, save_probabilities, save_gates, report)
-    by_case: dict[str, CaseResult] = {r.case_id: r for r in results}
+    # Before anything is predicted: a scan named `p_probabilities` would write over the probabilities of `p`.
+    for case_id, why in colliding_cases(cases, output, save_probabilities, run.gate_names).items():
+        results.append(CaseResult(case_id, "failed", cases.pop(case_id), why))
+    for r in sorted(results, key=lambda r: r.case_id):
+        report(r.message)
+    by_case: dict[str, CaseResult] = {}
+    extra = []  # a failed input named like another case (a dangling `x.nii.gz` beside `x.nii`) keeps its own row
+    for r in results:
+        if r.case_id in by_case or r.case_id in cases:
+            extra.append(r)
+        else:
+            by_case[r.case_id] = r
     todo = []
     for case_id, paths in cases.items():
         done = run.skipped(case_id, paths) if skip_existing else None
@@ -443,7 +517,7 @@ def predict_folder(
             loader.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
 
-    ordered = [by_case[c] for c in sorted(by_case)]
+    ordered = [by_case[c] for c in sorted(by_case)] + extra + ignored
     write_summary(ordered, output / SUMMARY, predictor.class_names)
     return ordered
 
@@ -475,7 +549,8 @@ def run(args: argparse.Namespace) -> int:
                              save_probabilities=args.save_probabilities, save_gates=args.save_gates,
                              overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                              skip_existing=args.skip_existing)
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
-    print(f"seg predict: {counts['ok']} predicted, {counts['failed']} failed, {counts['skipped']} skipped in "
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped", "ignored")}
+    ignored = f", {counts['ignored']} other files ignored" if counts["ignored"] else ""
+    print(f"seg predict: {counts['ok']} predicted, {counts['failed']} failed, {counts['skipped']} skipped{ignored} in "
           f"{time.perf_counter() - start:.1f} s; summary: {Path(args.output) / SUMMARY}", file=sys.stderr)
     return 1 if counts["failed"] else 0

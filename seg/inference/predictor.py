@@ -23,6 +23,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
+from seg.data.guard import guard_file, load_header
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
 from seg.errors import DataError, SegError
@@ -150,17 +151,14 @@ class Predictor:
     def inspect(self, paths: Sequence[str | os.PathLike]) -> nib.Nifti1Image:
         """Check a case's files from their headers alone; returns the first as the reference image.
 
-        Raises `DataError` naming the file for: not NIfTI / unreadable header, 2D or 5D+ data, a broken affine,
-        a channel count the model does not take, channel files on different grids.
+        Raises `DataError` naming the file for: not NIfTI / unreadable header, what the size guard refuses
+        (`seg.data.guard`: a claim beyond the file or the memory, too big once resampled, RGB, complex, a
+        zero-length axis), 2D or 5D+ data, a broken affine, a channel count the model does not take, channel
+        files on different grids.
         """
         images = []
         for path in paths:
-            try:
-                image = nib.load(os.fspath(path))
-            except Exception as err:  # nibabel raises many types for files that are not NIfTI
-                raise DataError(f"not a readable NIfTI file ({_reason(err)})", path) from None
-            if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-                raise DataError(f"not a NIfTI image ({type(image).__name__})", path)
+            image = load_header(path)
             shape = image.shape
             if len(shape) < 3 or (len(shape) == 3 and min(shape) < 1):
                 raise DataError(f"image is {len(shape)}D with shape {tuple(shape)}; seg predict needs 3D volumes "
@@ -171,7 +169,8 @@ class Predictor:
             linear = image.affine[:3, :3]
             if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(linear)) < 1e-12:
                 raise DataError("image has an invalid (singular or non-finite) affine; fix its sform/qform", path)
-            images.append(image)
+            # the header's claim against the file and the memory, and the size once resampled: no voxel read yet
+            images.append(guard_file(path, self.preprocessing["spacing"], image=image))
         channels = sum(im.shape[3] if len(im.shape) == 4 else 1 for im in images)
         if channels != self.in_channels:
             modalities = ", ".join(self.preprocessing.get("modalities") or [])

@@ -403,19 +403,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
 
 
-def _cases(path: Path) -> dict[str, list[Path]]:
-    from seg.data.layout import group_channel_files, strip_nifti_suffix
-
-    if path.is_file():
-        return {strip_nifti_suffix(path.name) or path.name: [path]}
-    if not path.is_dir():
-        raise DataError("no such file or folder", path)
-    cases = group_channel_files([p for p in path.iterdir() if p.is_file()])
-    if not cases:
-        raise DataError("no NIfTI scans (.nii, .nii.gz) in this folder", path)
-    return cases
-
-
 def _label_path(labels: Path | None, case_id: str, single: bool) -> Path | None:
     from seg.data.layout import NIFTI_SUFFIXES
 
@@ -476,24 +463,36 @@ def overlay_scan(predictor, paths: Sequence[Path], case_id: str, folder: Path, l
 
 
 def run(args: argparse.Namespace) -> int:
+    import traceback
+
+    from seg.errors import escape
+    from seg.inference.predict import find_cases
     from seg.inference.predictor import Predictor
 
-    cases = _cases(args.input)
+    # the same case finding as `seg predict`: every entry that is skipped is named, with the reason
+    cases, broken, ignored = find_cases(args.input)
+    if not cases and not broken:
+        raise DataError("no NIfTI scans (.nii, .nii.gz) in this folder", args.input)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     args.output.mkdir(parents=True, exist_ok=True)
-    results, failed = [], 0
+    for r in ignored + broken:
+        print(f"seg overlays: {'note' if r.status == 'ignored' else 'error'}: {r.message}", file=sys.stderr)
+    results, failed = [], len(broken)
     for case_id, paths in cases.items():
         try:
             predictor.inspect(paths)  # the scan's own problems first: a broken scan is named, not its label
             label_path = _label_path(args.labels, case_id, single=args.input.is_file())
             results.append(overlay_scan(predictor, paths, case_id, args.output / case_id, label_path, args.cbam,
                                         args.dilation_mm))
-        except SegError as err:  # one bad scan must not stop the others
+        except Exception as err:  # one bad scan must not stop the others, as in `seg predict`
             failed += 1
-            print(f"seg overlays: error: {err}", file=sys.stderr)
+            if not isinstance(err, SegError):  # a bug or an unforeseen file: show where it came from
+                traceback.print_exception(err, file=sys.stderr)
+                err = f"{escape(str(paths[0]))}: unexpected error ({type(err).__name__}: {err})"
+            print(f"seg overlays: error: {' '.join(str(err).split())}", file=sys.stderr)
             continue
-        print(f"{case_id}: {results[-1].png}" + "".join(f", concentration {k} {_fmt(v, 1)}"
-                                                        for k, v in results[-1].concentration.items()))
+        print(f"{escape(case_id)}: {escape(str(results[-1].png))}" + "".join(
+            f", concentration {k} {_fmt(v, 1)}" for k, v in results[-1].concentration.items()))
     if any(r.concentration for r in results):
         write_concentration_csv(args.output / "concentration.csv", results, predictor.class_names)
     return 1 if failed else 0

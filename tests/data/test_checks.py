@@ -293,4 +293,6 @@ def test_truncated_uncompressed_nifti(tmp_path):
     meta["training"][0]["label"] = "./labelsTr/synth_000.nii"
     (root / "dataset.json").write_text(json.dumps(meta))
     [problem] = check_dataset(root)
-    assert problem.path == str(plain) and "cannot read the voxel data" in problem.message
+    # the size guard sees it from the header and the file size, before reading
+    assert problem.path == str(plain) and "the file holds 2.9 KiB of voxel data" in problem.message
+    assert "truncated" in problem.message

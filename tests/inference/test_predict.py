@@ -297,9 +297,9 @@ def test_bad_files_are_named_and_skipped(trained_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "Traceback" not in err
-    assert "notes.txt" in err and "ignoring 1 file" in err
+    assert "notes.txt: skipped: not a .nii/.nii.gz file" in err
     summary = read_summary(tmp_path / "out")
-    assert {c: r["status"] for c, r in summary.items()} == {"good_a": "ok", "good_b": "ok",
+    assert {c: r["status"] for c, r in summary.items()} == {"good_a": "ok", "good_b": "ok", "notes.txt": "ignored",
                                                             **{c: "failed" for c in bad}}
     for case, problem in bad.items():
         line = next(line for line in err.splitlines() if f"{case}.nii.gz:" in line)
@@ -423,7 +423,8 @@ def test_find_cases_groups_channel_files(tmp_path):
     assert {k: [p.name for p in v] for k, v in cases.items()} == {
         "a": ["a_0000.nii.gz", "a_0001.nii.gz"], "b": ["b.nii"], "scan_2024": ["scan_2024.nii.gz"]}
     assert [r.case_id for r in broken] == ["gap"] and "gap_0002.nii.gz" in broken[0].message
-    assert [p.name for p in ignored] == ["notes.txt"]
+    assert [(r.case_id, r.status, r.message.split(": ")[-1]) for r in ignored] == [
+        (".tmp-1-x.nii.gz", "ignored", "hidden file"), ("notes.txt", "ignored", "not a .nii/.nii.gz file")]
 
 
 def test_a_big_scan_is_predicted_in_slabs_with_the_same_labels(tmp_path, monkeypatch):
