@@ -60,7 +60,8 @@ def make(workdir: Path, size, channels, overlap: float, hd95: bool) -> dict:
     import torch
 
     from seg.data import NiftiDataModule
-    from seg.training.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY, SegmentationModule
+    from seg.inference.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+    from seg.training.module import SegmentationModule
 
     data = workdir / "data"
     for sub in ("imagesTr", "labelsTr"):

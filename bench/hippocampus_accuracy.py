@@ -5,12 +5,15 @@ layout with symlinks to the original files. Then, one after the other on the sam
   1. the MONAI reference (../shared/bench/monai_reference_hippocampus.py) trains on the training folder for
      MINUTES and scores the held-out cases;
   2. `seg fit --config configs/hippocampus.yaml --trainer.max_time 00:00:MM:00` trains on the training folder
-     (holding out 10 % of it for model selection), and `seg test --ckpt_path best` scores the same held-out cases.
+     (holding out 10 % of it for model selection), and `seg test --ckpt_path best` scores the same held-out cases;
+  3. with `--methods ...,plan`: the same with the config `seg plan TRAIN --minutes MM` derives from the data
+     instead of the hand-tuned one.
 Prints one JSON line per method. Run it on an otherwise idle machine: both are time-bounded. With --parallel the
 two run at the same time, one thread and no loader worker each, so that whatever else loads the machine slows
 both alike (a fair comparison on a shared machine, slower than each alone on two cores).
 
-usage: python bench/hippocampus_accuracy.py [--minutes 10] [--test-cases 40] [--parallel] [--out runs/bench_hippocampus]
+usage: python bench/hippocampus_accuracy.py [--minutes 10] [--test-cases 40] [--methods monai,seg,plan] [--parallel]
+       [--out runs/bench_hippocampus]
 """
 
 from __future__ import annotations
@@ -68,9 +71,14 @@ def run_monai(train_dir: Path, test_dir: Path, minutes: float, threads: int = 2)
     return {"method": "monai_reference", "wall_s": round(time.time() - start, 1), **scores}
 
 
-def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = None) -> dict:
-    run_dir = out / "seg_run"
-    common = ["--config", str(REPO / "configs" / "hippocampus.yaml"), "--data.root", str(train_dir),
+def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = None, plan: bool = False) -> dict:
+    run_dir = out / ("plan_run" if plan else "seg_run")
+    config = REPO / "configs" / "hippocampus.yaml"
+    if plan:  # the config `seg plan` derives from the training folder, for the same time budget
+        config = out / "plan.yaml"
+        subprocess.run([sys.executable, "-m", "seg", "plan", str(train_dir), "--minutes", f"{minutes:g}",
+                        "--output", str(config)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    common = ["--config", str(config), "--data.root", str(train_dir),
               "--trainer.default_root_dir", str(run_dir), "--logging", "csv"]
     env = dict(os.environ)
     extra = []
@@ -90,7 +98,7 @@ def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = No
         row = [r for r in csv.DictReader(f) if r.get("test/dice_mean")][-1]
     with open(sorted((run_dir / "csv").glob("version_*/metrics.csv"))[0]) as f:
         steps = max(int(r["step"]) for r in csv.DictReader(f) if r.get("step"))
-    return {"method": "seg", "fit_wall_s": round(fit_s, 1), "steps": steps,
+    return {"method": "seg_plan" if plan else "seg", "fit_wall_s": round(fit_s, 1), "steps": steps,
             "dice_anterior": round(float(row["test/dice_Anterior"]), 4),
             "dice_posterior": round(float(row["test/dice_Posterior"]), 4),
             "dice_mean": round(float(row["test/dice_mean"]), 4),
@@ -104,7 +112,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "hippocampus")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_hippocampus")
-    parser.add_argument("--only", choices=["seg", "monai"], default=None)
+    parser.add_argument("--methods", default="monai,seg",
+                        help="comma-separated: monai (the reference), seg (configs/hippocampus.yaml), plan (seg plan)")
     parser.add_argument("--parallel", action="store_true", help="run both at once, one thread each")
     args = parser.parse_args()
     train_dir, test_dir = make_split(args.data, args.out, args.test_cases, args.seed)
@@ -117,10 +126,13 @@ def main() -> None:
             print(json.dumps({**monai.result(), "threads": 1, "parallel": True}), flush=True)
             print(json.dumps({**ours.result(), "threads": 1, "parallel": True}), flush=True)
         return
-    if args.only in (None, "monai"):
+    methods = args.methods.split(",")
+    if "monai" in methods:
         print(json.dumps(run_monai(train_dir, test_dir, args.minutes)), flush=True)
-    if args.only in (None, "seg"):
+    if "seg" in methods:
         print(json.dumps(run_seg(train_dir, args.out, args.minutes)), flush=True)
+    if "plan" in methods:
+        print(json.dumps(run_seg(train_dir, args.out, args.minutes, plan=True)), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def run_seg(checkpoint: str, input_dir: Path, output: Path) -> dict:
     seconds = time.perf_counter() - start
     assert all(r.status == "ok" for r in results), [r.message for r in results if r.status != "ok"]
     return {"seconds": seconds, "cases": len(results), "baseline_rss_mb": baseline,
-            "params_mb": sum(p.numel() * p.element_size() for p in predictor.model.parameters()) / 2**20}
+            "params_mb": sum(p.numel() * p.element_size() for p in predictor.model.network.parameters()) / 2**20}
 
 
 def run_monai(checkpoint: str, input_dir: Path, output: Path) -> dict:
@@ -70,8 +70,11 @@ def run_monai(checkpoint: str, input_dir: Path, output: Path) -> dict:
              # float32 as in seg's transforms: nearest-neighbour ties at half-voxel positions round the same way
              Spacingd("image", pixdim=pre["spacing"], mode="bilinear", dtype=torch.float32)]
     if pre["crop_foreground"]:
-        # seg crops to the nonzero voxels (MONAI's default, x > 0, would crop a CT to its soft tissue)
-        steps.append(CropForegroundd("image", source_key="image", select_fn=lambda x: x != 0, allow_smaller=True))
+        # seg crops to the body: nonzero voxels (MONAI's default, x > 0, would crop a CT to its soft tissue), or for
+        # CT the voxels above -500 HU (seg also drops specks in the air first, which this loop does not)
+        threshold = (pre.get("crop_threshold") or [None])[0]
+        select = (lambda x: x != 0) if threshold is None else (lambda x: x > threshold)
+        steps.append(CropForegroundd("image", source_key="image", select_fn=select, allow_smaller=True))
     schemes = pre["normalization"]
     if all(n["scheme"] == "zscore" for n in schemes) and len({n["nonzero"] for n in schemes}) == 1:
         steps.append(NormalizeIntensityd("image", nonzero=schemes[0]["nonzero"], channel_wise=True))
@@ -90,8 +93,8 @@ def run_monai(checkpoint: str, input_dir: Path, output: Path) -> dict:
     with torch.no_grad():
         for path in files:
             d = transforms({"image": str(path)})
-            logits = sliding_window_inference(d["image"][None], model.roi_size, hp.sw_batch_size, model,
-                                              overlap=hp.sw_overlap, mode="gaussian")
+            logits = sliding_window_inference(d["image"][None], model.roi_size, hp["sw_batch_size"], model.network,
+                                              overlap=hp["sw_overlap"], mode="gaussian")
             d["pred"] = logits[0].argmax(0, keepdim=True).float()
             d = invert(d)
             save(d["pred"])

@@ -1,26 +1,113 @@
-"""Load a trained seg model from a checkpoint alone, safely (weights only, no pickle)."""
+"""Load a trained seg model from a checkpoint alone, safely (weights only, no pickle), without Lightning.
+
+A `seg fit` checkpoint holds the LightningModule's `state_dict` (the network under `model.`), its
+`hyper_parameters` and, under `CHECKPOINT_KEY`, the preprocessing the network was trained with. Inference needs
+the network, the preprocessing and a few settings: `TrainedModel`.
+"""
 
 from __future__ import annotations
 
 import math
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from seg.data.checks import MAX_SPACING_MM
 from seg.errors import CheckpointError
-from seg.training.module import CHECKPOINT_KEY, SegmentationModule
+from seg.inference.window import WindowInference
+from seg.models import AttentionUNet
 
+CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
+CHECKPOINT_FORMAT = 1
 # Voxel sizes a checkpoint may resample to: below 0.01 mm (10 micrometres, beyond any CT or MR) a scan of a few
 # cm would be resampled to billions of voxels; above `MAX_SPACING_MM`, as check-data, the header's units are off.
 MIN_SPACING_MM = 0.01
+# SegmentationModule's network settings and their defaults: what `build_network` reads from hyper-parameters.
+NETWORK_DEFAULTS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": (16, 32, 64, 128),
+                    "strides": (2, 2, 2), "cbam": True, "gates": True, "deep_supervision": False,
+                    "downsample": "conv", "decoder_convs": 1}
 
 
-def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:
-    """The `SegmentationModule` of a `seg fit` checkpoint, in eval mode, with its `preprocessing` dict.
+def build_network(hparams: dict) -> AttentionUNet:
+    """The `AttentionUNet` that `hparams` (a `SegmentationModule`'s hyper-parameters) describe."""
+    h = {**NETWORK_DEFAULTS, **{k: v for k, v in hparams.items() if k in NETWORK_DEFAULTS}}
+    return AttentionUNet(h["spatial_dims"], h["in_channels"], h["out_channels"], list(h["channels"]),
+                         list(h["strides"]), cbam=h["cbam"], gates=h["gates"], deep_supervision=h["deep_supervision"],
+                         downsample=h["downsample"], decoder_convs=h["decoder_convs"])
 
-    Raises `CheckpointError` for a missing, truncated, unsafe (arbitrary pickle) or foreign checkpoint.
+
+@dataclass
+class TrainedModel:
+    """A trained network with what inference needs from its checkpoint.
+
+    Attributes:
+        network: the `AttentionUNet`, in eval mode.
+        preprocessing: the preprocessing dict it was trained with (`seg.data.transforms`).
+        hparams: the checkpoint's hyper-parameters (spatial_dims, out_channels, roi_size, sw_overlap, ...).
+    """
+
+    network: AttentionUNet
+    preprocessing: dict
+    hparams: dict
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.hparams.get("spatial_dims", 3))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams.get("out_channels", NETWORK_DEFAULTS["out_channels"]))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.hparams.get("in_channels", 1))
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.hparams.get("class_names") or self.preprocessing.get("class_names")
+        return list(names or [f"class_{i}" for i in range(1, self.num_classes)])
+
+    @property
+    def roi_size(self) -> tuple[int, ...]:
+        """The sliding window: the training patch (`spatial_dims` values)."""
+        return tuple(int(v) for v in (self.hparams.get("roi_size") or self.preprocessing["patch_size"]))
+
+    @property
+    def gate_levels(self) -> int:
+        """Gated skips of the network (0 without gates): the `gate_<level>` maps it gives."""
+        channels = self.hparams.get("channels", NETWORK_DEFAULTS["channels"])
+        return len(channels) - 1 if self.hparams.get("gates", True) else 0
+
+    def inference(self, sw_batch_size: int | None = None, overlap: float | None = None,
+                  mirror: bool = False) -> WindowInference:
+        """The window engine for this network; None keeps the trained model's own settings."""
+        return WindowInference(self.network, self.roi_size, self.num_classes, self.spatial_dims,
+                               sw_batch_size=sw_batch_size or int(self.hparams.get("sw_batch_size", 4)),
+                               overlap=float(self.hparams.get("sw_overlap", 0.5)) if overlap is None else overlap,
+                               mirror=mirror)
+
+    def to(self, device) -> TrainedModel:
+        self.network.to(device)
+        return self
+
+
+def network_state(state_dict: dict) -> dict:
+    """The network's weights from a LightningModule's state_dict: `model.` (and `torch.compile`'s `_orig_mod.`) off."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("model."):
+            key = key[len("model."):]
+            out[key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key] = value
+    return out
+
+
+def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """The network of a `seg fit` checkpoint, in eval mode, with its preprocessing and settings.
+
+    Raises `CheckpointError` for a missing, truncated, unsafe (arbitrary pickle) or foreign checkpoint, one whose
+    settings are malformed, or one with NaN or infinite weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,12 +136,12 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
             raise CheckpointError(f"weight '{name}' holds NaN or infinite values: the model would predict garbage "
                                   "(a diverged run?); use an earlier checkpoint", path)
     try:
-        model = SegmentationModule(**{k: v for k, v in hparams.items() if not str(k).startswith("_")})
-        model.load_state_dict(checkpoint["state_dict"])
+        network = build_network(hparams)
+        network.load_state_dict(network_state(checkpoint["state_dict"]))
     except (TypeError, RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint does not match this version of seg: {_first_line(err)}", path) from None
-    model.preprocessing = info["preprocessing"]
-    return model.eval().to(map_location)
+    hparams = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    return TrainedModel(network.eval().to(map_location), info["preprocessing"], hparams)
 
 
 def _fail(path: Path, field: str, value, expected: str):
@@ -132,6 +219,9 @@ def check_preprocessing(pre: dict, hparams: dict, path: Path) -> None:
     need("patch_size", lambda v: isinstance(v, (list, tuple)) and len(v) == dims and all(_is_int(p) for p in v),
          f"{dims} positive integers")
     need("crop_foreground", lambda v: isinstance(v, bool), "true or false")
+    if "crop_threshold" in pre:  # added with the CT body crop; older checkpoints crop to nonzero voxels
+        need("crop_threshold", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == channels and all(
+            t is None or _is_number(t) for t in v)), f"{channels} thresholds (a number, or null for nonzero)")
 
 
 def _valid_axcodes(codes: str) -> bool:

@@ -294,7 +294,7 @@ class _Run:
     def __init__(self, predictor: Predictor, output: Path, save_probabilities: bool, save_gates: bool, report):
         self.predictor, self.output, self.report = predictor, output, report
         self.save_probabilities, self.save_gates = save_probabilities, save_gates
-        levels = len(predictor.model.hparams.channels) - 1 if predictor.model.hparams.gates else 0
+        levels = predictor.model.gate_levels
         self.gate_names = [f"gate_{i}" for i in range(levels)] if save_gates else []
 
     def paths(self, case_id: str) -> dict[str, Path]:
@@ -440,7 +440,7 @@ def predict_folder(
 
     columns = [TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
-    group_size = max(1, int(predictor.model.hparams.sw_batch_size))
+    group_size = max(1, predictor.engine.sw_batch_size)
     with Progress(*columns, console=console, transient=False) as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-load") as loader, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-write") as writer:

@@ -1,15 +1,14 @@
 """Predict one scan with a trained model, in the scan's own geometry: label map, probabilities, gate maps.
 
 The path is the validation path run forwards and then backwards: `inference_transforms` (the checkpoint's
-own preprocessing) -> sliding-window inference with Gaussian blending (`SegmentationModule.predict_volume`,
-optionally averaged over mirrored copies; for labels alone `predict_labels`, in slabs when the volume is big)
--> `monai.transforms.Invertd` back to the scan's grid. The three
-stages are separate methods (`load`, `infer`, `to_original`) so that a folder runner can overlap them.
+own preprocessing) -> sliding-window inference with Gaussian blending (`seg.inference.window.WindowInference`,
+optionally mirrored window by window; for labels alone in slabs when the volume is big) ->
+`monai.transforms.Invertd` back to the scan's grid. The three stages are separate methods (`load`, `infer`,
+`to_original`) so that a folder runner can overlap them. Nothing here needs Lightning.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from seg.data.guard import guard_file, load_header
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
 from seg.errors import DataError, SegError
+from seg.inference.checkpoint import TrainedModel, load_trained_model
 from seg.inference.slabs import class_indices, stitch_budget
 
 
@@ -104,47 +104,40 @@ class Predictor:
     `torch.autocast` (float16); stitching and softmax stay float32.
 
     Args:
-        model: a `SegmentationModule` with its `preprocessing` dict (from `load_trained_model`).
+        model: a `TrainedModel` (from `load_trained_model`): the network, its preprocessing and settings.
         device: "auto", "cpu", "cuda" or a torch device.
-        tta: average the softmax over mirrored copies: every combination of flips of the spatial axes (8 for a
-            3D model, 4 for a 2D model: its two in-plane axes).
-        overlap: sliding-window overlap; None keeps the model's own (`hparams.sw_overlap`).
-        sw_batch_size: windows per forward pass; None keeps the model's own. Both overrides are set on the model.
+        tta: average the softmax over mirrored copies of every window: every combination of flips of the spatial
+            axes (8 for a 3D model, 4 for a 2D model: its two in-plane axes), window by window, so label maps
+            still stream through slabs.
+        overlap: sliding-window overlap; None keeps the model's own (`sw_overlap`).
+        sw_batch_size: windows per forward pass; None keeps the model's own.
     """
 
-    def __init__(self, model, device: str | torch.device = "auto", tta: bool = False, overlap: float | None = None,
-                 sw_batch_size: int | None = None):
+    def __init__(self, model: TrainedModel, device: str | torch.device = "auto", tta: bool = False,
+                 overlap: float | None = None, sw_batch_size: int | None = None):
         if not getattr(model, "preprocessing", None):
             raise SegError("the model has no preprocessing settings; load it with load_trained_model")
+        if overlap is not None and not 0.0 <= overlap < 1.0:
+            raise SegError(f"--overlap must be in [0, 1), got {overlap}")
+        if sw_batch_size is not None and sw_batch_size < 1:
+            raise SegError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
-        # predict_volume reads these from hparams; setting them there keeps one sliding-window code path.
-        if overlap is not None:
-            if not 0.0 <= overlap < 1.0:
-                raise SegError(f"--overlap must be in [0, 1), got {overlap}")
-            self.model.hparams.sw_overlap = float(overlap)
-        if sw_batch_size is not None:
-            if sw_batch_size < 1:
-                raise SegError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
-            self.model.hparams.sw_batch_size = int(sw_batch_size)
+        self.model = model.to(self.device)
+        self.model.network.eval()
         self.tta = tta
+        self.engine = model.inference(sw_batch_size, overlap, mirror=tta)
         self.preprocessing = dict(model.preprocessing)
-        self.num_classes = int(self.model.hparams.out_channels)
-        self.in_channels = int(self.model.hparams.in_channels)
-        self.class_names = list(self.model.class_names)
+        self.num_classes = model.num_classes
+        self.in_channels = model.in_channels
+        self.class_names = model.class_names
         self.transforms = inference_transforms(self.preprocessing)
         # nearest for class indices; the forward modes (bilinear for the image) for probabilities and gates
         self._invert_label = Invertd("pred", transform=self.transforms, orig_keys="image", nearest_interp=True)
         self._invert_float = Invertd("pred", transform=self.transforms, orig_keys="image", nearest_interp=False)
-        spatial = 3 if self.model.hparams.spatial_dims == 3 else 2  # a 2D model sees (H, W) slabs of (H, W, D)
-        axes = list(range(2, 2 + spatial))
-        self._flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if tta else [()]
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str | torch.device = "auto", **kwargs) -> Predictor:
         """A Predictor for a `seg fit` checkpoint (weights-only loading; `CheckpointError` when unusable)."""
-        from seg.inference.checkpoint import load_trained_model
-
         return cls(load_trained_model(checkpoint, map_location="cpu"), device=device, **kwargs)
 
     # ---- stage 1: files -> preprocessed tensor (CPU; safe to run in a background thread) --------------------
@@ -219,18 +212,19 @@ class Predictor:
     # ---- stage 2: preprocessed tensor -> network output (the device) -------------------------------------------
     def fits_one_window(self, scan: LoadedScan) -> bool:
         """True when the whole preprocessed scan fits in one sliding window, so it can share a forward pass."""
-        return all(size <= roi for size, roi in zip(scan.data["image"].shape[1:], self.model.roi_size))
+        return all(size <= roi for size, roi in zip(scan.data["image"].shape[1:], self.engine.window))
 
-    def infer(self, scan: LoadedScan, with_gates: bool = False, probabilities: bool = False) -> NetworkOutput:
+    def infer(self, scan: LoadedScan, with_gates: bool = False, probabilities: bool = False,
+              with_cbam: bool = False) -> NetworkOutput:
         """Sliding-window prediction (with mirroring when `tta`) on the preprocessed grid.
 
-        Returns CPU tensors: the argmax label, and when asked the softmax probabilities and gate maps.
+        Returns CPU tensors: the argmax label, and when asked the softmax probabilities and gate (and CBAM) maps.
         """
-        return self.infer_batch([scan], with_gates, probabilities)[0]
+        return self.infer_batch([scan], with_gates, probabilities, with_cbam)[0]
 
     @torch.no_grad()
-    def infer_batch(self, scans: Sequence[LoadedScan], with_gates: bool = False,
-                    probabilities: bool = False) -> list[NetworkOutput]:
+    def infer_batch(self, scans: Sequence[LoadedScan], with_gates: bool = False, probabilities: bool = False,
+                    with_cbam: bool = False) -> list[NetworkOutput]:
         """`infer` for several scans; those that each fit in one window share forward passes.
 
         Small scans (hippocampus crops, single slices) are padded to the window as `sliding_window_inference`
@@ -239,13 +233,13 @@ class Predictor:
         scan at batch 2 on the hippocampus model) and leaves a GPU idle.
         """
         if len(scans) > 1 and not all(self.fits_one_window(s) for s in scans):
-            return [self.infer_batch([s], with_gates, probabilities)[0] for s in scans]
+            return [self.infer_batch([s], with_gates, probabilities, with_cbam)[0] for s in scans]
         images, crops = [], []
         for scan in scans:
             image = scan.data["image"].as_tensor()
             pad, crop = [], [slice(None)]
             if len(scans) > 1:
-                for size, roi in zip(image.shape[1:], self.model.roi_size):
+                for size, roi in zip(image.shape[1:], self.engine.window):
                     half = (roi - size) // 2
                     pad = [half, roi - size - half] + pad  # F.pad lists the last axis first
                     crop.append(slice(half, half + size))
@@ -255,46 +249,26 @@ class Predictor:
         # one scan: a view, not a stacked copy of what may be a whole CT
         batch = (images[0][None] if len(images) == 1 else torch.stack(images)).to(self.device, non_blocking=True)
         del images
-        if not (with_gates or probabilities or len(self._flips) > 1):
-            # labels alone: no full-size logits kept (slabs when they would outgrow the input)
+        if not (with_gates or probabilities or with_cbam):
+            # labels alone (mirrored or not): no full-size maps kept, slabs when they would outgrow the input
             with self._autocast():
-                labels = self.model.predict_labels(batch, max_buffer_bytes=stitch_budget(batch))
+                labels = self.engine.labels(batch, max_buffer_bytes=stitch_budget(batch))
             return [NetworkOutput(label=labels[i][crop].cpu()) for i, crop in enumerate(crops)]
-        score_sum, gate_sum = self._predict(batch, with_gates, softmax=probabilities or len(self._flips) > 1)
-        n = len(self._flips)
+        with self._autocast():
+            out = self.engine.predict(batch, gates=with_gates or with_cbam, cbam=with_cbam, softmax=probabilities)
+        scores = out.pop("scores")
         outputs = []
         for i, crop in enumerate(crops):
-            score = score_sum[i][crop]
+            score = scores[i][crop]
             outputs.append(NetworkOutput(
                 label=class_indices(score[None])[0].cpu(),
-                probabilities=(score / n).float().cpu() if probabilities else None,
-                gates={k: (v[i][crop] / n).clamp_(0, 1).cpu() for k, v in gate_sum.items()},
+                probabilities=score.float().cpu() if probabilities else None,
+                gates={k: v[i][crop].float().clamp_(0, 1).cpu() for k, v in out.items()},
             ))
         return outputs
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
-
-    def _predict(self, image: torch.Tensor, with_gates: bool, softmax: bool) -> tuple[torch.Tensor, dict]:
-        """Sum over the mirrored copies of the softmax (or, for one copy, the logits) and of the gate maps."""
-        score_sum, gate_sum = None, {}
-        with self._autocast():
-            for axes in self._flips:
-                x = torch.flip(image, axes) if axes else image
-                out = self.model.predict_volume(x, with_gates=with_gates)
-                logits, gates = (out.pop("logits"), out) if with_gates else (out, {})
-                del out, x
-                # mirrored copies are flipped back before averaging; softmax in float32 for a stable mean. With
-                # one copy and no probabilities wanted, the argmax of the logits is the label: no softmax copy.
-                score = torch.softmax(logits.float(), dim=1) if softmax else logits
-                del logits
-                score = torch.flip(score, axes) if axes else score
-                score_sum = score if score_sum is None else score_sum.add_(score)
-                for key, gate in gates.items():
-                    gate = torch.flip(gate.float(), axes) if axes else gate.float()
-                    gate_sum[key] = gate if key not in gate_sum else gate_sum[key].add_(gate)
-                del score, gates
-        return score_sum, gate_sum
 
     # ---- stage 3: network output -> the scan's own grid (CPU; safe in a background thread) ---------------------
     @torch.no_grad()

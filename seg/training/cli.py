@@ -10,9 +10,7 @@ of every validation volume (`seg.training.overlays.GateOverlays`, options under 
 from __future__ import annotations
 
 import os
-import pickle
 import sys
-import zipfile
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -59,6 +57,12 @@ class SegCLI(LightningCLI):
         # `seg` hands Lightning its own slice of argv; Lightning's warning about `args` given beside sys.argv
         # is meant for scripts that do both by mistake.
         self.config = parser.parse_args(args)
+        # Lightning reads `--ckpt_path`'s hyper-parameters next: an unsafe or corrupt file is a one-line
+        # CheckpointError here (weights-only), before Lightning's own reader turns it into a traceback.
+        config = self.config.get(self.config.get("subcommand")) if self.config.get("subcommand") else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_weights_only(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         """`--ckpt_path best|last` in a new process means the run folder's own `checkpoints/{best,last}.ckpt`.
@@ -113,16 +117,6 @@ class SegCLI(LightningCLI):
         return WandbLogger(project=config["wandb_project"], name=config["wandb_name"], save_dir=str(root),
                            offline=offline, log_model=False)
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads `--ckpt_path`'s hyperparameters (weights-only) before anything else: an unsafe or
-        # corrupt file is a one-line CheckpointError here, not an UnpicklingError traceback.
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError):
-            load_weights_only(ckpt_path)  # raises the CheckpointError that says why
-            raise
-
     @staticmethod
     def trainer_is_rank_zero() -> bool:
         return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
@@ -139,11 +133,23 @@ def _option(args: list[str], name: str) -> str | None:
     return value
 
 
+def _minutes(max_time: str | None) -> float | None:
+    """`--trainer.max_time` "DD:HH:MM:SS" in minutes, so that the plan fits its validations into that budget."""
+    if not max_time or max_time == "null":
+        return None
+    try:
+        days, hours, minutes, seconds = (int(v) for v in max_time.split(":"))
+    except ValueError:
+        return None  # another form: Lightning reads (or refuses) it; the plan keeps its default budget
+    return days * 1440 + hours * 60 + minutes + seconds / 60
+
+
 def plan_when_unconfigured(subcommand: str, args: list[str]) -> list[str]:
     """`seg fit --data.root ROOT` without `--config`: plan the dataset first (`seg plan`) and train on the plan.
 
     The plan is written to `<default_root_dir>/plan.yaml`, summarised one line per decision on stderr, and put
-    first on the command line, so every other option given still overrides it.
+    first on the command line, so every other option given still overrides it. A `--trainer.max_time` given is
+    the plan's time budget (validation frequency follows it).
     """
     root = _option(args, "--data.root")
     if subcommand != "fit" or root is None or _option(args, "--config") is not None or "--print_config" in args:
@@ -151,7 +157,7 @@ def plan_when_unconfigured(subcommand: str, args: list[str]) -> list[str]:
     from seg.data.plan import plan_dataset, render_yaml, summary, write_plan
 
     run_dir = Path(_option(args, "--trainer.default_root_dir") or "runs/latest")
-    decisions = plan_dataset(root)
+    decisions = plan_dataset(root, minutes=_minutes(_option(args, "--trainer.max_time")))
     path = write_plan(run_dir / "plan.yaml", render_yaml(decisions, root, "seg fit " + " ".join(args)))
     print(f"seg fit: no --config given: planned {root} (`seg plan`), written to {path}:\n{summary(decisions)}",
           file=sys.stderr)

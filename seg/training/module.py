@@ -9,18 +9,17 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Timer
-from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric
 from monai.metrics.utils import do_metric_reduction, get_edge_surface_distance
 from monai.utils import MetricReduction
 
-from seg.inference.slabs import class_indices, sliding_window_labels, stitch_budget
-from seg.models import AttentionUNet
+from seg.inference.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, build_network
+from seg.inference.slabs import class_indices, stitch_budget
+from seg.inference.window import WindowInference
 from seg.models.topology import check_strides
 
-CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
-CHECKPOINT_FORMAT = 1
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "SegmentationModule", "hausdorff95"]
 
 
 def hausdorff95(prediction: torch.Tensor, label: torch.Tensor, spacing=None) -> torch.Tensor:
@@ -108,9 +107,7 @@ class SegmentationModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = AttentionUNet(spatial_dims, in_channels, out_channels, list(channels), list(strides), cbam=cbam,
-                                   gates=gates, deep_supervision=deep_supervision, downsample=downsample,
-                                   decoder_convs=decoder_convs)
+        self.model = build_network(dict(self.hparams))  # the same construction inference uses on the checkpoint
         base = (DiceCELoss if loss == "dice_ce" else DiceLoss)(to_onehot_y=True, softmax=True, batch=batch_dice)
         self.loss_fn = DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base
         self.class_names = list(class_names or [f"class_{i}" for i in range(1, out_channels)])
@@ -160,47 +157,27 @@ class SegmentationModule(pl.LightningModule):
     @property
     def roi_size(self) -> tuple[int, ...]:
         """The sliding window on a volume: the patch size, with a unit last axis for a 2D model."""
+        return self.window_inference().window
+
+    def window_inference(self) -> WindowInference:
+        """The sliding-window engine over this module's network, as `seg predict` builds it from a checkpoint."""
         roi = list(self.hparams.roi_size or [96] * self.hparams.spatial_dims)
-        return tuple(roi + [1]) if self.hparams.spatial_dims == 2 else tuple(roi)
-
-    def _window_predictor(self, with_gates: bool, with_cbam: bool = False):
-        """A predictor for `sliding_window_inference` on `(N, C, *S)` 3D windows.
-
-        Returns the logits, or a dict `{"logits", "gate_0", ...}` (and "cbam_0", ... with `with_cbam`) with every
-        map upsampled to the window's grid so that MONAI blends them exactly like logits.
-        """
-        squeeze = self.hparams.spatial_dims == 2
-
-        def predict(window: torch.Tensor):
-            x = window[..., 0] if squeeze else window
-            if not with_gates:
-                out = self(x)
-                return out[..., None] if squeeze else out
-            if self._memory_format is not None:
-                x = x.contiguous(memory_format=self._memory_format)
-            logits, gates, *cbam = self.model.forward_with_gates(x, return_cbam=with_cbam)
-            outputs = {"logits": logits}
-            maps = [(f"gate_{level}", gate) for level, gate in enumerate(gates)]
-            maps += [(f"cbam_{level}", m) for level, m in enumerate(cbam[0] if cbam else [])]
-            for name, m in maps:
-                outputs[name] = torch.nn.functional.interpolate(
-                    m, size=x.shape[2:], mode="bilinear" if squeeze else "trilinear", align_corners=False)
-            return {k: (v[..., None] if squeeze else v) for k, v in outputs.items()}
-
-        return predict
+        return WindowInference(self.model, roi, self.hparams.out_channels, self.hparams.spatial_dims,
+                               sw_batch_size=self.hparams.sw_batch_size, overlap=self.hparams.sw_overlap,
+                               memory_format=self._memory_format)
 
     def predict_volume(self, image: torch.Tensor, with_gates: bool = False, sw_device=None, device=None,
                        with_cbam: bool = False):
-        """Sliding-window prediction of whole volumes `(N, C, *S)`.
+        """Sliding-window prediction of whole volumes `(N, C, *S)` (`WindowInference.predict`).
 
         Returns logits `(N, out_channels, *S)`, or with `with_gates` a dict with "logits" and "gate_<level>"
         `(N, 1, *S)` (coarsest level first), plus with `with_cbam` CBAM's spatial maps "cbam_<level>" `(N, 1, *S)`
         (finest encoder level first). `sw_device`/`device` as in MONAI (windows on the GPU, stitching on the CPU
         for volumes too big for GPU memory).
         """
-        return sliding_window_inference(
-            image, self.roi_size, self.hparams.sw_batch_size, self._window_predictor(with_gates, with_cbam),
-            overlap=self.hparams.sw_overlap, mode="gaussian", sw_device=sw_device, device=device)
+        out = self.window_inference().predict(image, gates=with_gates or with_cbam, cbam=with_cbam,
+                                              sw_device=sw_device, device=device)
+        return {"logits": out.pop("scores"), **out} if with_gates or with_cbam else out["scores"]
 
     def predict_labels(self, image: torch.Tensor, max_buffer_bytes: int | None = None, sw_device=None,
                        device=None) -> torch.Tensor:
@@ -209,9 +186,8 @@ class SegmentationModule(pl.LightningModule):
         `max_buffer_bytes` caps the stitching buffers: a volume whose full-size logits would take more is done in
         slabs (`seg.inference.slabs`), with the same result. None: the whole volume at once.
         """
-        return sliding_window_labels(image, self.roi_size, self.hparams.sw_batch_size, self._window_predictor(False),
-                                     self.hparams.out_channels, overlap=self.hparams.sw_overlap,
-                                     max_buffer_bytes=max_buffer_bytes, sw_device=sw_device, device=device)
+        return self.window_inference().labels(image, max_buffer_bytes=max_buffer_bytes, sw_device=sw_device,
+                                              device=device)
 
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -440,18 +440,8 @@ def _load_label(path: Path, reference: nib.Nifti1Image) -> np.ndarray:
 def overlay_scan(predictor, paths: Sequence[Path], case_id: str, folder: Path, label_path: Path | None = None,
                  cbam: bool = False, dilation_mm: float = 2.0) -> CaseOverlay:
     """Predict one scan with its gates in its own geometry (`Predictor`) and export its overlay files."""
-    from seg.inference.predictor import NetworkOutput
-
-    if cbam:  # the Predictor's own inference gives gates only; CBAM maps ride on the same sliding window
-        scan = predictor.load(paths, case_id)
-        with torch.no_grad():
-            out = predictor.model.predict_volume(scan.data["image"].as_tensor()[None].to(predictor.device),
-                                                 with_gates=True, with_cbam=True)
-        label = out["logits"].argmax(1).to(torch.uint8).cpu()
-        maps = {k: v[0].float().clamp(0, 1).cpu() for k, v in out.items() if k != "logits"}
-        result = predictor.to_original(scan, NetworkOutput(label=label, gates=maps))
-    else:
-        result = predictor.predict_case(paths, with_gates=True)
+    scan = predictor.load(paths, case_id)
+    result = predictor.to_original(scan, predictor.infer(scan, with_gates=True, with_cbam=cbam))
     reference = result["reference"]
     label = _load_label(label_path, reference) if label_path is not None else None
     image = np.asarray(reference.dataobj, dtype=np.float32)

@@ -29,7 +29,7 @@ from seg.data.transforms import inference_transforms
 from seg.errors import SegError
 from seg.inference.predict import find_cases, predict_folder
 from seg.inference.predictor import NetworkOutput, Predictor
-from seg.training.module import SegmentationModule
+from seg.inference.checkpoint import TrainedModel, build_network
 
 
 def quiet_env() -> dict[str, str]:
@@ -52,10 +52,9 @@ class ThresholdNet(torch.nn.Module):
 
 def stub_predictor(spatial_dims: int = 3, in_channels: int = 1, tta: bool = False) -> Predictor:
     roi = [24, 24, 16] if spatial_dims == 3 else [24, 24]
-    module = SegmentationModule(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2, channels=[4, 8],
-                                strides=[2], roi_size=roi, class_names=["target"], hd95=False)
-    module.model = ThresholdNet()
-    module.preprocessing = {
+    hparams = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": 2, "channels": [4, 8],
+               "strides": [2], "roi_size": roi, "class_names": ["target"]}
+    preprocessing = {
         "version": 1, "spatial_dims": spatial_dims, "orientation": "RAS",
         "spacing": [1.0, 1.0, 1.0] if spatial_dims == 3 else [1.0, 1.0, 0.0],
         "normalization": [{"scheme": "zscore", "nonzero": True}] * in_channels,
@@ -63,7 +62,7 @@ def stub_predictor(spatial_dims: int = 3, in_channels: int = 1, tta: bool = Fals
         "labels": {"0": "background", "1": "target"}, "class_names": ["target"], "patch_size": roi,
         "crop_foreground": True,
     }
-    return Predictor(module, device="cpu", tta=tta)
+    return Predictor(TrainedModel(ThresholdNet(), preprocessing, hparams), device="cpu", tta=tta)
 
 
 TARGET_CENTRE, TARGET_RADIUS = np.array([12.0, -7.0, 4.0]), 8.0  # mm from the grid centre, off every axis
@@ -173,13 +172,14 @@ def test_tta_averages_every_mirroring(tmp_path, spatial_dims, copies):
     path = save(tmp_path / "scan.nii.gz", image, affine)
     plain, mirrored = stub_predictor(spatial_dims), stub_predictor(spatial_dims, tta=True)
     calls = []
-    forward = mirrored.model.predict_volume
-    mirrored.model.predict_volume = lambda x, **kw: calls.append(1) or forward(x, **kw)
+    forward = mirrored.model.network.forward
+    mirrored.model.network.forward = lambda x: calls.append(x.shape[0]) or forward(x)
 
     a = plain.predict_case(path, probabilities=True)
     b = mirrored.predict_case(path, probabilities=True)
 
-    assert len(calls) == copies
+    windows = len(calls) // copies
+    assert windows >= 1 and len(calls) == copies * windows  # every window is run once per mirroring
     # the stand-in is voxel-wise, so every mirrored copy flipped back must agree with the plain prediction
     assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-4)
     assert np.array_equal(a["label"], b["label"])
@@ -189,11 +189,11 @@ def test_tta_averages_every_mirroring(tmp_path, spatial_dims, copies):
 def untrained_predictor(roi, sw_batch_size) -> Predictor:
     """A real (convolutional, untrained, seeded) 3D network with the stand-in's preprocessing and three classes."""
     torch.manual_seed(0)
-    module = SegmentationModule(out_channels=3, channels=[4, 8, 16], strides=[2, 2], roi_size=roi,
-                                sw_batch_size=sw_batch_size, class_names=["a", "b"], hd95=False)
-    module.preprocessing = {**stub_predictor().preprocessing, "num_classes": 3, "class_names": ["a", "b"],
-                            "labels": {"0": "background", "1": "a", "2": "b"}}
-    return Predictor(module, device="cpu")
+    hparams = {"out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2], "roi_size": roi,
+               "sw_batch_size": sw_batch_size, "class_names": ["a", "b"]}
+    preprocessing = {**stub_predictor().preprocessing, "num_classes": 3, "class_names": ["a", "b"],
+                     "labels": {"0": "background", "1": "a", "2": "b"}}
+    return Predictor(TrainedModel(build_network(hparams).eval(), preprocessing, hparams), device="cpu")
 
 
 def test_small_scans_share_forward_passes_and_get_their_own_prediction(tmp_path):
@@ -215,8 +215,8 @@ def test_small_scans_share_forward_passes_and_get_their_own_prediction(tmp_path)
         assert torch.equal(joint.label, alone.label)
 
     calls = []
-    forward = predictor.model.predict_labels  # labels alone: no logits kept
-    predictor.model.predict_labels = lambda x, **kw: calls.append(x.shape[0]) or forward(x, **kw)
+    forward = predictor.engine.labels  # labels alone: no logits kept
+    predictor.engine.labels = lambda x, **kw: calls.append(x.shape[0]) or forward(x, **kw)
     results = predict_folder(predictor, scans, tmp_path / "out", progress=False)
     assert [r.status for r in results] == ["ok"] * 5
     assert calls == [4, 1]  # two forward passes for five scans
@@ -454,7 +454,7 @@ def test_a_big_scan_is_predicted_in_slabs_with_the_same_labels(tmp_path, monkeyp
 def test_any_unusable_checkpoint_is_a_checkpoint_error(tmp_path, trained_checkpoint):
     from seg.errors import CheckpointError
     from seg.inference.checkpoint import load_trained_model
-    from seg.training.module import CHECKPOINT_KEY
+    from seg.inference.checkpoint import CHECKPOINT_KEY
 
     good = torch.load(trained_checkpoint, weights_only=True)
     raw = trained_checkpoint.read_bytes()
