@@ -85,3 +85,22 @@ def test_a_budget_the_volume_fits_in_is_one_pass():
         sliding_window_labels(image, (16, 16, 16), 4, lambda w: windows.append(w.shape[0]) or net(w), 3,
                               overlap=0.5, max_buffer_bytes=4 * 4 * image.numel())
     assert sum(windows) == 2 * 2 * 4  # each window once: no slabs, no reruns
+
+
+def test_window_engine_mirroring_streams_through_slabs_with_the_labels_of_full_maps():
+    """Mirrored labels from slabs equal the argmax of the full-size mirrored softmax, and each flip runs once."""
+    from seg.inference.window import WindowInference
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Conv3d(3, 3, 3, padding=1)).eval()
+    image = torch.randn(1, 1, 20, 18, 40)
+    engine = WindowInference(network, (12, 12, 12), num_classes=3, sw_batch_size=2, overlap=0.5, mirror=True)
+    assert len(engine.flips) == 8
+    with torch.no_grad():
+        full = engine.predict(image)["scores"]
+        assert torch.allclose(full.sum(1), torch.ones_like(full[:, 0]), atol=1e-5)  # mirrored: a softmax
+        labels = engine.labels(image, max_buffer_bytes=4 * 20 * 18 * 12 * 4)  # forces several slabs along z
+    assert torch.equal(labels, full.argmax(1, keepdim=True).to(labels.dtype))
+    plain = WindowInference(network, (12, 12, 12), num_classes=3, sw_batch_size=2)
+    with torch.no_grad():
+        assert torch.equal(plain.labels(image), plain.predict(image)["scores"].argmax(1, keepdim=True).to(labels.dtype))
