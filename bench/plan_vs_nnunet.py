@@ -17,17 +17,20 @@ axis first). `ras_axes` maps each of nnU-Net's planned axes back to R, A or S th
 axis each voxel axis points along), so both planners are compared along the same anatomical axes.
 
 Datasets: the shared hippocampus (`--hippocampus`, default `../shared/data/hippocampus` next to the repository),
-three synthetic datasets made with `seg synth` (thin anisotropic MR, CT phantom, 2-channel MR) and ACDC cine MR
-(`--acdc`; non-commercial research use, cite Bernard et al., IEEE TMI 2018). The timing of nothing is measured.
+synthetic datasets made with `seg synth` (thin anisotropic MR, CT phantom, 2-channel MR, and the thin MR stored thick
+axis first to check the axis mapping) and ACDC cine MR (`--acdc`; non-commercial research use, cite Bernard et al.,
+IEEE TMI 2018). A run of some `--datasets` updates their entries in an existing JSON and keeps the others.
+Nothing is timed: this compares plans.
 
 usage: python bench/plan_vs_nnunet.py --nnunet-python /work/nnunet-venv/bin/python [--work /tmp/plan_vs_nnunet]
-       [--datasets hippocampus thin ct two_channel acdc] [--out runs/plan_vs_nnunet]
+       [--datasets hippocampus thin ct two_channel acdc thin_sar] [--out runs/plan_vs_nnunet]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,10 +48,12 @@ SYNTHETIC = {
     "thin": ["--size", "96", "96", "16", "--spacing", "0.8", "0.8", "4.0", "--cases", "20"],
     "ct": ["--modality", "CT", "--size", "128", "128", "32", "--spacing", "0.8", "0.8", "3.0", "--cases", "20"],
     "two_channel": ["--channels", "2", "--cases", "20"],
+    # the thin MR again, stored thick axis first (file axes S, A, R): nnU-Net then transposes, seg reorients
+    "thin_sar": ["--orientation", "SAR", "--size", "16", "96", "96", "--spacing", "4.0", "0.8", "0.8", "--cases", "20"],
 }
-DATASET_IDS = {"hippocampus": 901, "thin": 902, "ct": 903, "two_channel": 904, "acdc": 905}
+DATASET_IDS = {"hippocampus": 901, "thin": 902, "ct": 903, "two_channel": 904, "acdc": 905, "thin_sar": 906}
 NAMES = {"hippocampus": "Hippocampus", "thin": "ThinMR", "ct": "CTPhantom", "two_channel": "TwoChannelMR",
-         "acdc": "ACDC"}
+         "acdc": "ACDC", "thin_sar": "ThinMRSAR"}
 
 
 # ---- conversion to nnU-Net v2's raw layout ------------------------------------------------------------------------
@@ -84,8 +89,9 @@ def to_nnunet(root: str | os.PathLike, raw: str | os.PathLike, dataset_id: int, 
     Every image channel becomes `imagesTr/<case>_<channel:04d><ending>`, every label `labelsTr/<case><ending>`.
     Files are symlinked when they can be used as they are: one 3D file per channel, all with one file ending.
     A 4D file (the channels along its last axis) is split into one 3D file per channel; the files of a dataset
-    that mixes `.nii` and `.nii.gz` are written again as `.nii.gz`. `dataset.json` gets `channel_names` (seg's modalities,
-    so that "CT" selects nnU-Net's CT normalisation), `labels` as {name: value}, `numTraining`, `file_ending`.
+    that mixes `.nii` and `.nii.gz` are written again as `.nii.gz`. `dataset.json` gets `channel_names` (seg's
+    modalities, so that "CT" selects nnU-Net's CT normalisation), `labels` as {name: value}, `numTraining` and
+    `file_ending`.
     """
     from seg.data.layout import load_dataset
 
@@ -174,8 +180,11 @@ def seg_summary(root: str | os.PathLike, device: str = "cpu") -> dict:
     for a in range(spatial):
         if patch[a] % total[a]:
             problems.append(f"patch {patch[a]} along {AXES[a]} is not a multiple of its total stride {total[a]}")
-        if patch[a] > median[a] + 0.5:
-            problems.append(f"patch {patch[a]} along {AXES[a]} exceeds the median resampled scan ({median[a]:.1f})")
+        # nnU-Net too pads the median scan up to the next multiple of the total stride; anything beyond is a bug
+        rounded_up = math.ceil(round(float(median[a]), 3) / total[a]) * total[a]
+        if patch[a] > max(rounded_up, median[a]):
+            problems.append(f"patch {patch[a]} along {AXES[a]} exceeds the median resampled scan ({median[a]:.6g}) "
+                            f"rounded up to a multiple of its total stride {total[a]} ({rounded_up})")
         if patch[a] / total[a] < MIN_FEATURE and total[a] > 1:
             problems.append(f"coarsest map along {AXES[a]} is {patch[a] / total[a]:g} < {MIN_FEATURE} voxels")
     return {
@@ -222,9 +231,15 @@ def run_nnunet(python: str, dataset_id: int, work: Path, preprocess: bool = True
     return plans
 
 
-def nnunet_summaries(plans: dict, array_axes: list[int]) -> list[dict]:
-    """nnU-Net's configurations (2d, 3d_fullres, 3d_lowres when planned) in the table's terms, along R, A, S."""
+def nnunet_summaries(plans: dict, array_axes: list[int], num_training: int | None = None) -> list[dict]:
+    """nnU-Net's configurations (2d, 3d_fullres, 3d_lowres when planned) in the table's terms, along R, A, S.
+
+    With `num_training`, each row also gets `batch_cap_5pct`: the batch size at which one batch would cover 5 % of
+    the dataset's voxels (nnU-Net's cap; the median 3d_fullres shape times the number of cases), at least 2.
+    """
     transpose = plans["transpose_forward"]
+    fullres = plans["configurations"].get("3d_fullres", {}).get("median_image_size_in_voxels")
+    dataset_voxels = float(np.prod(fullres)) * num_training if fullres and num_training else None
     planned = [array_axes[t] for t in transpose]  # R/A/S axis of each planned (transposed) axis
     out = []
     for name, config in plans["configurations"].items():
@@ -251,6 +266,8 @@ def nnunet_summaries(plans: dict, array_axes: list[int]) -> list[dict]:
                              + (" (inside the nonzero mask)" if any(config.get("use_mask_for_norm", [])) else ""),
             "problems": [],
             "transpose_forward": transpose,
+            "batch_cap_5pct": None if dataset_voxels is None else
+            max(2, round(dataset_voxels * 0.05 / float(np.prod(config["patch_size"])))),
         })
     return out
 
@@ -273,7 +290,8 @@ def markdown(results: dict) -> str:
             shape = " x ".join("-" if v is None else f"{v:g}" for v in r["median_shape"])
             features = f"{r['features'][0]}-{r['features'][-1]}" if r["features"] else "?"
             lines.append(f"| {r['planner']} | {r['config']} | {spacing} | {shape} | {_axes(r['patch'])} | "
-                         f"{_axes(r['strides'])} | {r['num_downsamplings']} | {features} | {r['batch']} | "
+                         f"{_axes(r['strides'])} | {r['num_downsamplings']} | {features} | {r['batch']}"
+                         + (f" (5% cap {r['batch_cap_5pct']})" if r.get("batch_cap_5pct") else "") + " | "
                          f"{r['normalization']} |")
         if rows.get("note"):
             lines += ["", rows["note"]]
@@ -306,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="also plan with `seg plan --device gpu`")
     parser.add_argument("--skip-nnunet", action="store_true", help="seg's plans only")
     parser.add_argument("--no-preprocess", action="store_true", help="nnU-Net plans only (--no_pp)")
+    parser.add_argument("--reuse-plans", action="store_true",
+                        help="read nnUNetPlans.json left in --work by an earlier run instead of planning again")
     args = parser.parse_args(argv)
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -325,13 +345,25 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"({mixed} cases have another order!)" if mixed else "(all cases)"))
         if not args.skip_nnunet:
             to_nnunet(root, args.work / "raw", DATASET_IDS[key], NAMES[key])
-            plans_path = run_nnunet(args.nnunet_python, DATASET_IDS[key], args.work, not args.no_preprocess)
+            existing = list((args.work / "preprocessed").glob(f"Dataset{DATASET_IDS[key]:03d}_*/nnUNetPlans.json"))
+            if args.reuse_plans and existing:
+                plans_path = existing[0]
+            else:
+                plans_path = run_nnunet(args.nnunet_python, DATASET_IDS[key], args.work, not args.no_preprocess)
             plans = json.loads(plans_path.read_text())
-            rows += nnunet_summaries(plans, axes)
+            num_training = json.loads((plans_path.parent / "dataset.json").read_text())["numTraining"]
+            rows += nnunet_summaries(plans, axes, num_training)
             note += f"; nnU-Net's transpose_forward {plans['transpose_forward']}"
         results[key] = {"root": os.fspath(root), "note": note, "plans": rows}
         print(markdown({key: results[key]}), flush=True)
-    (args.out / "plan_vs_nnunet.json").write_text(json.dumps({"nnunetv2": version, "results": results}, indent=1))
+    previous = args.out / "plan_vs_nnunet.json"
+    if previous.exists():  # a run of some datasets updates theirs and keeps the others'
+        old = json.loads(previous.read_text())
+        if old.get("nnunetv2") in (version, None) or version is None:
+            results = {**{k: v for k, v in old["results"].items() if k not in results}, **results}
+            version = version or old.get("nnunetv2")
+    results = {k: results[k] for k in DATASET_IDS if k in results}
+    previous.write_text(json.dumps({"nnunetv2": version, "results": results}, indent=1))
     (args.out / "plan_vs_nnunet.md").write_text(markdown(results))
     print(f"written to {args.out}/plan_vs_nnunet.json and .md")
     return 0

@@ -114,3 +114,18 @@ def test_nnunet_plans_are_read_along_ras(bench):
     assert rows["3d_fullres"]["num_downsamplings"] == 2
     assert rows["2d"]["patch"] == [96, 128, None] and rows["2d"]["spacing"] == [0.7, 0.8, None]
     assert rows["2d"]["strides"] == [[2], [2], None]
+
+
+def test_nnunet_transpose_forward_is_undone(bench):
+    # a thin dataset stored thick axis first ("SAR" files): SimpleITK arrays are (R, A, S), nnU-Net transposes
+    # with [2, 0, 1] so that S comes first, and plans (S, R, A)
+    plans = {"transpose_forward": [2, 0, 1], "configurations": {
+        "3d_fullres": {"patch_size": [16, 96, 112], "spacing": [4.0, 0.8, 0.7],
+                       "median_image_size_in_voxels": [16, 96, 112], "batch_size": 2,
+                       "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [True],
+                       "architecture": {"arch_kwargs": {"features_per_stage": [32, 64],
+                                                        "strides": [[1, 1, 1], [1, 2, 2]]}}}}}
+    (row,) = bench.nnunet_summaries(plans, [0, 1, 2])
+    assert row["spacing"] == [0.8, 0.7, 4.0] and row["patch"] == [96, 112, 16]
+    assert row["strides"] == [[2], [2], [1]]
+    assert row["normalization"] == "ZScoreNormalization (inside the nonzero mask)"
