@@ -97,6 +97,8 @@ def plan_strides(patch: Sequence[int], spacing: Sequence[float], max_levels: int
         step = [2 if size[a] / 2 >= min_feature and mm[a] <= 2 * mm.min() else 1 for a in range(len(size))]
         if all(s == 1 for s in step):
             break
+        if sum(s == 2 for s in step) == 1 and len(size) > 1 and size[step.index(2)] < 12:
+            break  # a level for one axis alone only while it is long (nnU-Net: 12 voxels); else it adds little
         size /= step
         mm *= step
         strides.append(step)
@@ -110,7 +112,8 @@ def _multiple(strides: list[list[int]], dims: int) -> np.ndarray:
 def plan_patch(median: Sequence[float], spacing: Sequence[float], budget: float,
                max_levels: int) -> tuple[list[int], list[list[int]]]:
     """The patch (voxels) and its strides: the median shape shrunk to `budget` voxels, padded to the strides."""
-    median = np.maximum(np.asarray(median, dtype=np.float64), 1.0)
+    # rounded: 96 voxels * 0.8 mm / 0.8 mm is 96.00000000000001, which the padding below would take to 112
+    median = np.maximum(np.round(np.asarray(median, dtype=np.float64), 6), 1.0)
     mm = np.asarray(spacing, dtype=np.float64)
     patch = median.copy()
     while np.prod(patch) > budget:  # shrink the longest side in mm, by 5 %: the field of view stays as square as it can

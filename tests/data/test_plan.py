@@ -86,6 +86,9 @@ def test_rules_in_isolation():
     assert plan_strides([40, 56, 40], [1, 1, 1], 4) == [[2, 2, 2]] * 3  # stops at 5 x 7 x 5
     patch, strides = plan_patch([219, 249, 18], [1.48, 1.48, 5.0], 128_000, 4)
     assert np.prod(patch) <= 128_000 * 1.25 and patch[2] >= 16
+    # a median that is a multiple of the strides up to float rounding is not padded by a whole multiple
+    assert plan_patch([96.00000000000001, 96.00000000000001, 16.0], [0.8, 0.8, 4.0], 10**7, 5)[0] == [96, 96, 16]
+    assert plan_patch([48, 48, 32], [0.8, 0.8, 3.0], 128_000, 4) == ([48, 48, 32], [[2, 2, 1], [2, 2, 2], [2, 2, 2]])
     assert detect_groups(["patient001_frame01", "patient001_frame12", "patient002_frame01"])
     assert detect_groups(["hippocampus_001", "hippocampus_003"]) is None
 
