@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +22,7 @@ import numpy as np
 from seg.data.guard import guard_file, named_warnings, ras_spacing_shape
 from seg.data.layout import Case, DatasetInfo
 from seg.errors import DataError
+from seg.io import write_text
 
 FINGERPRINT_VERSION = 2  # 2: per-case spacings and shapes
 
@@ -142,8 +142,5 @@ def load_fingerprint(info: DatasetInfo, cache_dir: str | os.PathLike | None = No
         pass  # missing or unreadable: measure again
     fingerprint = compute_fingerprint(info, intensities=intensities)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(fingerprint, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(fingerprint, indent=1), durable=False)  # a cache: losing it costs a re-measure
     return fingerprint

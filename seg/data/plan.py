@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from seg.data.fingerprint import load_fingerprint
-from seg.data.layout import DatasetInfo, load_dataset
+from seg.data.layout import load_dataset
 from seg.data.transforms import channel_schemes
 from seg.errors import DataError
+from seg.io import write_text
 
 MIN_3D_SLICES = 12  # fewer resampled voxels along the thick axis than this: 2D
 MIN_FEATURE = 4  # nnU-Net's smallest feature map edge
@@ -327,13 +328,7 @@ def write_plan(path: str | os.PathLike, text: str) -> Path:
     """Write the plan atomically (temporary name beside it, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text(path, text)
 
 
 # ---- seg plan -----------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from seg.errors import DataError
+from seg.io import write_text
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,7 @@ def save_split(split: Split, path: str | os.PathLike) -> Path:
     """Write `split` as JSON ({"train", "val", "seed", "fold"}) atomically, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(split), f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(asdict(split), indent=1))
 
 
 def load_split(path: str | os.PathLike) -> Split:

@@ -3,12 +3,9 @@ and a crafted checkpoint cannot run code when it is loaded."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
-import os
 import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,30 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from seg.errors import CheckpointError
-
-_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete `.<name>.tmp-<pid>` files left by a save that was killed (their process is gone); returns them."""
-    removed = []
-    for path in folder.glob(".*.tmp-*"):
-        match = _TEMP.match(path.name)
-        if match and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
+from seg.io import remove_stale_temporaries, write_bytes
 
 _FREE = "free some space or choose another --trainer.default_root_dir"
 _WRITABLE = "choose a writable --trainer.default_root_dir"
@@ -69,25 +43,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(path.parent)
+            remove_stale_temporaries(path.parent)
             # Serialise in memory first, as Lightning's own _atomic_save does: torch's zip writer may report a
             # full disk as "unexpected pos" with no OSError attached, while our write() raises ENOSPC plainly.
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            # the rename itself is durable only once the folder's entry is on disk
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_bytes(path, buffer.getbuffer())
         except (OSError, RuntimeError) as err:
             # torch's zip writer reports a failed write (full disk) as a RuntimeError with the OSError as context
             cause = err
@@ -97,9 +60,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             raise CheckpointError(f"cannot write checkpoint: {describe_os_error(cause)}; the previous checkpoint "
                                   "there, if any, is unchanged", path) from err
-        finally:
-            with contextlib.suppress(OSError):  # nothing to clean when the folder itself is unusable
-                tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return load_weights_only(path, map_location=map_location or (lambda storage, loc: storage))

@@ -85,7 +85,7 @@ def test_kill_9_then_resume_from_last(config, tmp_path):
     assert 0 < killed_at < EPOCHS * STEPS
 
     # What a kill in the middle of a save leaves: a torn temp file beside last.ckpt. It must not be resumed from.
-    torn = checkpoints / f".last.ckpt.tmp-{fit.pid}"
+    torn = checkpoints / f".tmp-{fit.pid}-last.ckpt"
     torn.write_bytes((checkpoints / "last.ckpt").read_bytes()[:1000])
 
     resumed = subprocess.run(command(*args, "--ckpt_path", "last"), env=quiet_env(), capture_output=True, text=True,
@@ -95,7 +95,7 @@ def test_kill_9_then_resume_from_last(config, tmp_path):
     assert last["global_step"] == EPOCHS * STEPS > killed_at
     assert last["epoch"] == EPOCHS - 1
     assert not torn.exists()  # cleaned at the next save
-    assert not list(checkpoints.glob(".*.tmp-*"))
+    assert not list(checkpoints.glob(".tmp-*"))
     # The resumed run's own log starts where the killed one stopped, not at step 0.
     metrics = sorted((run / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
     with open(metrics[-1]) as f:

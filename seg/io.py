@@ -1,0 +1,142 @@
+"""One way to write a file: under a temporary name beside the target, flushed to disk, then renamed into place.
+
+A reader (or a run that resumes) sees the old file or the new one, never a torn one, whatever kills the writer.
+Temporary names are `.tmp-<pid>-<final name>`: hidden, they end like the final name (nibabel and matplotlib pick
+the format from the suffix), and the pid tells a later run whether their writer is still alive
+(`remove_stale_temporaries`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+_TEMPORARY = re.compile(r"^\.tmp-(?P<pid>\d+)-")
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """The temporary name this process writes `path` under: `.tmp-<pid>-<name>` in the same folder."""
+    path = Path(path)
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id exists (ours counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files in `folder` whose writer is gone (a killed run); returns them."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        match = _TEMPORARY.match(path.name)
+        if match and not pid_alive(int(match["pid"])):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (its entry on disk); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
+    """Yield the temporary path to write `path` under; on success it is fsynced and renamed into place.
+
+    On any exception the temporary file is removed and the target is left as it was.
+
+    Args:
+        path: the final file.
+        durable: fsync the file and its folder (a crash right after still finds the new file).
+    """
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            _fsync_folder(path.parent)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview, durable: bool = True) -> Path:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path, durable) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str, durable: bool = True) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return write_bytes(path, text.encode("utf-8"), durable)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, reference=None) -> Path:
+    """Write a NIfTI atomically: on `reference`'s header when given, else a new one with the affine in both forms.
+
+    With a reference (the input scan), its header is kept byte for byte where the output allows: sform and qform
+    matrices and codes, units, orientation; MONAI's `SaveImage` rebuilds them from a float affine instead. The
+    data type is `array`'s, with no scaling (an int16 input may carry a slope that a label map must not).
+
+    Args:
+        array: `(X, Y, Z)` or `(X, Y, Z, K)`; stored as its dtype.
+        affine: voxel -> world (mm); ignored with a reference (its own affine is the output's).
+        path: the final file (`.nii` or `.nii.gz`).
+        reference: a nibabel image whose grid `array` lies on (lazy is fine: only its header is read).
+    """
+    import nibabel as nib
+
+    if reference is not None:
+        header = reference.header.copy()
+        header.set_data_dtype(array.dtype)
+        header.set_slope_inter(1.0, 0.0)
+        header["cal_min"], header["cal_max"] = 0, 0
+        header.set_intent("none")
+        image = type(reference)(array, reference.affine, header)
+    else:
+        image = nib.Nifti1Image(array, affine)
+        image.header.set_xyzt_units("mm")
+        image.set_qform(affine, code=1)  # scanner coordinates, in both forms so every reader agrees
+        image.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return Path(path)
+
+
+__all__ = ["atomic_path", "pid_alive", "remove_stale_temporaries", "save_nifti", "temporary_path", "write_bytes",
+           "write_text"]
