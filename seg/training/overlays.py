@@ -43,6 +43,8 @@ class CaseOverlay:
         case_id: the case.
         folder: where its files are.
         dice: foreground class name -> Dice (NaN when both are empty); empty without ground truth.
+        missing: class name -> why it has no distance-based score ("not predicted", "not in the label", "in
+            neither"), for the classes absent from the prediction or the ground truth; empty without ground truth.
         concentration: map name ("gate_0", ...) -> attention concentration; empty without ground truth.
         axial: representative axial slice, RGB uint8 `(H, W, 3)`: the scan with the finest gate blended in.
         axial_masks: "ground_truth" / "prediction" -> `(H, W)` class indices on that slice.
@@ -51,6 +53,7 @@ class CaseOverlay:
     case_id: str
     folder: Path
     dice: dict[str, float] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
     concentration: dict[str, float] = field(default_factory=dict)
     axial: np.ndarray | None = None
     axial_masks: dict[str, np.ndarray] = field(default_factory=dict)
@@ -75,13 +78,28 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def dice_per_class(prediction: np.ndarray, label: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """Dice of every foreground class (class c is `class_names[c - 1]`); NaN where both are empty."""
+    """Dice of every foreground class (class c is `class_names[c - 1]`).
+
+    nnU-Net's convention, as `SegmentationModule`'s: NaN where the class is in neither (nothing to score), 0 where
+    it is in only one of them (missed, or a false positive); `missing_classes` says which.
+    """
     scores = {}
     for c, name in enumerate(class_names, start=1):
         p, t = prediction == c, label == c
         total = int(p.sum()) + int(t.sum())
         scores[name] = 2.0 * int((p & t).sum()) / total if total else float("nan")
     return scores
+
+
+def missing_classes(prediction: np.ndarray, label: np.ndarray, class_names: Sequence[str]) -> dict[str, str]:
+    """The foreground classes absent from the prediction or the label -> "not predicted", "not in the label" or
+    "in neither"; such a class has no surface distance (HD95)."""
+    missing = {}
+    for c, name in enumerate(class_names, start=1):
+        predicted, labelled = bool((prediction == c).any()), bool((label == c).any())
+        if not (predicted and labelled):
+            missing[name] = "not predicted" if labelled else "not in the label" if predicted else "in neither"
+    return missing
 
 
 def map_order(names) -> list[str]:
@@ -141,6 +159,7 @@ def export_case(
             result.concentration[name] = attention_concentration(volume, label, spacing, dilation_mm)
     if label is not None:
         result.dice = dice_per_class(prediction, label, class_names)
+        result.missing = missing_classes(prediction, label, class_names)
     title = f"{case_id}" + (f"  |  epoch {epoch}" if epoch is not None else "")
     if result.dice:
         title += "  |  Dice " + ", ".join(f"{k} {_fmt(v)}" for k, v in result.dice.items())
@@ -156,14 +175,19 @@ def export_case(
 
 
 def write_concentration_csv(path: Path, results: Sequence[CaseOverlay], class_names: Sequence[str]) -> None:
-    """`case_id, level, concentration, dice_<class>...`: one row per case and map, written atomically."""
+    """`case_id, level, concentration, dice_<class>..., missing`: one row per case and map, written atomically.
+
+    `missing` names the classes absent from the prediction or the label ("lesion: not predicted"; `; ` between
+    several), whose Dice is then 0 (or nan when in neither).
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_id", "level", "concentration", *[f"dice_{c}" for c in class_names]])
+    writer.writerow(["case_id", "level", "concentration", *[f"dice_{c}" for c in class_names], "missing"])
     for r in results:
+        missing = "; ".join(f"{name}: {why}" for name, why in r.missing.items())
         for level, value in r.concentration.items():
             writer.writerow([r.case_id, level, f"{value:.6g}", *[f"{r.dice.get(c, float('nan')):.6g}"
-                                                                  for c in class_names]])
+                                                                  for c in class_names], missing])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(buffer.getvalue())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -72,10 +74,15 @@ def test_fit_says_wandb_is_offline_and_logs_metrics(run):
     rows = wandb_log.history(run_dir)
     validation = [r for r in rows if "val/dice_mean" in r]
     assert len(validation) == 2  # one per epoch
+    volumes = len(json.loads((run / "split.json").read_text())["val"])
     for row in validation:
         assert 0.0 <= row["val/dice_liver"] <= 1.0 and 0.0 <= row["val/dice_lesion"] <= 1.0
         assert row["val/dice_mean"] == pytest.approx((row["val/dice_liver"] + row["val/dice_lesion"]) / 2, abs=1e-6)
-        assert row["val/hd95_mean"] >= 0
+        for name in ("liver", "lesion"):
+            # HD95 is defined (and positive) unless the class is missing from every volume's prediction
+            assert 0 <= row[f"val/missing_{name}"] <= volumes
+            hd95 = row[f"val/hd95_{name}"]
+            assert math.isnan(hd95) if row[f"val/missing_{name}"] == volumes else hd95 > 0
     assert any("train/loss_step" in r for r in rows)
 
 

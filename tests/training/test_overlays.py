@@ -90,7 +90,7 @@ def test_export_case_writes_maps_png_and_numbers(tmp_path):
     image = rng.normal(100, 10, shape).astype(np.float32) + 50 * (label > 0)
     result = export_case(tmp_path / "c1", "c1", image, {"gate_0": gate, "gate_1": 1 - gate}, affine, label.copy(),
                          label, CLASSES, dilation_mm=0.0, epoch=3)
-    assert result.dice == {"liver": 1.0, "lesion": 1.0}
+    assert result.dice == {"liver": 1.0, "lesion": 1.0} and result.missing == {}
     assert result.concentration["gate_0"] > 3 > 1 > result.concentration["gate_1"]
     assert result.concentration["gate_0"] == pytest.approx(attention_concentration(gate, label, (0.8, 1.2, 2.5), 0))
     written = nib.load(tmp_path / "c1" / "gate_0.nii.gz")
@@ -104,6 +104,29 @@ def test_export_case_writes_maps_png_and_numbers(tmp_path):
     assert result.axial.dtype == np.uint8 and result.axial.shape == (240, 192, 3)
     assert result.axial_masks["ground_truth"].shape == result.axial.shape[:2]
     assert set(np.unique(result.axial_masks["ground_truth"])) <= {0, 1, 2}
+
+
+def test_a_missing_class_is_dice_0_and_named_in_concentration_csv(tmp_path):
+    from seg.training.overlays import CaseOverlay, dice_per_class, missing_classes, write_concentration_csv
+
+    label = np.zeros((8, 8, 8), np.int16)
+    label[2:6, 2:6, 2:6] = 1
+    label[3, 3, 3] = 2
+    liver_only = (label == 1).astype(np.int16)  # the lesion is not predicted
+    dice = dice_per_class(liver_only, label, CLASSES)
+    assert dice["liver"] == 1.0 and dice["lesion"] == 0.0
+    assert missing_classes(liver_only, label, CLASSES) == {"lesion": "not predicted"}
+    assert missing_classes(label, liver_only, CLASSES) == {"lesion": "not in the label"}
+    nothing = np.zeros_like(label)
+    assert math.isnan(dice_per_class(nothing, nothing, CLASSES)["lesion"])
+    assert missing_classes(nothing, nothing, CLASSES) == {"liver": "in neither", "lesion": "in neither"}
+    result = CaseOverlay("c1", tmp_path, dice=dice, missing=missing_classes(liver_only, label, CLASSES),
+                         concentration={"gate_0": 2.0})
+    write_concentration_csv(tmp_path / "concentration.csv", [result], CLASSES)
+    with open(tmp_path / "concentration.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row == {"case_id": "c1", "level": "gate_0", "concentration": "2", "dice_liver": "1", "dice_lesion": "0",
+                   "missing": "lesion: not predicted"}
 
 
 def test_callback_exports_on_schedule_and_sets_the_modules_flag_per_volume():
@@ -203,7 +226,7 @@ def test_concentration_csv_matches_the_written_maps(run, dataset):
     for epoch in ("epoch=0", "epoch=1"):
         with open(run / "overlays" / epoch / "concentration.csv") as f:
             rows = list(csv.DictReader(f))
-        assert list(rows[0]) == ["case_id", "level", "concentration", "dice_liver", "dice_lesion"]
+        assert list(rows[0]) == ["case_id", "level", "concentration", "dice_liver", "dice_lesion", "missing"]
         assert sorted((r["case_id"], r["level"]) for r in rows) == sorted(
             (c, lv) for c in val_cases(run) for lv in LEVELS)
         for row in rows:
