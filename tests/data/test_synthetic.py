@@ -40,7 +40,7 @@ def test_lesion_contrast_to_liver_is_small_but_real(seed):
     ring = ndimage.binary_dilation(lesion, iterations=2) & (label == 1)
     assert ring.sum() > lesion.sum()  # the lesion sits inside the liver, surrounded by it
     contrast = abs(image[lesion].mean() / image[ring].mean() - 1)
-    assert 0.04 < contrast < 0.2
+    assert 0.15 < contrast < 0.4  # fainter than the liver against the body, clearer than the liver's noise
     # while the liver itself stands out from the body around it
     outside = ndimage.binary_dilation(label > 0, iterations=3) & (label == 0)
     assert abs(image[label == 1].mean() / image[outside].mean() - 1) > 0.2
