@@ -218,7 +218,8 @@ class GateOverlays(Callback):
     exports the volumes it validates and rank zero writes the CSV and logs.
 
     Args:
-        every_n_epochs: export at the validation of every n-th epoch (0: never). Outside `fit`: every validation.
+        every_n_epochs: export at the validation of every n-th epoch and at the last one of the run (0: never).
+            Outside `fit`: every validation.
         cbam: also export CBAM's spatial attention maps.
         max_volumes: export at most this many volumes per validation (per process); None: all.
         dilation_mm: growth of the ground truth for the concentration.
@@ -242,7 +243,10 @@ class GateOverlays(Callback):
             return False
         if trainer.state.fn != TrainerFn.FITTING:
             return True
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        # the run's last validation (`FinalValidation`: the last epoch, or a stop by `max_time`) always exports
+        max_epochs = getattr(trainer, "max_epochs", None)
+        last = getattr(trainer, "should_stop", False) or bool(max_epochs and trainer.current_epoch + 1 >= max_epochs)
+        return last or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _make_inverter(self, trainer):
         from monai.transforms import Invertd
