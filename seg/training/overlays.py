@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from seg.errors import DataError, SegError
 from seg.training.concentration import attention_concentration
-from seg.training.overlay_figure import axial_rgb, render_overlay
+from seg.training.overlay_figure import figure_masks, render_overlay
 
 
 @dataclass
@@ -46,8 +46,8 @@ class CaseOverlay:
         missing: class name -> why it has no distance-based score ("not predicted", "not in the label", "in
             neither"), for the classes absent from the prediction or the ground truth; empty without ground truth.
         concentration: map name ("gate_0", ...) -> attention concentration; empty without ground truth.
-        axial: representative axial slice, RGB uint8 `(H, W, 3)`: the scan with the finest gate blended in.
-        axial_masks: "ground_truth" / "prediction" -> `(H, W)` class indices on that slice.
+        figure_masks: "ground_truth" / "prediction" -> `(H, W)` uint8 class indices drawn like the overlay PNG
+            (every view and column), for W&B's masks over it; about 1.5 MB each at the default size.
     """
 
     case_id: str
@@ -55,8 +55,7 @@ class CaseOverlay:
     dice: dict[str, float] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
     concentration: dict[str, float] = field(default_factory=dict)
-    axial: np.ndarray | None = None
-    axial_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    figure_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def png(self) -> Path:
@@ -165,12 +164,9 @@ def export_case(
         title += "  |  Dice " + ", ".join(f"{k} {_fmt(v)}" for k, v in result.dice.items())
     count = {kind: sum(n.startswith(kind) for n in maps) for kind in ("gate", "cbam")}
     titles = {n: map_title(n, count[n.split("_")[0]], result.concentration.get(n)) for n in maps}
-    render_overlay(result.png, image, maps, affine, label=label, prediction=prediction, class_names=class_names,
-                   title=title, map_titles=titles)
-    gates = [n for n in maps if n.startswith("gate_")] or list(maps)
-    if gates:
-        masks = {"ground_truth": label, "prediction": prediction}
-        result.axial, result.axial_masks, _ = axial_rgb(image, maps[gates[-1]], affine, masks=masks)
+    layout = render_overlay(result.png, image, maps, affine, label=label, prediction=prediction,
+                            class_names=class_names, title=title, map_titles=titles)
+    result.figure_masks = figure_masks(layout, {"ground_truth": label, "prediction": prediction}, affine)
     return result
 
 
@@ -340,6 +336,11 @@ class GateOverlays(Callback):
 
     @staticmethod
     def _log_wandb(trainer, class_names: Sequence[str], results: Sequence[CaseOverlay]) -> None:
+        """Per volume the overlay PNG with ground truth and prediction as W&B masks, and the table of all volumes.
+
+        W&B stages a logged table (and its images) as an artifact under `WANDB_DATA_DIR`, beside the run folder by
+        default; here it goes inside the run folder, so that the one folder `wandb sync` is given holds it all.
+        """
         from lightning.pytorch.loggers import WandbLogger
 
         logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
@@ -350,19 +351,30 @@ class GateOverlays(Callback):
         class_labels = {0: "background", **{i: name for i, name in enumerate(class_names, start=1)}}
         levels = sorted({level for r in results for level in r.concentration})
         columns = ["case_id", *[f"dice_{c}" for c in class_names], *[f"concentration_{lv}" for lv in levels],
-                   "overlay"]
-        rows, payload = [], {}
+                   "missing", "overlay"]
+        rows, payload = [], {"epoch": trainer.current_epoch}
+        number = lambda v: None if v is None or math.isnan(v) else float(v)  # noqa: E731 - JSON has no NaN
         for r in results:
-            if r.axial is not None:
-                masks = {k: {"mask_data": v, "class_labels": class_labels} for k, v in r.axial_masks.items()}
-                caption = f"{r.case_id}: finest gate; " + ", ".join(f"Dice {k} {_fmt(v)}" for k, v in r.dice.items())
-                payload[f"overlays/{r.case_id}"] = wandb.Image(r.axial, masks=masks, caption=caption)
-            number = lambda v: None if v is None or math.isnan(v) else float(v)  # noqa: E731 - JSON has no NaN
+            missing = "; ".join(f"{name}: {why}" for name, why in r.missing.items())
+            if r.png.exists():
+                masks = {k: {"mask_data": v, "class_labels": class_labels} for k, v in r.figure_masks.items()}
+                caption = f"{r.case_id}, epoch {trainer.current_epoch}: Dice " + ", ".join(
+                    f"{k} {_fmt(v)}" for k, v in r.dice.items()) + (f"; {missing}" if missing else "")
+                payload[f"overlays/{r.case_id}"] = wandb.Image(str(r.png), masks=masks, caption=caption)
             rows.append([r.case_id, *[number(r.dice.get(c)) for c in class_names],
-                         *[number(r.concentration.get(lv)) for lv in levels],
+                         *[number(r.concentration.get(lv)) for lv in levels], missing,
                          wandb.Image(str(r.png), caption=r.case_id) if r.png.exists() else None])
         payload["overlays/table"] = wandb.Table(columns=columns, data=rows)
-        logger.log_metrics(payload, step=trainer.global_step)
+        run_folder = Path(logger.experiment.dir).parent  # offline-run-<id>/ (files/ is the run's own)
+        previous = os.environ.get("WANDB_DATA_DIR")
+        os.environ["WANDB_DATA_DIR"] = str(run_folder)  # read when the table is staged, during the log call
+        try:
+            logger.log_metrics(payload, step=trainer.global_step)
+        finally:
+            if previous is None:
+                os.environ.pop("WANDB_DATA_DIR", None)
+            else:
+                os.environ["WANDB_DATA_DIR"] = previous
 
 
 # ---- seg overlays ------------------------------------------------------------------------------------------------
