@@ -66,7 +66,7 @@ class LogProgress(ProgressBar):
                   if k.startswith("val/") and (k.startswith("val/dice_") or k.startswith("val/missing_"))}
         if "dice_mean" in scores:
             self._validated = (trainer.current_epoch, scores["dice_mean"])
-        shown = sorted(scores, key=lambda k: (k != "dice_mean", not k.startswith("dice_"), k))
+        shown = sorted(scores, key=lambda k: (k != "dice_mean", not k.startswith("dice_")))  # classes in order
         self.print(f"validation epoch {trainer.current_epoch}" + "".join(
             f" | {k} {scores[k]:.0f}" if k.startswith("missing_") else f" | {k} {_number(scores[k], 3)}"
             for k in shown))
@@ -156,8 +156,11 @@ class FinalValidation(Callback):
         # The Timer checks on the same hook, later in the callback list: make the epoch due once less than two
         # steps are left, so that its stop finds it due (a validation at the epoch's end if the epoch ends first).
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        remaining = timer.time_remaining() if timer is not None else None
-        if trainer.should_stop or (remaining is not None and remaining <= 2 * self._step_seconds):
+        late = False
+        if timer is not None and timer.time_remaining() is not None:
+            # rank zero's clock decides for all, as the Timer's own does: every rank must validate, or none
+            late = bool(trainer.strategy.broadcast(timer.time_remaining() <= 2 * self._step_seconds))
+        if trainer.should_stop or late:
             self._force(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -79,7 +79,7 @@ def test_final_validation_makes_the_last_epoch_or_a_timed_out_one_due_and_restor
     timer = Timer(duration={"seconds": 60})
     timer.time_remaining = lambda stage="train": remaining  # the Timer's own clock, stood in for
     trainer = SimpleNamespace(max_epochs=10, current_epoch=3, check_val_every_n_epoch=5, should_stop=False,
-                              callbacks=[timer])
+                              callbacks=[timer], strategy=SimpleNamespace(broadcast=lambda value: value))
     final = FinalValidation()
     remaining = 30.0
     final.on_train_epoch_start(trainer, None)
