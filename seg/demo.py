@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from seg.cli import main as seg
 from seg.data.layout import load_dataset, strip_nifti_suffix
+from seg.data.synthetic import PHANTOM_VERSION
 from seg.training.overlays import dice_per_class, missing_classes
 
 
@@ -41,6 +43,13 @@ def _dice(value: float) -> str:
     return "n/a" if np.isnan(value) else f"{value:.3f}"
 
 
+def _phantom_version(data: Path) -> int | None:
+    try:
+        return json.loads((data / "dataset.json").read_text())["generator"].get("phantom", 1)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def step(title: str, argv: list[str]) -> None:
     print(f"\n== {title}: seg {' '.join(argv)}", flush=True)
     start = time.time()
@@ -57,7 +66,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     args = parser.parse_args()
 
-    if not (args.data / "dataset.json").exists():
+    if _phantom_version(args.data) != PHANTOM_VERSION:  # none yet, or made by an older seg
         step("1/3 synthetic data", ["synth", "--output", str(args.data), "--cases", "16", "--test-cases", "4"])
     step("2/3 training", ["fit", "--config", str(args.config), "--data.root", str(args.data),
                           "--trainer.default_root_dir", str(args.output)])
