@@ -8,10 +8,11 @@ acquisition does. A case has
   muscles, aorta (flow void), a gas-filled bowel loop, heterogeneous mesenteric tissue;
 - label 1 `liver`: a large, clearly visible organ on the patient's right;
 - label 2 `lesion`: a focal lesion embedded in the liver, of radius 7-10 mm at the default size (less where
-  the liver is thin), with 30-40 % contrast to it: fainter than the liver's edge, so context (and attention)
-  matters, but clear of the liver's texture and noise (about 7 % per voxel). Phantom version 1 had 10-15 %
-  contrast and 3.5-5.5 mm, at the noise level: the demo's small network never learned it in its few CPU
-  minutes (held-out lesion Dice 0.00), nor at 25-35 % and 5-8 mm (0.17).
+  the liver is thin), 30-40 % darker than it: as dark as the mesentery and muscle around the liver, so that
+  intensity alone does not find it and context (and attention) matters, but clear of the liver's texture and
+  noise (about 7 % per voxel). Phantom version 1 had 10-15 % contrast (mostly darker, sometimes brighter) and
+  3.5-5.5 mm, at the noise level: the demo's small network never learned it in its few CPU minutes
+  (held-out lesion Dice 0.00), nor at 25-35 % and 5-8 mm (0.17).
 Shapes are ellipsoids deformed by smooth random fields; tissues carry texture; the rendered intensities are
 blurred (partial-volume edges), multiplied by a smooth bias field, and get Rician noise (magnitude MRI).
 
@@ -36,7 +37,7 @@ from seg.errors import DataError
 
 LABELS = {0: "background", 1: "liver", 2: "lesion"}
 GENERATOR = "seg synth"  # dataset.json "generator.tool": marks a folder that `seg synth` may overwrite
-PHANTOM_VERSION = 2  # dataset.json "generator.phantom"; 2: the fairer lesion. The demo remakes older datasets.
+PHANTOM_VERSION = 3  # dataset.json "generator.phantom"; 3: the fairer lesion. The demo remakes older datasets.
 DEFAULT_SIZE = (64, 64, 48)
 DEFAULT_SPACING = (1.5, 1.5, 2.0)
 
@@ -199,7 +200,7 @@ def _anatomy(world: np.ndarray, spacing: np.ndarray, rng: np.random.Generator):
     del liver_level, r_body
     lesion = _lesion(liver, depth, spacing, min(a, b), rng)
     paint(liver, "liver", jitter=False)
-    mean[lesion] = 1.0 + rng.uniform(0.30, 0.40) * (-1.0 if rng.random() < 0.7 else 1.0)  # mostly hypo-intense
+    mean[lesion] = 1.0 - rng.uniform(0.30, 0.40)  # hypo-intense, as most liver lesions on T1
     texture[lesion] = _TISSUE["liver"][1] * 1.25
     label = np.zeros(size, np.uint8)
     label[liver] = 1

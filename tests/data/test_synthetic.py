@@ -179,6 +179,6 @@ def test_seg_synth_command(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote 2 training + 1 test cases" in result.stdout and str(out) in result.stdout
     meta = json.loads((out / "dataset.json").read_text())
-    assert meta["generator"] == {"tool": "seg synth", "phantom": 2, "seed": 7, "size": [16, 16, 12],
+    assert meta["generator"] == {"tool": "seg synth", "phantom": 3, "seed": 7, "size": [16, 16, 12],
                                  "spacing": [2.0, 2.0, 3.0], "oblique": True}
     assert nib.load(out / "imagesTs" / "synth_002.nii.gz").shape == (16, 16, 12)
