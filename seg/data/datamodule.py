@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -98,6 +99,11 @@ class NiftiDataModule(LightningDataModule):
         normalization: "auto" (CT channels "ct", others "zscore"), "zscore" or "ct".
         ct_window: HU clip window for "ct"; None: the dataset's foreground 0.5 / 99.5 percentiles (nnU-Net).
         foreground_ratio: share of training patches centred on a labelled voxel.
+        sampling: "classes" (default): patch centres drawn per class (MONAI `RandCropByLabelClassesd`), the
+            foreground share split equally between the foreground classes, so a small class is seen as often as a
+            large one; "posneg": centred on any labelled voxel (`RandCropByPosNegLabeld`).
+        class_ratios: with "classes", the share of patch centres per class, background first (one value per
+            class, e.g. `[1, 1, 2]`); None: from `foreground_ratio` as above.
         flip_axes: spatial axes (after RAS) that may be flipped; none by default, since a left-right flip
             swaps lateral structures (left/right hippocampus, kidney).
         augment: random rotation/scaling and intensity changes in training.
@@ -133,6 +139,8 @@ class NiftiDataModule(LightningDataModule):
         normalization: str = "auto",
         ct_window: list[float] | None = None,
         foreground_ratio: float = 1 / 3,
+        sampling: Literal["classes", "posneg"] = "classes",
+        class_ratios: list[float] | None = None,
         flip_axes: list[int] = [],  # noqa: B006
         augment: bool = True,
         use_albumentations: bool = True,
@@ -165,6 +173,11 @@ class NiftiDataModule(LightningDataModule):
             raise DataError(f"ct_window must be [low, high] with low < high, got {ct_window}", config)
         if not 0.0 <= foreground_ratio <= 1.0:
             raise DataError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}", config)
+        if class_ratios is not None and (len(class_ratios) != self.info.num_classes or min(class_ratios) < 0
+                                         or sum(class_ratios) <= 0):
+            names = ", ".join([self.info.labels.get(0, "background"), *self.info.class_names])
+            raise DataError(f"class_ratios needs {self.info.num_classes} non-negative values, one per class "
+                            f"({names}), got {list(class_ratios)}", config)
         bad_axes = [a for a in flip_axes if not 0 <= a < spatial_dims]
         if bad_axes:
             raise DataError(f"flip_axes {bad_axes} must be spatial axes 0..{spatial_dims - 1}", config)
@@ -237,7 +250,7 @@ class NiftiDataModule(LightningDataModule):
                                      source=self.info.root, group_pattern=h.group_pattern)
             self.train_transforms = train_transforms(
                 self.preprocessing, samples_per_volume=h.samples_per_volume, foreground_ratio=h.foreground_ratio,
-                flip_axes=h.flip_axes, augment=h.augment,
+                sampling=h.sampling, class_ratios=h.class_ratios, flip_axes=h.flip_axes, augment=h.augment,
                 albumentations=h.use_albumentations if h.spatial_dims == 2 else h.albumentations_3d)
             self.val_transforms = val_transforms(self.preprocessing)
         trainer = self.trainer

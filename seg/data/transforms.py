@@ -39,6 +39,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandAffined,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
@@ -371,6 +372,8 @@ def train_transforms(
     flip_axes: Sequence[int] = (),
     augment: bool = True,
     albumentations: bool = False,
+    sampling: str = "classes",
+    class_ratios: Sequence[float] | None = None,
 ) -> Compose:
     """Training: the inference preprocessing, padding to the patch, patch sampling, augmentation.
 
@@ -378,6 +381,13 @@ def train_transforms(
         preprocessing: see the module docstring.
         samples_per_volume: patches cut from each loaded volume.
         foreground_ratio: share of patches centred on a labelled voxel; the others centre on background.
+        sampling: "classes" (MONAI `RandCropByLabelClassesd`): the foreground share is split between the
+            foreground classes, so a small class (a lesion inside an organ) gets its own patch centres;
+            "posneg" (`RandCropByPosNegLabeld`): centred on any labelled voxel, so a small class is seen only as
+            often as its share of the foreground.
+        class_ratios: with "classes", the relative share of patches centred on each class, background first
+            (`num_classes` values); None: background `1 - foreground_ratio`, each foreground class an equal part
+            of `foreground_ratio`. A class missing from a volume gives its share to the others.
         flip_axes: spatial axes (after RAS; in 2D 0 or 1) flipped with probability 0.5 each.
         augment: random rotation/scaling and intensity changes.
         albumentations: do the intensity (and, in 2D, the affine) augmentation with albumentations.
@@ -393,11 +403,24 @@ def train_transforms(
     if len(patch) != dims:
         raise ValueError(f"patch_size {patch} needs {dims} values for spatial_dims={dims}")
     crop = patch + [1] if dims == 2 else patch  # 2D: one axial slice of the RAS volume
+    if sampling == "classes":
+        num_classes = int(preprocessing.get("num_classes") or 2)
+        ratios = list(class_ratios) if class_ratios is not None else (
+            [1.0 - foreground_ratio] + [foreground_ratio / (num_classes - 1)] * (num_classes - 1))
+        if len(ratios) != num_classes or min(ratios) < 0 or sum(ratios) <= 0:
+            raise ValueError(f"class_ratios needs {num_classes} non-negative values (background first), got {ratios}")
+        # warn=False: a volume without some class (no lesion in this scan) is normal; MONAI would warn per patch
+        sampler = RandCropByLabelClassesd(keys, label_key="label", spatial_size=crop, ratios=ratios,
+                                          num_classes=num_classes, num_samples=samples_per_volume, warn=False)
+    elif sampling == "posneg":
+        sampler = RandCropByPosNegLabeld(keys, label_key="label", spatial_size=crop, pos=foreground_ratio,
+                                         neg=1.0 - foreground_ratio, num_samples=samples_per_volume)
+    else:
+        raise ValueError(f"sampling must be 'classes' or 'posneg', got '{sampling}'")
     steps = [
         *inference_transforms(preprocessing, keys).transforms,  # flat: the cache stops at the first random step
         SpatialPadd(keys, spatial_size=patch + [-1] if dims == 2 else patch),
-        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=crop, pos=foreground_ratio,
-                               neg=1.0 - foreground_ratio, num_samples=samples_per_volume),
+        sampler,
     ]
     if dims == 2:
         steps.append(SqueezeDimd(keys, dim=3))  # (C, H, W, 1) -> (C, H, W)

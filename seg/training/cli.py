@@ -3,22 +3,27 @@
 Everything is reachable from a YAML config and from `--section.key value` on the command line. What we add
 to Lightning's defaults: the data's channels, classes and patch size are linked into the model; checkpoints
 go to `<default_root_dir>/checkpoints/{best,last}.ckpt` (best = highest mean validation Dice), saved
-atomically; W&B logging with an offline fallback (or CSV only); a rich progress bar; gate-activation overlays
-of every validation volume (`seg.training.overlays.GateOverlays`, options under `--overlays.*`).
+atomically; W&B logging with an offline fallback (or CSV only); a rich progress bar on a terminal and plain
+progress lines in logs (`seg.training.callbacks.LogProgress`, `--progress.every_n_seconds`); a validation of
+the last epoch whatever the schedule (`FinalValidation`); gate-activation overlays of every validation volume
+(`seg.training.overlays.GateOverlays`, options under `--overlays.*`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from seg.data import NiftiDataModule
 from seg.errors import SegError
+from seg.training.callbacks import FinalValidation, LogProgress, ModelLine, progress_bar
 from seg.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, describe_os_error, load_weights_only
 from seg.training.module import SegmentationModule
 from seg.training.overlays import GateOverlays
@@ -46,6 +51,8 @@ class SegCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         # Gate overlays at every validation by default; `--overlays.every_n_epochs 0` turns them off.
         parser.add_lightning_class_args(GateOverlays, "overlays")
+        # Used when the output is not a terminal; on a terminal Lightning's Rich bar draws instead.
+        parser.add_class_arguments(LogProgress, "progress", instantiate=False)
         parser.add_argument("--logging", choices=["wandb", "csv"], default="wandb",
                             help="wandb (offline when no credentials are found) or csv only")
         parser.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "seg"),
@@ -94,7 +101,10 @@ class SegCLI(LightningCLI):
             LastCheckpoint(root / "checkpoints"),
         ]
         if config["trainer"].get("enable_progress_bar") is not False:  # Lightning refuses a bar it was told not to show
-            callbacks.append(RichProgressBar())
+            callbacks.append(progress_bar(config["progress"]["every_n_seconds"]))
+        if config["trainer"].get("enable_model_summary") is not False:
+            callbacks.append(ModelLine())
+        callbacks.append(FinalValidation())
         if kwargs.get("logger") is not False:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
@@ -114,8 +124,11 @@ class SegCLI(LightningCLI):
         # Offline tables with images are staged as artifacts under WANDB_DATA_DIR (default ~/.local/share/wandb):
         # keep them in the run folder so that copying the folder keeps everything `wandb sync` needs.
         os.environ.setdefault("WANDB_DATA_DIR", str(root / "wandb"))
-        return WandbLogger(project=config["wandb_project"], name=config["wandb_name"], save_dir=str(root),
-                           offline=offline, log_model=False)
+        logger = WandbLogger(project=config["wandb_project"], name=config["wandb_name"], save_dir=str(root),
+                             offline=offline, log_model=False)
+        # Lightning 2.6 always passes `anonymous` (None), which W&B >= 0.22 warns about on every run: leave it out.
+        logger._wandb_init.pop("anonymous", None)
+        return logger
 
     @staticmethod
     def trainer_is_rank_zero() -> bool:
@@ -164,9 +177,38 @@ def plan_when_unconfigured(subcommand: str, args: list[str]) -> list[str]:
     return ["--config", str(path), *args]
 
 
+# Known-harmless notices of the libraries, silenced in `seg fit|validate|test` only (importing seg changes nothing):
+# MONAI's surface distance passes its own deprecated argument, Lightning's pytree helper uses a deprecated torch
+# class; Lightning advertises its services, says it found our model summary, and that it counts batches.
+# Anything else still shows.
+HARMLESS_WARNINGS = (
+    (FutureWarning, r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy"),
+    (Warning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+HARMLESS_INFO = ("💡 Tip:", "Trainer already configured with model summary callbacks",
+                 "Loading `train_dataloader` to estimate number of stepping batches")
+
+
+class _DropHarmlessInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(HARMLESS_INFO)
+
+
+def quiet_library_notices() -> None:
+    """Filter `HARMLESS_WARNINGS` and Lightning's `HARMLESS_INFO` lines (on its console handlers, which every
+    Lightning logger reaches)."""
+    for category, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _DropHarmlessInfo) for f in handler.filters):
+                handler.addFilter(_DropHarmlessInfo())
+
+
 def run_lightning(subcommand: str, args: list[str]) -> int:
     """Run `seg fit|validate|test ARGS`; returns the exit code."""
     args = plan_when_unconfigured(subcommand, args)
+    quiet_library_notices()
     try:
         SegCLI(
             SegmentationModule,

@@ -11,8 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric
-from monai.metrics.utils import do_metric_reduction, get_edge_surface_distance
-from monai.utils import MetricReduction
+from monai.metrics.utils import get_edge_surface_distance
 
 from seg.inference.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, build_network
 from seg.inference.slabs import class_indices, stitch_budget
@@ -27,17 +26,34 @@ def hausdorff95(prediction: torch.Tensor, label: torch.Tensor, spacing=None) -> 
 
     MONAI's `HausdorffDistanceMetric` step by step, less its `torch.quantile`, which refuses more than 2^24 surface
     distances (an untrained network's speckled prediction on a 512 x 512 x 400 CT has more, and validation
-    crashed), and less its float copy of both masks. NaN when either mask is empty, as in MONAI.
+    crashed), and less its float copy of both masks. NaN when either mask is empty, as in MONAI: the distance is
+    undefined, never 0 (`SegmentationModule` counts such volumes as missing).
     """
-    scores = torch.empty((prediction.shape[0], 1), dtype=torch.float32)
+    scores = torch.full((prediction.shape[0], 1), float("nan"), dtype=torch.float32)
     for b in range(prediction.shape[0]):
+        if not (prediction[b, 0].any() and label[b, 0].any()):  # undefined; MONAI would warn of "class Unknown"
+            continue
         _, distances, _ = get_edge_surface_distance(prediction[b, 0], label[b, 0], distance_metric="euclidean",
                                                     spacing=spacing, symmetric=True)
-        with np.errstate(invalid="ignore"):  # all-inf distances (one mask empty) give NaN, as torch.quantile does
-            per_direction = [np.percentile(torch.as_tensor(d).cpu().numpy(), 95) if d.numel() else np.nan
-                             for d in distances]
-        scores[b, 0] = float(max(per_direction, key=lambda v: np.inf if np.isnan(v) else v)) if per_direction else 0.0
+        scores[b, 0] = float(max(np.percentile(torch.as_tensor(d).cpu().numpy(), 95) for d in distances))
     return scores
+
+
+def class_presence(volume: torch.Tensor, classes) -> torch.Tensor:
+    """Which of `classes` occur in each class-index volume `(N, 1, *S)`: `(N, len(classes))` bool, on the CPU."""
+    return torch.stack([(volume == c).flatten(1).any(1) for c in classes], 1).cpu().as_subclass(torch.Tensor)
+
+
+def score_reduction(name: str, per_volume: torch.Tensor) -> torch.Tensor:
+    """Per-class summary `(classes,)` of per-volume scores `(volumes, classes)` named `name`.
+
+    "missing" (1 where a class is absent from the prediction or the label) is summed: a count of volumes. Dice and
+    HD95 are averaged over the volumes where they are defined; a class defined in none is NaN. (MONAI's
+    `do_metric_reduction` gives 0 there, which for HD95 reads as a perfect 0 mm.)
+    """
+    if name == "missing":
+        return per_volume.sum(0)
+    return torch.nanmean(per_volume, dim=0)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -49,6 +65,11 @@ class SegmentationModule(pl.LightningModule):
     still validates on volumes: the sliding window takes `(H, W, 1)` slabs along the last axis. Under DDP the
     per-volume scores of all ranks are gathered and every case counted once, so the logged means are those of a
     single process.
+
+    Scores of a class absent from the prediction or the label follow nnU-Net: Dice is NaN when the class is in
+    neither (nothing to score, left out of the mean) and 0 when it is in only one (a missed class, or a false
+    positive); HD95 is then undefined, NaN, left out of `hd95_<class>`, and the volume is counted in
+    `<stage>/missing_<class>`. A mean over no defined volume is NaN, never 0.
 
     Args:
         spatial_dims: 2 or 3.
@@ -204,12 +225,16 @@ class SegmentationModule(pl.LightningModule):
         else:  # labels alone: a big volume's full-size logits are never held
             prediction = self.predict_labels(batch["image"], max_buffer_bytes=stitch_budget(batch["image"]))
         label = batch["label"]
-        scores = {"dice": self.dice(prediction, label)}  # (N, classes): one row per volume
+        classes = range(1, self.hparams.out_channels)
+        predicted, labelled = class_presence(prediction, classes), class_presence(label, classes)
+        # MONAI's ignore_empty gives NaN whenever the label lacks the class; a false positive there is a 0 (nnU-Net)
+        dice = torch.where(predicted & ~labelled, 0.0, self.dice(prediction, label).cpu().as_subclass(torch.Tensor))
+        scores = {"dice": dice, "missing": (~(predicted & labelled)).float()}  # (N, classes): one row per volume
         if self.hparams.hd95:
             spacing = (self.preprocessing or {}).get("spacing")
             spacing = spacing if spacing and min(spacing) > 0 else None
             scores["hd95"] = torch.cat([hausdorff95(prediction == c, label == c, spacing=spacing)
-                                        for c in range(1, self.hparams.out_channels)], dim=1)
+                                        for c in classes], dim=1)
         case_ids = batch.get("case_id") or [f"volume_{self.global_rank}_{len(self._volume_scores) + i}"
                                             for i in range(len(scores["dice"]))]
         for i, case_id in enumerate(case_ids):
@@ -242,14 +267,13 @@ class SegmentationModule(pl.LightningModule):
         if not volumes:
             return
         for name in next(iter(volumes.values())):
-            # MONAI's own reduction, as DiceMetric.aggregate: per-class mean over volumes, skipping NaN (empty)
-            per_class, _ = do_metric_reduction(torch.stack([v[name] for v in volumes.values()]),
-                                               MetricReduction.MEAN_BATCH)
+            per_class = score_reduction(name, torch.stack([v[name] for v in volumes.values()]))
             per_class = per_class.to(self.device, torch.float32)
             # Every process holds the same gathered numbers: sync_dist's mean over ranks leaves them as they are.
             for class_name, value in zip(self.class_names, per_class):
                 self.log(f"{prefix}/{name}_{class_name}", value, sync_dist=True)
-            self.log(f"{prefix}/{name}_mean", per_class.nanmean(), sync_dist=True, prog_bar=name == "dice")
+            if name != "missing":
+                self.log(f"{prefix}/{name}_mean", per_class.nanmean(), sync_dist=True, prog_bar=name == "dice")
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
         return self._score(batch)  # the maps reach callbacks' on_validation_batch_end as `outputs`

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib as mpl
 import nibabel as nib
 import numpy as np
 from matplotlib.cm import ScalarMappable
@@ -96,32 +96,41 @@ def grey_window(image: np.ndarray) -> tuple[float, float]:
     return float(low), float(high if high > low else low + 1)
 
 
-def axial_rgb(image: np.ndarray, gate: np.ndarray, affine: np.ndarray, index: int | None = None,
-              masks: Mapping[str, np.ndarray] | None = None,
-              min_size: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
-    """One axial slice as an RGB uint8 image (grey scan, gate heatmap blended in) and label slices beside it.
+@dataclass
+class FigureLayout:
+    """Where each panel of an overlay PNG lies, so that label maps can be drawn to match it pixel for pixel.
 
-    For W&B, which draws its own masks over an image. `index` defaults to the slice through the first mask's
-    centre of mass. Small slices are enlarged by whole-pixel repetition to about `min_size` pixels, so that
-    W&B shows crisp voxels and the masks stay aligned.
-
-    Returns:
-        rgb `(H, W, 3)` uint8, `{name: (H, W) int}` for each of `masks`, the axial index used.
+    Attributes:
+        size: the PNG's `(height, width)` in pixels.
+        panels: one `(plane, slice index, (top, left, bottom, right))` per panel, in PNG pixels (bottom and right
+            exclusive), for every view and column.
     """
-    masks = dict(masks or {})
-    image_ras, _ = to_ras(image, affine)
-    gate_ras, _ = to_ras(gate, affine)
-    masks_ras = {k: to_ras(v, affine)[0] for k, v in masks.items() if v is not None}
-    if index is None:
-        index = slice_indices(next(iter(masks_ras.values()), None), gate_ras)[2]
-    low, high = grey_window(image_ras)
-    grey = np.clip((view(image_ras, "axial", index) - low) / (high - low), 0, 1)[..., None]
-    heat = mpl.colormaps[GATE_CMAP](np.clip(view(gate_ras, "axial", index), 0, 1))[..., :3]
-    rgb = (1 - GATE_ALPHA) * grey + GATE_ALPHA * heat
-    slices = {k: view(v, "axial", index).astype(np.int64) for k, v in masks_ras.items()}
-    factor = max(1, min_size // max(rgb.shape[:2]))
-    grow = lambda a: np.ascontiguousarray(a.repeat(factor, 0).repeat(factor, 1))  # noqa: E731
-    return grow((rgb * 255).round().astype(np.uint8)), {k: grow(v) for k, v in slices.items()}, index
+
+    size: tuple[int, int]
+    panels: list[tuple[str, int, tuple[int, int, int, int]]] = field(default_factory=list)
+
+
+def figure_masks(layout: FigureLayout, masks: Mapping[str, np.ndarray | None],
+                 affine: np.ndarray) -> dict[str, np.ndarray]:
+    """Class-index images `(height, width)` uint8 of the overlay PNG's size: each mask's slice in every panel.
+
+    For W&B, which draws toggleable masks over an image of the same size: the ground truth and prediction of the
+    whole figure, every view and every gate level. Outside the panels: 0. Slices are scaled to the panels by
+    nearest neighbour, as `render_overlay` shows the scan.
+    """
+    out = {}
+    for name, mask in masks.items():
+        if mask is None:
+            continue
+        ras = to_ras(mask, affine)[0]
+        image = np.zeros(layout.size, np.uint8)
+        for plane, index, (top, left, bottom, right) in layout.panels:
+            cut = view(ras, plane, index)
+            rows = ((np.arange(bottom - top) + 0.5) * cut.shape[0] / (bottom - top)).astype(int)
+            cols = ((np.arange(right - left) + 0.5) * cut.shape[1] / (right - left)).astype(int)
+            image[top:bottom, left:right] = cut[rows][:, cols]
+        out[name] = image
+    return out
 
 
 def render_overlay(
@@ -136,7 +145,7 @@ def render_overlay(
     map_titles: Mapping[str, str] | None = None,
     image_title: str = "scan",
     dpi: int = 110,
-) -> None:
+) -> FigureLayout:
     """Write the overlay PNG atomically: rows axial / coronal / sagittal, one column per map.
 
     Args:
@@ -151,6 +160,9 @@ def render_overlay(
         image_title: title of the first column (the scan alone), e.g. which channel of a multi-channel scan it is.
 
     Rows are the views that are images at all (`drawable_planes`): three for a volume, one for a single slice.
+
+    Returns:
+        where the panels lie in the PNG (`figure_masks` draws label maps to match).
     """
     image_ras, spacing = to_ras(image, affine)
     maps_ras = {name: to_ras(m, affine)[0] for name, m in maps.items()}
@@ -218,6 +230,15 @@ def render_overlay(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    # The panels' places as laid out by that save (constrained layout, equal aspect), in its pixels.
+    width, height = (int(round(v * dpi)) for v in fig.get_size_inches())
+    layout = FigureLayout((height, width))
+    for row, plane in enumerate(VIEWS):
+        for ax in axes[row]:
+            box = ax.get_position()
+            layout.panels.append((plane, index_of[plane], (int(round((1 - box.y1) * height)), int(round(box.x0 * width)),
+                                                           int(round((1 - box.y0) * height)), int(round(box.x1 * width)))))
+    return layout
 
 
 def _orientation_letters(ax, plane: str) -> None:

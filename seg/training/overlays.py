@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from seg.errors import DataError, SegError
 from seg.training.concentration import attention_concentration
-from seg.training.overlay_figure import axial_rgb, render_overlay
+from seg.training.overlay_figure import figure_masks, render_overlay
 
 
 log = logging.getLogger(__name__)
@@ -58,17 +58,19 @@ class CaseOverlay:
         case_id: the case.
         folder: where its files are.
         dice: foreground class name -> Dice (NaN when both are empty); empty without ground truth.
+        missing: class name -> why it has no distance-based score ("not predicted", "not in the label", "in
+            neither"), for the classes absent from the prediction or the ground truth; empty without ground truth.
         concentration: map name ("gate_0", ...) -> attention concentration; empty without ground truth.
-        axial: representative axial slice, RGB uint8 `(H, W, 3)`: the scan with the finest gate blended in.
-        axial_masks: "ground_truth" / "prediction" -> `(H, W)` class indices on that slice.
+        figure_masks: "ground_truth" / "prediction" -> `(H, W)` uint8 class indices drawn like the overlay PNG
+            (every view and column), for W&B's masks over it; about 1.5 MB each at the default size.
     """
 
     case_id: str
     folder: Path
     dice: dict[str, float] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
     concentration: dict[str, float] = field(default_factory=dict)
-    axial: np.ndarray | None = None
-    axial_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    figure_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def png(self) -> Path:
@@ -90,13 +92,28 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def dice_per_class(prediction: np.ndarray, label: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """Dice of every foreground class (class c is `class_names[c - 1]`); NaN where both are empty."""
+    """Dice of every foreground class (class c is `class_names[c - 1]`).
+
+    nnU-Net's convention, as `SegmentationModule`'s: NaN where the class is in neither (nothing to score), 0 where
+    it is in only one of them (missed, or a false positive); `missing_classes` says which.
+    """
     scores = {}
     for c, name in enumerate(class_names, start=1):
         p, t = prediction == c, label == c
         total = int(p.sum()) + int(t.sum())
         scores[name] = 2.0 * int((p & t).sum()) / total if total else float("nan")
     return scores
+
+
+def missing_classes(prediction: np.ndarray, label: np.ndarray, class_names: Sequence[str]) -> dict[str, str]:
+    """The foreground classes absent from the prediction or the label -> "not predicted", "not in the label" or
+    "in neither"; such a class has no surface distance (HD95)."""
+    missing = {}
+    for c, name in enumerate(class_names, start=1):
+        predicted, labelled = bool((prediction == c).any()), bool((label == c).any())
+        if not (predicted and labelled):
+            missing[name] = "not predicted" if labelled else "not in the label" if predicted else "in neither"
+    return missing
 
 
 def map_order(names) -> list[str]:
@@ -174,29 +191,32 @@ def export_case(
             result.concentration[name] = attention_concentration(volume, label, spacing, dilation_mm)
     if label is not None:
         result.dice = dice_per_class(prediction, label, class_names)
+        result.missing = missing_classes(prediction, label, class_names)
     title = f"{case_id}" + (f"  |  epoch {epoch}" if epoch is not None else "")
     if result.dice:
         title += "  |  Dice " + ", ".join(f"{k} {_fmt(v)}" for k, v in result.dice.items())
     count = {kind: sum(n.startswith(kind) for n in maps) for kind in ("gate", "cbam")}
     titles = {n: map_title(n, count[n.split("_")[0]], result.concentration.get(n)) for n in maps}
-    render_overlay(result.png, image, maps, affine, label=label, prediction=prediction, class_names=class_names,
-                   title=title, map_titles=titles, image_title=image_title)
-    gates = [n for n in maps if n.startswith("gate_")] or list(maps)
-    if gates:
-        masks = {"ground_truth": label, "prediction": prediction}
-        result.axial, result.axial_masks, _ = axial_rgb(image, maps[gates[-1]], affine, masks=masks)
+    layout = render_overlay(result.png, image, maps, affine, label=label, prediction=prediction,
+                            class_names=class_names, title=title, map_titles=titles, image_title=image_title)
+    result.figure_masks = figure_masks(layout, {"ground_truth": label, "prediction": prediction}, affine)
     return result
 
 
 def write_concentration_csv(path: Path, results: Sequence[CaseOverlay], class_names: Sequence[str]) -> None:
-    """`case_id, level, concentration, dice_<class>...`: one row per case and map, written atomically."""
+    """`case_id, level, concentration, dice_<class>..., missing`: one row per case and map, written atomically.
+
+    `missing` names the classes absent from the prediction or the label ("lesion: not predicted"; `; ` between
+    several), whose Dice is then 0 (or nan when in neither).
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_id", "level", "concentration", *[f"dice_{c}" for c in class_names]])
+    writer.writerow(["case_id", "level", "concentration", *[f"dice_{c}" for c in class_names], "missing"])
     for r in results:
+        missing = "; ".join(f"{name}: {why}" for name, why in r.missing.items())
         for level, value in r.concentration.items():
             writer.writerow([r.case_id, level, f"{value:.6g}", *[f"{r.dice.get(c, float('nan')):.6g}"
-                                                                  for c in class_names]])
+                                                                  for c in class_names], missing])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(buffer.getvalue())
@@ -227,7 +247,8 @@ class GateOverlays(Callback):
     exports the volumes it validates and rank zero writes the CSV and logs.
 
     Args:
-        every_n_epochs: export at the validation of every n-th epoch (0: never). Outside `fit`: every validation.
+        every_n_epochs: export at the validation of every n-th epoch and at the last one of the run (0: never).
+            Outside `fit`: every validation.
         cbam: also export CBAM's spatial attention maps.
         max_volumes: export at most this many volumes per validation (per process); None: all.
         dilation_mm: growth of the ground truth for the concentration.
@@ -252,7 +273,10 @@ class GateOverlays(Callback):
             return False
         if trainer.state.fn != TrainerFn.FITTING:
             return True
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        # the run's last validation (`FinalValidation`: the last epoch, or a stop by `max_time`) always exports
+        max_epochs = getattr(trainer, "max_epochs", None)
+        last = getattr(trainer, "should_stop", False) or bool(max_epochs and trainer.current_epoch + 1 >= max_epochs)
+        return last or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _make_inverter(self, trainer):
         from monai.transforms import Invertd
@@ -363,6 +387,11 @@ class GateOverlays(Callback):
 
     @staticmethod
     def _log_wandb(trainer, class_names: Sequence[str], results: Sequence[CaseOverlay]) -> None:
+        """Per volume the overlay PNG with ground truth and prediction as W&B masks, and the table of all volumes.
+
+        W&B stages a logged table (and its images) as an artifact under `WANDB_DATA_DIR`, beside the run folder by
+        default; here it goes inside the run folder, so that the one folder `wandb sync` is given holds it all.
+        """
         from lightning.pytorch.loggers import WandbLogger
 
         logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
@@ -373,19 +402,30 @@ class GateOverlays(Callback):
         class_labels = {0: "background", **{i: name for i, name in enumerate(class_names, start=1)}}
         levels = sorted({level for r in results for level in r.concentration})
         columns = ["case_id", *[f"dice_{c}" for c in class_names], *[f"concentration_{lv}" for lv in levels],
-                   "overlay"]
-        rows, payload = [], {}
+                   "missing", "overlay"]
+        rows, payload = [], {"epoch": trainer.current_epoch}
+        number = lambda v: None if v is None or math.isnan(v) else float(v)  # noqa: E731 - JSON has no NaN
         for r in results:
-            if r.axial is not None:
-                masks = {k: {"mask_data": v, "class_labels": class_labels} for k, v in r.axial_masks.items()}
-                caption = f"{r.case_id}: finest gate; " + ", ".join(f"Dice {k} {_fmt(v)}" for k, v in r.dice.items())
-                payload[f"overlays/{r.case_id}"] = wandb.Image(r.axial, masks=masks, caption=caption)
-            number = lambda v: None if v is None or math.isnan(v) else float(v)  # noqa: E731 - JSON has no NaN
+            missing = "; ".join(f"{name}: {why}" for name, why in r.missing.items())
+            if r.png.exists():
+                masks = {k: {"mask_data": v, "class_labels": class_labels} for k, v in r.figure_masks.items()}
+                caption = f"{r.case_id}, epoch {trainer.current_epoch}: Dice " + ", ".join(
+                    f"{k} {_fmt(v)}" for k, v in r.dice.items()) + (f"; {missing}" if missing else "")
+                payload[f"overlays/{r.case_id}"] = wandb.Image(str(r.png), masks=masks, caption=caption)
             rows.append([r.case_id, *[number(r.dice.get(c)) for c in class_names],
-                         *[number(r.concentration.get(lv)) for lv in levels],
+                         *[number(r.concentration.get(lv)) for lv in levels], missing,
                          wandb.Image(str(r.png), caption=r.case_id) if r.png.exists() else None])
         payload["overlays/table"] = wandb.Table(columns=columns, data=rows)
-        logger.log_metrics(payload, step=trainer.global_step)
+        run_folder = Path(logger.experiment.dir).parent  # offline-run-<id>/ (files/ is the run's own)
+        previous = os.environ.get("WANDB_DATA_DIR")
+        os.environ["WANDB_DATA_DIR"] = str(run_folder)  # read when the table is staged, during the log call
+        try:
+            logger.log_metrics(payload, step=trainer.global_step)
+        finally:
+            if previous is None:
+                os.environ.pop("WANDB_DATA_DIR", None)
+            else:
+                os.environ["WANDB_DATA_DIR"] = previous
 
 
 # ---- seg overlays ------------------------------------------------------------------------------------------------

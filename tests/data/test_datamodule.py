@@ -174,7 +174,8 @@ def test_unreadable_case_is_a_data_error_naming_the_file(synth, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [{"patch_size": [16, 16]}, {"spatial_dims": 4}, {"normalization": "minmax"},
-                                    {"flip_axes": [3]}, {"ct_window": [100, -100]}, {"foreground_ratio": 1.5}])
+                                    {"flip_axes": [3]}, {"ct_window": [100, -100]}, {"foreground_ratio": 1.5},
+                                    {"class_ratios": [1, 1]}, {"class_ratios": [1, -1, 1]}])
 def test_bad_settings_are_data_errors(synth, kwargs):
     with pytest.raises(DataError):
         make(synth, **kwargs)

@@ -30,7 +30,7 @@ def test_case_shapes_dtypes_and_both_labels():
     assert np.isfinite(image).all() and image.min() >= 0
     counts = np.bincount(label.ravel(), minlength=3)
     assert len(counts) == 3  # only 0, 1, 2
-    assert counts[1] > 20 * counts[2] > 0  # a large organ and a small lesion
+    assert counts[1] > 10 * counts[2] > 0  # a large organ and a small lesion
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -40,7 +40,7 @@ def test_lesion_contrast_to_liver_is_small_but_real(seed):
     ring = ndimage.binary_dilation(lesion, iterations=2) & (label == 1)
     assert ring.sum() > lesion.sum()  # the lesion sits inside the liver, surrounded by it
     contrast = abs(image[lesion].mean() / image[ring].mean() - 1)
-    assert 0.04 < contrast < 0.2
+    assert 0.15 < contrast < 0.4  # fainter than the liver against the body, clearer than the liver's noise
     # while the liver itself stands out from the body around it
     outside = ndimage.binary_dilation(label > 0, iterations=3) & (label == 0)
     assert abs(image[label == 1].mean() / image[outside].mean() - 1) > 0.2
@@ -179,8 +179,9 @@ def test_seg_synth_command(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote 2 training + 1 test cases" in result.stdout and str(out) in result.stdout
     meta = json.loads((out / "dataset.json").read_text())
-    assert meta["generator"] == {"tool": "seg synth", "seed": 7, "size": [16, 16, 12], "spacing": [2.0, 2.0, 3.0],
-                                 "oblique": True, "orientation": "RAS", "modality": "MRI", "channels": 1}
+    assert meta["generator"] == {"tool": "seg synth", "phantom": 3, "seed": 7, "size": [16, 16, 12],
+                                 "spacing": [2.0, 2.0, 3.0], "oblique": True, "orientation": "RAS", "modality": "MRI",
+                                 "channels": 1}
     assert nib.load(out / "imagesTs" / "synth_002.nii.gz").shape == (16, 16, 12)
 
 

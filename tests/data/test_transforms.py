@@ -154,6 +154,30 @@ def test_foreground_centred_share_matches_foreground_ratio(tmp_path):
     assert np.mean([s["label"][0, 4, 4, 4].item() > 0 for s in low(item)]) < 0.2
 
 
+def test_class_sampling_centres_patches_on_a_small_class_as_often_as_on_a_large_one(tmp_path):
+    shape = (32, 32, 32)
+    image = np.random.default_rng(0).normal(0, 1, shape).astype(np.float32) + 5
+    label = np.zeros(shape, np.uint8)
+    label[8:24, 8:24, 8:24] = 1  # an organ of 4096 voxels
+    label[15:17, 15:17, 15:17] = 2  # a lesion of 8 voxels inside it
+    item = {"image": str(save(tmp_path / "img.nii.gz", image)), "label": str(save(tmp_path / "lab.nii.gz", label))}
+    prep = {**_prep(3, [8, 8, 8]), "num_classes": 3}
+
+    def centres(**kwargs):
+        transforms = train_transforms(prep, samples_per_volume=100, augment=False, **kwargs)
+        transforms.set_random_state(seed=0)
+        return np.array([s["label"][0, 4, 4, 4].item() for _ in range(3) for s in transforms(item)])
+
+    by_class = centres(foreground_ratio=0.5)  # the default: sampling="classes"
+    assert np.mean(by_class == 0) == pytest.approx(0.5, abs=0.07)
+    assert np.mean(by_class == 2) == pytest.approx(0.25, abs=0.07)  # half the foreground share
+    assert np.mean(centres(class_ratios=[1, 1, 2]) == 2) == pytest.approx(0.5, abs=0.07)
+    # any labelled voxel: the lesion gets its share of the foreground voxels, about 0.1 % of the patches
+    assert np.mean(centres(foreground_ratio=0.5, sampling="posneg") == 2) < 0.02
+    with pytest.raises(ValueError, match="class_ratios"):
+        train_transforms(prep, class_ratios=[1, 1])
+
+
 @pytest.mark.parametrize("spatial_dims,patch", [(3, [8, 12, 6]), (2, [12, 10])])
 @pytest.mark.parametrize("albumentations", [False, True])
 def test_training_patches_have_the_patch_size(tmp_path, spatial_dims, patch, albumentations):

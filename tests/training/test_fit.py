@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -72,10 +74,15 @@ def test_fit_says_wandb_is_offline_and_logs_metrics(run):
     rows = wandb_log.history(run_dir)
     validation = [r for r in rows if "val/dice_mean" in r]
     assert len(validation) == 2  # one per epoch
+    volumes = len(json.loads((run / "split.json").read_text())["val"])
     for row in validation:
         assert 0.0 <= row["val/dice_liver"] <= 1.0 and 0.0 <= row["val/dice_lesion"] <= 1.0
         assert row["val/dice_mean"] == pytest.approx((row["val/dice_liver"] + row["val/dice_lesion"]) / 2, abs=1e-6)
-        assert row["val/hd95_mean"] >= 0
+        for name in ("liver", "lesion"):
+            # HD95 is defined (and positive) unless the class is missing from every volume's prediction
+            assert 0 <= row[f"val/missing_{name}"] <= volumes
+            hd95 = row[f"val/hd95_{name}"]
+            assert math.isnan(hd95) if row[f"val/missing_{name}"] == volumes else hd95 > 0
     assert any("train/loss_step" in r for r in rows)
 
 
@@ -134,12 +141,14 @@ def test_fit_refuses_a_dataset_that_fails_its_checks(config, dataset, tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_time_bounded_run_without_validation_still_leaves_last_checkpoint(config, tmp_path):
+def test_run_ending_before_its_first_scheduled_validation_is_still_validated(config, tmp_path):
     result = seg("fit", "--config", config, "--trainer.default_root_dir", tmp_path, "--logging", "csv",
                  "--trainer.max_epochs", 1, "--trainer.check_val_every_n_epoch", 100, "--overlays.every_n_epochs", 0)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
-    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)  # the final validation scored it
+    (score,) = [v["best_model_score"] for k, v in best["callbacks"].items() if "val/dice_mean" in k]
+    assert best["global_step"] == 3 and 0 <= float(score) <= 1
     scored = seg("test", "--config", config, "--trainer.default_root_dir", tmp_path, "--logging", "csv",
                  "--ckpt_path", "last", "--overlays.every_n_epochs", 0)
     assert scored.returncode == 0, scored.stderr[-3000:]

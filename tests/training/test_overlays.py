@@ -90,7 +90,7 @@ def test_export_case_writes_maps_png_and_numbers(tmp_path):
     image = rng.normal(100, 10, shape).astype(np.float32) + 50 * (label > 0)
     result = export_case(tmp_path / "c1", "c1", image, {"gate_0": gate, "gate_1": 1 - gate}, affine, label.copy(),
                          label, CLASSES, dilation_mm=0.0, epoch=3)
-    assert result.dice == {"liver": 1.0, "lesion": 1.0}
+    assert result.dice == {"liver": 1.0, "lesion": 1.0} and result.missing == {}
     assert result.concentration["gate_0"] > 3 > 1 > result.concentration["gate_1"]
     assert result.concentration["gate_0"] == pytest.approx(attention_concentration(gate, label, (0.8, 1.2, 2.5), 0))
     written = nib.load(tmp_path / "c1" / "gate_0.nii.gz")
@@ -100,10 +100,47 @@ def test_export_case_writes_maps_png_and_numbers(tmp_path):
     png = matplotlib.image.imread(tmp_path / "c1" / "overlay.png")
     assert png.shape[0] > 300 and png.shape[1] > 300 and png[..., :3].std() > 0.05
     assert not list((tmp_path / "c1").glob(".*"))  # no temporary files left
-    # axial view of the RAS volume: rows along A (voxel axis 0, 20), columns along R (axis 1, 16), enlarged 12x
-    assert result.axial.dtype == np.uint8 and result.axial.shape == (240, 192, 3)
-    assert result.axial_masks["ground_truth"].shape == result.axial.shape[:2]
-    assert set(np.unique(result.axial_masks["ground_truth"])) <= {0, 1, 2}
+    # W&B's masks: the label drawn like the PNG, pixel for pixel, in each of its 3 x 3 panels
+    masks = result.figure_masks
+    assert masks["ground_truth"].shape == png.shape[:2] and masks["ground_truth"].dtype == np.uint8
+    np.testing.assert_array_equal(masks["ground_truth"], masks["prediction"])  # the prediction is the label here
+    assert set(np.unique(masks["ground_truth"])) == {0, 1, 2}
+    filled = (masks["ground_truth"] > 0).sum()
+    assert 0.005 < filled / masks["ground_truth"].size < 0.3
+    # aligned with the figure: the predicted contours (lime) it drew run along the mask's edges
+    from scipy import ndimage
+
+    rgb = png[..., :3]
+    lime = (rgb[..., 1] > 0.85) & (rgb[..., 2] < 0.2) & (np.abs(rgb[..., 0] - 0.49) < 0.15)
+    edges = np.zeros(png.shape[:2], bool)
+    for c in (1, 2):  # the contour of each class, the lesion's inside the liver
+        edges |= (masks["prediction"] == c) ^ ndimage.binary_erosion(masks["prediction"] == c)
+    lime &= np.arange(png.shape[0])[:, None] < 0.9 * png.shape[0]  # not the legend's lines at the bottom
+    distance = ndimage.distance_transform_edt(~edges)[lime]
+    assert lime.sum() > 200 and np.mean(distance <= 3) > 0.9
+
+
+def test_a_missing_class_is_dice_0_and_named_in_concentration_csv(tmp_path):
+    from seg.training.overlays import CaseOverlay, dice_per_class, missing_classes, write_concentration_csv
+
+    label = np.zeros((8, 8, 8), np.int16)
+    label[2:6, 2:6, 2:6] = 1
+    label[3, 3, 3] = 2
+    liver_only = (label == 1).astype(np.int16)  # the lesion is not predicted
+    dice = dice_per_class(liver_only, label, CLASSES)
+    assert dice["liver"] == 1.0 and dice["lesion"] == 0.0
+    assert missing_classes(liver_only, label, CLASSES) == {"lesion": "not predicted"}
+    assert missing_classes(label, liver_only, CLASSES) == {"lesion": "not in the label"}
+    nothing = np.zeros_like(label)
+    assert math.isnan(dice_per_class(nothing, nothing, CLASSES)["lesion"])
+    assert missing_classes(nothing, nothing, CLASSES) == {"liver": "in neither", "lesion": "in neither"}
+    result = CaseOverlay("c1", tmp_path, dice=dice, missing=missing_classes(liver_only, label, CLASSES),
+                         concentration={"gate_0": 2.0})
+    write_concentration_csv(tmp_path / "concentration.csv", [result], CLASSES)
+    with open(tmp_path / "concentration.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row == {"case_id": "c1", "level": "gate_0", "concentration": "2", "dice_liver": "1", "dice_lesion": "0",
+                   "missing": "lesion: not predicted"}
 
 
 def test_callback_exports_on_schedule_and_sets_the_modules_flag_per_volume():
@@ -203,7 +240,7 @@ def test_concentration_csv_matches_the_written_maps(run, dataset):
     for epoch in ("epoch=0", "epoch=1"):
         with open(run / "overlays" / epoch / "concentration.csv") as f:
             rows = list(csv.DictReader(f))
-        assert list(rows[0]) == ["case_id", "level", "concentration", "dice_liver", "dice_lesion"]
+        assert list(rows[0]) == ["case_id", "level", "concentration", "dice_liver", "dice_lesion", "missing"]
         assert sorted((r["case_id"], r["level"]) for r in rows) == sorted(
             (c, lv) for c in val_cases(run) for lv in LEVELS)
         for row in rows:
@@ -216,38 +253,56 @@ def test_concentration_csv_matches_the_written_maps(run, dataset):
             assert float(row["concentration"]) == pytest.approx(expected, rel=1e-4)
 
 
-def test_wandb_offline_run_holds_the_overlay_images_and_table(run):
+def test_wandb_offline_run_holds_each_volumes_full_figure_with_its_masks_and_the_table_inside_the_run(run):
+    import wandb_log
+
     (run_dir,) = (run / "wandb").glob("offline-run-*")
-    media = run_dir / "files" / "media"
+    files = run_dir / "files"
+    rows = wandb_log.history(run_dir)
     cases = val_cases(run)
-    for case in cases:
-        images = sorted((media / "images" / "overlays").glob(f"{case}_*.png"))
-        assert len(images) == 2  # one per validated epoch, under the same key
-        for path in images:
-            image = matplotlib.image.imread(path)
-            assert min(image.shape[:2]) >= 200 and image[..., :3].std() > 0.02
-    # each image carries ground truth and prediction as W&B masks
-    assert len(list((media / "images" / "mask" / "overlays").glob("*.mask.png"))) == 2 * 2 * len(cases)
-    tables = sorted((media / "table" / "overlays").glob("table_*.table.json"))
-    assert len(tables) == 2
-    columns = ["case_id", "dice_liver", "dice_lesion", "concentration_gate_0", "concentration_gate_1", "overlay"]
-    for path in tables:
-        table = json.loads(path.read_text())
-        assert table["columns"] == columns
-        assert sorted(row[0] for row in table["data"]) == sorted(cases)
-        for row in table["data"]:
-            assert all(v is None or 0 <= v <= 1 for v in row[1:3]) and all(v > 0 for v in row[3:5])
-    # W&B 0.31 also stages each table with its images as a run artifact, for `wandb sync`
-    staged = [json.loads(p.read_text()) for p in (run / "wandb-data").rglob("*") if p.is_file() and _is_json(p)]
-    full = {json.dumps(t, sort_keys=True) for t in staged if isinstance(t, dict) and t.get("columns") == columns}
+    logged = [r for r in rows if "overlays/table/_type" in r]
+    assert [r["epoch"] for r in logged] == [0, 1]
+    for row in logged:
+        for case in cases:
+            image = {k.split("/", 2)[2]: v for k, v in row.items() if k.startswith(f"overlays/{case}/")}
+            # the very figure written for this volume and epoch: all gate levels, three views
+            figure = run / "overlays" / f"epoch={row['epoch']}" / case / "overlay.png"
+            assert (files / image["path"]).read_bytes() == figure.read_bytes()
+            height, width = matplotlib.image.imread(figure).shape[:2]
+            assert (image["height"], image["width"]) == (height, width)
+            assert image["caption"].startswith(f"{case}, epoch {row['epoch']}: Dice liver ")
+            masks = {name: np.rint(matplotlib.image.imread(files / image[f"masks/{name}/path"]) * 255).astype(int)
+                     for name in ("ground_truth", "prediction")}
+            for name, mask in masks.items():
+                assert mask.shape[:2] == (height, width)
+                assert set(np.unique(mask)) <= {0, 1, 2}
+            # the ground truth in all nine panels (3 views x the scan and 2 gate levels): liver in each third of
+            # the figure's width, and in each view's row
+            truth = masks["ground_truth"] == 1
+            assert all(truth[:, i * width // 3:(i + 1) * width // 3].sum() > 50 for i in range(3))
+            assert all(truth[i * height // 3:(i + 1) * height // 3].sum() > 50 for i in range(3))
+        # the table: its own JSON in files/, and the artifact W&B stages with its images inside the run folder
+        table = json.loads((files / row["overlays/table/path"]).read_text())
+        assert table["columns"] == ["case_id", "dice_liver", "dice_lesion", "concentration_gate_0",
+                                    "concentration_gate_1", "missing", "overlay"]
+        assert sorted(r[0] for r in table["data"]) == sorted(cases)
+        for r in table["data"]:
+            assert all(v is None or 0 <= v <= 1 for v in r[1:3]) and all(v > 0 for v in r[3:5])
+    staged = [json.loads(p.read_text()) for p in (run_dir / "artifacts").rglob("*") if p.is_file() and _is_json(p)]
+    full = {json.dumps(t, sort_keys=True) for t in staged if isinstance(t, dict) and t.get("_type") == "table"}
     assert len(full) == 2  # one per epoch (W&B may stage a file twice)
     for table in map(json.loads, full):
-        assert len(table["data"]) == len(cases)
-        for row in table["data"]:
-            assert row[-1]["_type"] == "image-file" and row[-1]["width"] > 300 and row[-1]["height"] > 300
-    # the mean concentration reaches the run's history as scalars
-    run_file = next(run_dir.glob("run-*.wandb")).read_bytes()
-    assert b"overlays/concentration_gate_0" in run_file and b"overlays/concentration_gate_1" in run_file
+        for r in table["data"]:
+            assert r[-1]["_type"] == "image-file" and r[-1]["width"] > 300 and r[-1]["height"] > 300
+    pngs = [p for p in (run_dir / "artifacts").rglob("*") if p.is_file() and p.read_bytes()[:4] == b"\x89PNG"]
+    assert len(pngs) >= 2 * len(cases)  # the table's overlay images
+    assert not (run / "wandb" / "artifacts").exists() and not (run / "wandb-data").exists()  # nothing beside it
+    # per-class Dice and per-level concentration: numbers in the history at each validated epoch, W&B's charts
+    scores = [r for r in rows if "overlays/concentration_gate_0" in r]
+    assert [r["epoch"] for r in scores] == [0, 1]
+    for r in scores:
+        assert all(r[f"overlays/concentration_{lv}"] > 0 for lv in LEVELS)
+        assert all(0 <= r[f"val/dice_{c}"] <= 1 for c in CLASSES)
 
 
 def _is_json(path: Path) -> bool:
