@@ -18,7 +18,7 @@ import numpy as np
 from seg.cli import main as seg
 from seg.data.layout import load_dataset, strip_nifti_suffix
 from seg.data.synthetic import PHANTOM_VERSION
-from seg.training.overlays import dice_per_class, missing_classes
+from seg.explain.export import dice_per_class, missing_classes
 
 
 def held_out_table(scores: dict[str, dict[str, float]], missing: dict[str, dict[str, str]],

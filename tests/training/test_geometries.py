@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+import seg.explain.export as export_module
 import seg.training.overlays as overlays_module
 from seg.cli import main
 from seg.data.synthetic import write_dataset
@@ -87,13 +88,13 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
 def test_fit_validate_overlays_and_predict_in_the_scans_geometry(name, datasets, tmp_path, monkeypatch):
     root = datasets[name]
     titles = []
-    render = overlays_module.render_overlay
+    render = export_module.render_overlay
 
     def spy(*args, **kwargs):  # the real figure, with the scan column's title noted
         titles.append(kwargs.get("image_title"))
         return render(*args, **kwargs)
 
-    monkeypatch.setattr(overlays_module, "render_overlay", spy)
+    monkeypatch.setattr(export_module, "render_overlay", spy)
     run = tmp_path / "run"
     config = _config(tmp_path, root, GEOMETRIES[name].get("spatial_dims", 3))
     assert main(["fit", "--config", str(config), "--trainer.default_root_dir", str(run)]) == 0

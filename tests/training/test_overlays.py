@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from seg.training.concentration import attention_concentration, dilate_mm, ellipsoid
-from seg.training.overlays import export_case, map_order
+from seg.explain.concentration import attention_concentration, dilate_mm, ellipsoid
+from seg.explain.export import export_case, map_order
 
 LEVELS = ("gate_0", "gate_1")  # channels [8, 16, 32]: two gated skips
 CLASSES = ("liver", "lesion")
@@ -121,7 +121,7 @@ def test_export_case_writes_maps_png_and_numbers(tmp_path):
 
 
 def test_a_missing_class_is_dice_0_and_named_in_concentration_csv(tmp_path):
-    from seg.training.overlays import CaseOverlay, dice_per_class, missing_classes, write_concentration_csv
+    from seg.explain.export import CaseOverlay, dice_per_class, missing_classes, write_concentration_csv
 
     label = np.zeros((8, 8, 8), np.int16)
     label[2:6, 2:6, 2:6] = 1

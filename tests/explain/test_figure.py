@@ -6,8 +6,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from seg.training.overlay_figure import PLANE_AXIS, drawable_planes, render_overlay, slice_indices, to_ras, view
-from seg.training.overlays import channel_title, display_background
+from seg.explain.figure import PLANE_AXIS, drawable_planes, render_overlay, slice_indices, to_ras, view
+from seg.explain.export import channel_title, display_background
 
 
 def _volume(shape, centre):
