@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -134,3 +136,9 @@ def test_undeclared_label_value_is_one_line(tmp_path, capsys):
     code = main(["evaluate", "-p", str(predictions), "-l", str(labels), "--dataset", str(tmp_path / "ds.json")])
     err = capsys.readouterr().err.splitlines()
     assert code == 1 and "x.nii.gz: holds label values [3]" in err[0]
+
+
+def test_evaluate_needs_no_lightning():
+    code = "import sys, seg.evaluate, seg.postprocessing; print(any(m.startswith('lightning') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

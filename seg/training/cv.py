@@ -243,6 +243,10 @@ def run(args: argparse.Namespace) -> int:
     chosen = parse_fold_list(args.fold_list, args.folds)
     parent = Path(args.output or f"runs/cv_{config.stem}").resolve()
     extra = list(args.fit_args)
+    for option in ("--data.fold", "--data.num_folds", "--trainer.default_root_dir", "--ckpt_path", "--config"):
+        if any(a == option or a.startswith(f"{option}=") for a in extra):
+            raise SegError(f"{option} is set by seg cv for every fold; use --folds, --fold-list, --output and "
+                           "--config instead")
     if args.print_commands:
         for k in chosen:
             print(shlex.join(["seg", "fit", *fit_arguments(config, k, args.folds, parent, extra)]))

@@ -87,6 +87,13 @@ def test_cv_resumes_and_predicts_every_case_once_out_of_fold(config, tmp_path, c
     assert len(list((tmp_path / "ens").glob("*.nii.gz"))) == 6
 
 
+def test_options_seg_cv_sets_are_refused(config, tmp_path, capsys):
+    assert main(["cv", "--config", str(config), "--output", str(tmp_path), "--", "--data.fold", "1"]) == 1
+    assert "--data.fold is set by seg cv" in capsys.readouterr().err
+    assert main(["cv", "--config", str(config), "--folds", "3", "--fold-list", "3", "--output", str(tmp_path)]) == 1
+    assert "folds are 0..2" in capsys.readouterr().err
+
+
 def test_changed_options_are_refused_not_mixed(config, tmp_path):
     from seg.errors import SegError
     from seg.training.cv import FIT_DONE, fit_arguments, fold_state
