@@ -72,3 +72,22 @@ def test_gates_need_one_checkpoint_and_a_folder_must_be_a_cv_run(trained_checkpo
     assert code == 1 and "--save-gates needs one checkpoint" in capsys.readouterr().err
     code = main(["predict", "-c", str(tmp_path), "-i", str(scans), "-o", str(tmp_path / "out2"), "--device", "cpu"])
     assert code == 1 and "not a `seg cv` run" in capsys.readouterr().err
+
+
+def test_predict_applies_a_postprocessing_file(trained_checkpoint, tmp_path):
+    import json
+
+    from seg.postprocessing import apply_postprocessing
+
+    scans = trained_checkpoint.parents[2] / "data" / "imagesTs"
+    plan = {"format": 1, "classes": {"1": {"step": "largest_component"}, "2": {"step": "remove_small",
+                                                                             "min_ml": 0.05}}}
+    (tmp_path / "pp.json").write_text(json.dumps(plan))
+    assert main(["predict", "-c", str(trained_checkpoint), "-i", str(scans), "-o", str(tmp_path / "raw"),
+                 "--device", "cpu"]) == 0
+    assert main(["predict", "-c", str(trained_checkpoint), "-i", str(scans), "-o", str(tmp_path / "pp"),
+                 "--device", "cpu", "--postprocessing", str(tmp_path / "pp.json")]) == 0
+    for path in sorted((tmp_path / "raw").glob("*.nii.gz")):
+        raw = nib.load(path)
+        expected = apply_postprocessing(np.asanyarray(raw.dataobj).copy(), raw.affine, plan)
+        assert np.array_equal(np.asanyarray(nib.load(tmp_path / "pp" / path.name).dataobj), expected)
