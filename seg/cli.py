@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("seg.training.cli", "score a checkpoint on the validation split"),
     "test": ("seg.training.cli", "score a checkpoint on the test split"),
     "predict": ("seg.inference.predict", "segment every scan in a folder, in each scan's own geometry"),
+    "evaluate": ("seg.evaluate", "score predicted label maps against labels: Dice, HD95, surface Dice per case"),
+    "cv": ("seg.training.cv", "k-fold cross-validation: train the folds, score them out of fold, pick postprocessing"),
     "overlays": ("seg.explain.command", "write attention-gate overlays for scans, without training"),
     "plan": ("seg.data.plan", "write a training config derived from a dataset, with the reason for each value"),
     "check-data": ("seg.data.checks", "check every case of a dataset before training on it"),

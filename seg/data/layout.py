@@ -129,7 +129,7 @@ def group_channel_files(files: list[Path]) -> dict[str, list[Path]]:
     return out
 
 
-def _parse_labels(raw: dict, path: Path) -> dict[int, str]:
+def parse_labels(raw: dict, path: Path) -> dict[int, str]:
     """MSD writes `{"0": "background"}`, nnU-Net v2 `{"background": 0}`; both become `{0: "background"}`.
 
     A label value must be a whole number from 0 to `MAX_LABEL`: the network gets one output channel per value
@@ -262,7 +262,7 @@ def load_dataset(root: str | os.PathLike, problems: list[DataError] | None = Non
         bad(DataError("dataset.json has no 'labels'", meta_path))
     else:
         try:
-            labels, labels_valid = _parse_labels(meta["labels"], meta_path), True
+            labels, labels_valid = parse_labels(meta["labels"], meta_path), True
         except DataError as err:
             bad(err)
     try:

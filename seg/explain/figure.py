@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +17,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from seg.io import atomic_path
 
 GATE_CMAP = "inferno"  # dark for "not looked at", so the scan stays readable under low gates
 GATE_ALPHA = 0.45
@@ -223,13 +224,8 @@ def render_overlay(
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=9,
                    facecolor="0.9")
     fig.suptitle(title, fontsize=11)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # keeps ".png": matplotlib picks by suffix
-    try:
+    with atomic_path(path) as tmp:  # the temporary name keeps ".png": matplotlib picks the format by suffix
         fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     # The panels' places as laid out by that save (constrained layout, equal aspect), in its pixels.
     width, height = (int(round(v * dpi)) for v in fig.get_size_inches())
     layout = FigureLayout((height, width))

@@ -1,6 +1,13 @@
 """`seg predict`: segment every scan in a folder, each written back in the scan's own geometry.
 
     seg predict --checkpoint runs/x/checkpoints/best.ckpt --input scans/ --output predictions/
+    seg predict --checkpoint f0.ckpt f1.ckpt ... --input scans/ --output predictions/   # an ensemble
+    seg predict --checkpoint runs/cv --input scans/ --output predictions/   # every fold of a `seg cv` run
+
+Several checkpoints (or the output folder of `seg cv`: every fold's best checkpoint) are one ensemble: their softmax
+is averaged window by window (`seg.inference.ensemble`). `--postprocessing FILE` (implied by a `seg cv` folder: its
+`cv/postprocessing.json`) applies the connected-component steps chosen out of fold to every label map
+(`seg.postprocessing`); probabilities are written as predicted.
 
 For each case (one file, or nnU-Net channel files `case_0000.nii.gz`, `case_0001.nii.gz`, ...) it writes
 - `OUT/<case>.nii.gz`: the label map, uint8 (below 257 classes), on the input's grid with the input's header;
@@ -41,7 +48,9 @@ import numpy as np
 
 from seg.data.layout import case_channel, group_channel_files, strip_nifti_suffix
 from seg.errors import DataError, SegError, escape, one_line
+from seg.inference.ensemble import EnsembleNetwork, load_ensemble, resolve_checkpoints
 from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor
+from seg.postprocessing import apply_postprocessing, load_postprocessing
 
 SUMMARY = "summary.csv"
 _TMP = re.compile(r"^\.tmp-(?P<pid>\d+)-")  # `.tmp-<pid>-<final name>`: hidden, and ends like the final name
@@ -291,8 +300,10 @@ def write_summary(results: list[CaseResult], path: Path, class_names: list[str])
 class _Run:
     """One `predict_folder` call: the predictor, the output folder and what to save."""
 
-    def __init__(self, predictor: Predictor, output: Path, save_probabilities: bool, save_gates: bool, report):
+    def __init__(self, predictor: Predictor, output: Path, save_probabilities: bool, save_gates: bool, report,
+                 postprocessing: dict | None = None):
         self.predictor, self.output, self.report = predictor, output, report
+        self.postprocessing = postprocessing
         self.save_probabilities, self.save_gates = save_probabilities, save_gates
         levels = predictor.model.gate_levels
         self.gate_names = [f"gate_{i}" for i in range(levels)] if save_gates else []
@@ -328,6 +339,8 @@ class _Run:
         try:
             maps = self.predictor.to_original(scan, output)
             reference = maps["reference"]
+            if self.postprocessing is not None:
+                apply_postprocessing(maps["label"], reference.affine, self.postprocessing)
             written = []
             for name, path in self.paths(scan.case_id).items():
                 array = maps[name]
@@ -362,7 +375,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def predict_folder(
-    checkpoint: str | os.PathLike | Predictor,
+    checkpoint: str | os.PathLike | list[str | os.PathLike] | Predictor,
     input: str | os.PathLike,
     output: str | os.PathLike,
     device: str = "auto",
@@ -373,11 +386,13 @@ def predict_folder(
     sw_batch_size: int | None = None,
     skip_existing: bool = False,
     progress: bool = True,
+    postprocessing: str | os.PathLike | None = None,
 ) -> list[CaseResult]:
     """Segment every scan of a folder (or one scan) and write the outputs and `summary.csv` into `output`.
 
     Args:
-        checkpoint: a `seg fit` checkpoint, or a ready `Predictor` (then `device`, `tta`, `overlap` and
+        checkpoint: a `seg fit` checkpoint, several (an ensemble), the output folder of `seg cv` (every fold's
+            best checkpoint, and its postprocessing), or a ready `Predictor` (then `device`, `tta`, `overlap` and
             `sw_batch_size` are its own).
         input: a folder of `.nii` / `.nii.gz` scans, or one scan.
         output: the folder for predictions; created; must not be (inside) the input folder.
@@ -389,6 +404,8 @@ def predict_folder(
         sw_batch_size: windows per forward pass (None: the model's).
         skip_existing: leave cases whose outputs exist alone (resume an interrupted run).
         progress: show a progress bar and notes on stderr.
+        postprocessing: a `postprocessing.json` (`seg cv`) to apply to every label map; default: the one of a
+            `seg cv` folder given as `checkpoint`, else none.
 
     Returns:
         one `CaseResult` per case, in case order. Per-case problems are results, not exceptions; a bad
@@ -411,13 +428,20 @@ def predict_folder(
     if isinstance(checkpoint, Predictor):
         predictor = checkpoint
     else:  # before the output folder is made: a bad checkpoint leaves nothing behind
-        predictor = Predictor.from_checkpoint(checkpoint, device=device, tta=tta, overlap=overlap,
-                                              sw_batch_size=sw_batch_size)
+        checkpoints, implied = resolve_checkpoints(checkpoint)
+        postprocessing = postprocessing if postprocessing is not None else implied
+        predictor = Predictor(load_ensemble(checkpoints), device=device, tta=tta, overlap=overlap,
+                              sw_batch_size=sw_batch_size)
+    if save_gates and isinstance(predictor.model.network, EnsembleNetwork):
+        raise SegError("--save-gates needs one checkpoint: attention-gate maps are per model, not averaged")
+    plan = None
+    if postprocessing is not None:
+        plan = load_postprocessing(postprocessing, range(1, predictor.num_classes))
     prepare_output_folder(output)
     clean_stale_tmp(output)
     for r in ignored:
         report(r.message)
-    run = _Run(predictor, output, save_probabilities, save_gates, report)
+    run = _Run(predictor, output, save_probabilities, save_gates, report, plan)
     # Before anything is predicted: a scan named `p_probabilities` would write over the probabilities of `p`.
     for case_id, why in colliding_cases(cases, output, save_probabilities, run.gate_names).items():
         results.append(CaseResult(case_id, "failed", cases.pop(case_id), why))
@@ -524,7 +548,11 @@ def predict_folder(
 
 # ---- command line ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by `seg fit`")
+    parser.add_argument("--checkpoint", "-c", required=True, nargs="+",
+                        help="a checkpoint written by `seg fit`; several: their ensemble (softmax averaged); or the "
+                             "--output folder of `seg cv`: every fold's best.ckpt and its postprocessing.json")
+    parser.add_argument("--postprocessing", default=None,
+                        help="postprocessing.json (written by `seg cv`) to apply to the label maps")
     parser.add_argument("--input", "-i", required=True,
                         help="folder of .nii/.nii.gz scans (multi-modal: case_0000.nii.gz, case_0001.nii.gz, ...) "
                              "or one scan")
@@ -548,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
     results = predict_folder(args.checkpoint, args.input, args.output, device=args.device, tta=args.tta,
                              save_probabilities=args.save_probabilities, save_gates=args.save_gates,
                              overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                             skip_existing=args.skip_existing)
+                             skip_existing=args.skip_existing, postprocessing=args.postprocessing)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped", "ignored")}
     ignored = f", {counts['ignored']} other files ignored" if counts["ignored"] else ""
     print(f"seg predict: {counts['ok']} predicted, {counts['failed']} failed, {counts['skipped']} skipped{ignored} in "
