@@ -295,6 +295,17 @@ def plan_config(decisions: Sequence[Decision], root: str | os.PathLike) -> dict:
     return config
 
 
+def _yaml(value) -> str:
+    """A value as YAML flow text that every YAML 1.1 reader types back the same (JSON, with floats such as 3e-05
+    written 3.0e-05: PyYAML reads an exponent without a dot as a string)."""
+    if isinstance(value, float):
+        text = repr(value)
+        return text.replace("e", ".0e") if "e" in text and "." not in text.split("e")[0] else text
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def render_yaml(decisions: Sequence[Decision], root: str | os.PathLike, command: str = "") -> str:
     """A LightningCLI YAML config: every planned value with its reason as a comment; `data.plan` keeps them."""
     lines = ["# Planned by `seg plan` from the dataset's fingerprint; train with:",
@@ -312,7 +323,7 @@ def render_yaml(decisions: Sequence[Decision], root: str | os.PathLike, command:
         if section == "data":
             lines.append(f"  root: {json.dumps(os.fspath(root))}")
         for d in sections.get(section, []):
-            lines.append(f"  {d.key.split('.', 1)[1]}: {json.dumps(d.value)}  # {d.reason}")
+            lines.append(f"  {d.key.split('.', 1)[1]}: {_yaml(d.value)}  # {d.reason}")
         if section == "data":  # the reasons travel into checkpoints with the preprocessing
             lines.append("  plan:")
             lines += [f"    {json.dumps(d.key)}: {json.dumps(d.reason)}" for d in decisions]

@@ -37,6 +37,15 @@ def _values(decisions) -> dict:
     return {d.key: d.value for d in decisions}
 
 
+def test_the_written_plan_reads_back_with_the_planned_types(datasets):
+    decisions = plan_dataset(datasets["ct"], minutes=10)
+    written = yaml.safe_load(render_yaml(decisions, datasets["ct"]))
+    for d in decisions:
+        section, key = d.key.split(".", 1)
+        assert written[section][key] == d.value and type(written[section][key]) is type(d.value), d.key
+    assert isinstance(written["model"]["weight_decay"], float)  # 3e-05 written as 3.0e-05
+
+
 def test_the_same_dataset_gives_the_same_plan(datasets):
     first = render_yaml(plan_dataset(datasets["thin"], minutes=10), datasets["thin"])
     assert first == render_yaml(plan_dataset(datasets["thin"], minutes=10), datasets["thin"])
