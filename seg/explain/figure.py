@@ -229,7 +229,7 @@ def render_overlay(
     # The panels' places as laid out by that save (constrained layout, equal aspect), in its pixels.
     width, height = (int(round(v * dpi)) for v in fig.get_size_inches())
     layout = FigureLayout((height, width))
-    for row, plane in enumerate(VIEWS):
+    for row, plane in enumerate(planes):
         for ax in axes[row]:
             box = ax.get_position()
             layout.panels.append((plane, index_of[plane], (int(round((1 - box.y1) * height)), int(round(box.x0 * width)),

@@ -69,3 +69,17 @@ def test_channel_title_and_ct_display_background():
     assert display_background({"normalization": [{"scheme": "zscore", "nonzero": True}]}) == 0.0
     ct = {"normalization": [{"scheme": "ct", "clip": [-100.0, 200.0], "mean": 50.0, "std": 25.0}]}
     assert display_background(ct) == pytest.approx(-6.0)
+
+
+def test_figure_masks_cover_only_the_drawn_views_of_a_single_slice(tmp_path):
+    from seg.explain.figure import figure_masks
+
+    shape = (40, 30, 1)
+    label = _volume(shape, [s * 0.5 for s in shape])
+    rng = np.random.default_rng(1)
+    layout = render_overlay(tmp_path / "one.png", rng.normal(size=shape).astype(np.float32),
+                            {"gate_0": rng.uniform(size=shape).astype(np.float32)}, np.eye(4), label=label,
+                            prediction=label, dpi=40)
+    assert {plane for plane, _, _ in layout.panels} == {"axial"}  # one row: the slice's own plane
+    masks = figure_masks(layout, {"ground_truth": label}, np.eye(4))
+    assert masks["ground_truth"].shape == layout.size and masks["ground_truth"].max() == 1
