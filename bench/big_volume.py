@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--no-hd95", dest="hd95", action="store_false",
                         help="validate without HD95 (its surface distances are the validation peak on garbage)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", choices=["validate", "predict"], default=None)
+    parser.add_argument("--tta", action="store_true", help="also predict with --tta (8x the windows)")
+    parser.add_argument("--only", choices=["validate", "predict", "predict_tta"], default=None)
     args = parser.parse_args()
 
     workdir = args.workdir
@@ -154,9 +155,12 @@ def main() -> None:
                      "--overlays.every_n_epochs", "0", "--trainer.default_root_dir", str(workdir / "validate")],
         "predict": [*seg, "predict", "-c", str(paths["checkpoint"]), "-i", str(paths["scans"]),
                     "-o", str(workdir / "predictions"), "--device", "cpu"],
+        # mirroring window by window: 8x the windows, through the same slabs, so the label path's memory
+        "predict_tta": [*seg, "predict", "-c", str(paths["checkpoint"]), "-i", str(paths["scans"]),
+                        "-o", str(workdir / "predictions_tta"), "--device", "cpu", "--tta"],
     }
     for name, command in phases.items():
-        if args.only and name != args.only:
+        if (args.only and name != args.only) or (name == "predict_tta" and args.only != "predict_tta" and not args.tta):
             continue
         peak, seconds, _ = peak_of(command, env)
         result[name] = {"peak_rss_gib": round(peak, 2), "ratio_to_input": round(peak / input_gib, 1),

@@ -22,6 +22,7 @@ import numpy as np
 from seg.explain.concentration import attention_concentration
 from seg.explain.figure import figure_masks, render_overlay
 from seg.io import save_nifti, write_text
+from seg.metrics import confusion, dice_from_confusion
 
 
 @dataclass
@@ -57,17 +58,14 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def dice_per_class(prediction: np.ndarray, label: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """Dice of every foreground class (class c is `class_names[c - 1]`).
+    """Dice of every foreground class (class c is `class_names[c - 1]`), by `seg.metrics`.
 
     nnU-Net's convention, as `SegmentationModule`'s: NaN where the class is in neither (nothing to score), 0 where
     it is in only one of them (missed, or a false positive); `missing_classes` says which.
     """
-    scores = {}
-    for c, name in enumerate(class_names, start=1):
-        p, t = prediction == c, label == c
-        total = int(p.sum()) + int(t.sum())
-        scores[name] = 2.0 * int((p & t).sum()) / total if total else float("nan")
-    return scores
+    size = max(len(class_names) + 1, int(prediction.max(initial=0)) + 1, int(label.max(initial=0)) + 1)
+    dice = dice_from_confusion(confusion(prediction, label, size))
+    return {name: float(dice[c]) for c, name in enumerate(class_names)}
 
 
 def missing_classes(prediction: np.ndarray, label: np.ndarray, class_names: Sequence[str]) -> dict[str, str]:

@@ -6,16 +6,15 @@ import math
 from typing import Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Timer
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric
-from monai.metrics.utils import get_edge_surface_distance
 
 from seg.inference.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, build_network
 from seg.inference.slabs import class_indices, stitch_budget
 from seg.inference.window import WindowInference
+from seg.metrics import surface_scores
 from seg.models.topology import check_strides
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "SegmentationModule", "hausdorff95"]
@@ -24,18 +23,16 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "SegmentationModule", "hausdor
 def hausdorff95(prediction: torch.Tensor, label: torch.Tensor, spacing=None) -> torch.Tensor:
     """95th-percentile symmetric Hausdorff distance of binary masks `(N, 1, *S)` -> `(N, 1)`, in mm with `spacing`.
 
-    MONAI's `HausdorffDistanceMetric` step by step, less its `torch.quantile`, which refuses more than 2^24 surface
-    distances (an untrained network's speckled prediction on a 512 x 512 x 400 CT has more, and validation
-    crashed), and less its float copy of both masks. NaN when either mask is empty, as in MONAI: the distance is
+    `seg.metrics.surface_scores` per volume (MONAI's edge distances, numpy's percentile: `torch.quantile` refuses
+    the 2^24+ distances of a speckled prediction on a CT). NaN when either mask is empty: the distance is
     undefined, never 0 (`SegmentationModule` counts such volumes as missing).
     """
     scores = torch.full((prediction.shape[0], 1), float("nan"), dtype=torch.float32)
+    spacing = list(spacing) if spacing else [1.0] * (prediction.dim() - 2)
     for b in range(prediction.shape[0]):
-        if not (prediction[b, 0].any() and label[b, 0].any()):  # undefined; MONAI would warn of "class Unknown"
-            continue
-        _, distances, _ = get_edge_surface_distance(prediction[b, 0], label[b, 0], distance_metric="euclidean",
-                                                    spacing=spacing, symmetric=True)
-        scores[b, 0] = float(max(np.percentile(torch.as_tensor(d).cpu().numpy(), 95) for d in distances))
+        if prediction[b, 0].any() and label[b, 0].any():
+            scores[b, 0] = surface_scores(prediction[b, 0].cpu().numpy(), label[b, 0].cpu().numpy(), spacing,
+                                          tolerance_mm=1.0)[0]
     return scores
 
 
