@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -81,7 +82,33 @@ def load_weights_only(path, map_location: Any | None = "cpu") -> dict:
         raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {err}", path) from None
 
 
-class LastCheckpoint(ModelCheckpoint):
+class _RunFolderCheckpoint(ModelCheckpoint):
+    """A `ModelCheckpoint` that writes to `<default_root_dir>/checkpoints` unless given a `dirpath`.
+
+    Declared in the CLI's trainer defaults (so `--print_config` and the saved config show it and a YAML can change
+    it), where the run folder is not known yet: it is read from the trainer at setup.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.fspath(Path(trainer.default_root_dir) / "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+
+class BestCheckpoint(_RunFolderCheckpoint):
+    """`best.ckpt`: the checkpoint of the best mean validation Dice (`val/dice_mean`), one file, overwritten.
+
+    Args:
+        dirpath: the checkpoint folder; None: `<default_root_dir>/checkpoints`.
+        monitor, mode: what "best" means.
+    """
+
+    def __init__(self, dirpath: str | None = None, monitor: str = "val/dice_mean", mode: str = "max"):
+        super().__init__(dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                         enable_version_counter=False, auto_insert_metric_name=False)
+
+
+class LastCheckpoint(_RunFolderCheckpoint):
     """`last.ckpt`: written when a training epoch's batches are done, before its validation runs, and again at the
     epoch's end.
 
@@ -92,10 +119,10 @@ class LastCheckpoint(ModelCheckpoint):
     global step, so the step it last saved is forgotten first).
 
     Args:
-        dirpath: the checkpoint folder.
+        dirpath: the checkpoint folder; None: `<default_root_dir>/checkpoints`.
     """
 
-    def __init__(self, dirpath):
+    def __init__(self, dirpath: str | None = None):
         super().__init__(dirpath=dirpath, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, enable_version_counter=False,
                          save_on_train_epoch_end=True)
 

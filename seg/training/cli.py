@@ -17,14 +17,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from seg.data import NiftiDataModule
 from seg.errors import SegError
 from seg.training.callbacks import FinalValidation, LogProgress, ModelLine, progress_bar
-from seg.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, describe_os_error, load_weights_only
+from seg.training.checkpoint_io import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, describe_os_error,
+                                       load_weights_only)
 from seg.training.module import SegmentationModule
 from seg.training.overlays import GateOverlays
 
@@ -44,6 +45,8 @@ class SegCLI(LightningCLI):
     """LightningCLI with seg's links, logger, checkpoints and progress bar."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # parser defaults, not `trainer_defaults`: LightningCLI adds those at instantiation, unseen by --print_config
+        parser.set_defaults(DECLARED)
         parser.link_arguments("data.spatial_dims", "model.spatial_dims")
         parser.link_arguments("data.patch_size", "model.roi_size")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
@@ -90,26 +93,19 @@ class SegCLI(LightningCLI):
         user_logger = config["trainer"].get("logger")
         if user_logger is None or user_logger is True:  # the user did not pick a logger: ours
             kwargs["logger"] = self._make_logger(config, root)
-        callbacks = list(kwargs.get("callbacks") or [])
-        callbacks += [
-            ModelCheckpoint(dirpath=root / "checkpoints", filename="best", monitor="val/dice_mean", mode="max",
-                            save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False),
-            # last.ckpt from its own callback: since Lightning 2.6 `save_last=True` writes it only when a top-k
-            # checkpoint was saved at the same step, so it went stale whenever the Dice did not improve. It is
-            # written at every training epoch's end, and before each validation, so a failing or killed validation
-            # never costs the epoch; also when validation is rarer than epochs, or a `max_time` run stops first.
-            LastCheckpoint(root / "checkpoints"),
-        ]
+        # The checkpoints, the final validation and the atomic checkpoint IO are declared (`trainer_defaults` in
+        # `run_lightning`: `--print_config` and config.yaml show them, a YAML can change them). What depends on
+        # other settings is added here: the progress display (a terminal or a log), the one-line model summary and
+        # the learning-rate monitor (only with a logger).
+        declared = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        callbacks = [*declared, *(kwargs.get("callbacks") or [])]
         if config["trainer"].get("enable_progress_bar") is not False:  # Lightning refuses a bar it was told not to show
             callbacks.append(progress_bar(config["progress"]["every_n_seconds"]))
         if config["trainer"].get("enable_model_summary") is not False:
             callbacks.append(ModelLine())
-        callbacks.append(FinalValidation())
         if kwargs.get("logger") is not False:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
-        plugins = kwargs.get("plugins") or []
-        kwargs["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def _make_logger(self, config, root: Path):
@@ -205,6 +201,17 @@ def quiet_library_notices() -> None:
                 handler.addFilter(_DropHarmlessInfo())
 
 
+# last.ckpt from its own callback: since Lightning 2.6 `save_last=True` writes it only when a top-k checkpoint was
+# saved at the same step, so it went stale whenever the Dice did not improve. It is written at every training epoch's
+# end and before each validation, so a failing or killed validation never costs the epoch.
+DECLARED = {
+    "trainer.callbacks": [{"class_path": f"{c.__module__}.{c.__name__}"}
+                          for c in (BestCheckpoint, LastCheckpoint, FinalValidation)],
+    "trainer.plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
+}
+TRAINER_DEFAULTS = {"default_root_dir": "runs/latest", "log_every_n_steps": 10}
+
+
 def run_lightning(subcommand: str, args: list[str]) -> int:
     """Run `seg fit|validate|test ARGS`; returns the exit code."""
     args = plan_when_unconfigured(subcommand, args)
@@ -215,7 +222,7 @@ def run_lightning(subcommand: str, args: list[str]) -> int:
             NiftiDataModule,
             args=[subcommand, *args],
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"default_root_dir": "runs/latest", "log_every_n_steps": 10},
+            trainer_defaults=TRAINER_DEFAULTS,
             parser_kwargs={"prog": "seg"},
             seed_everything_default=0,
         )
