@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("seg.training.cli", "score a checkpoint on the validation split"),
     "test": ("seg.training.cli", "score a checkpoint on the test split"),
     "predict": ("seg.inference.predict", "segment every scan in a folder, in each scan's own geometry"),
+    "export": ("seg.inference.export", "write a checkpoint's network as an ONNX model (seg's settings in its metadata)"),
     "overlays": ("seg.training.overlays", "write attention-gate overlays for scans, without training"),
     "plan": ("seg.data.plan", "write a training config derived from a dataset, with the reason for each value"),
     "check-data": ("seg.data.checks", "check every case of a dataset before training on it"),

@@ -6,9 +6,12 @@ The re-exports are lazy (PEP 562), as in `seg.data`: importing one submodule doe
 from importlib import import_module
 
 _EXPORTS = {
+    "OnnxNetwork": "seg.inference.onnx_model",
     "Predictor": "seg.inference.predictor",
     "TrainedModel": "seg.inference.checkpoint",
     "WindowInference": "seg.inference.window",
+    "export_onnx": "seg.inference.onnx_model",
+    "load_onnx_model": "seg.inference.onnx_model",
     "load_trained_model": "seg.inference.checkpoint",
 }
 
