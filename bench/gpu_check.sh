@@ -24,19 +24,22 @@ SHORT=${GPU_CHECK_SHORT_STEPS:-10}
 LONG=${GPU_CHECK_LONG_STEPS:-60}
 BATCH=2
 SAMPLES=2  # patches per volume: BATCH * SAMPLES patches per step
+SIZE="96 96 64"  # the synthetic scans
+PATCH="64, 64, 64"
+CHANNELS="16, 32, 64, 128"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export WANDB_MODE=disabled
 seg() { "$PYTHON" -m seg "$@"; }
 now() { "$PYTHON" -c 'import time; print(time.time())'; }
 
-seg synth --output "$OUT/data" --cases 8 --test-cases 8 --size 96 96 64 --seed 0 >/dev/null
+seg synth --output "$OUT/data" --cases 8 --test-cases 8 --size $SIZE --seed 0 >/dev/null
 cat >"$OUT/config.yaml" <<EOF
 seed_everything: 0
 trainer: {accelerator: gpu, devices: 1, max_epochs: -1, check_val_every_n_epoch: 1000, num_sanity_val_steps: 0,
           log_every_n_steps: 5, enable_progress_bar: false}
-model: {channels: [16, 32, 64, 128], strides: [2, 2, 2]}
-data: {root: $OUT/data, patch_size: [64, 64, 64], batch_size: $BATCH, samples_per_volume: $SAMPLES, num_workers: 4}
+model: {channels: [$CHANNELS], strides: [2, 2, 2]}
+data: {root: $OUT/data, patch_size: [$PATCH], batch_size: $BATCH, samples_per_volume: $SAMPLES, num_workers: 4}
 overlays: {every_n_epochs: 0}
 EOF
 
@@ -106,10 +109,10 @@ import seg
 
 report = {
     "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "seg": seg.__version__,
-    "fit_steps_timed": $LONG - $SHORT, "patches_per_step": $BATCH * $SAMPLES, "patch_size": [64, 64, 64],
-    "network": [16, 32, 64, 128],
+    "fit_steps_timed": $LONG - $SHORT, "patches_per_step": $BATCH * $SAMPLES, "patch_size": [$PATCH],
+    "network": [$CHANNELS],
     "fit_patches_per_s": {"fp32": $FP32, "bf16_channels_last": $BF16, "bf16_channels_last_compile": $COMPILED},
-    "predict_cases": 8, "predict_scan_size": [96, 96, 64],
+    "predict_cases": 8, "predict_scan_size": [${SIZE// /, }],
     "predict_seconds_with_startup": {"pytorch": $TORCH_PREDICT, "onnxruntime_cuda": $ORT_PREDICT},
     "voxel_agreement_pytorch_vs_onnxruntime": $AGREEMENT,
 }

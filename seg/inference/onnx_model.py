@@ -117,14 +117,9 @@ def export_onnx(model: TrainedModel, output: str | os.PathLike | None = None, ga
         raise SegError(f"ONNX Runtime and PyTorch differ by {difference:.3g} (tolerance {tolerance:g}) on random "
                        "windows; the export is wrong, nothing written", output)
     if output is not None:
-        output = Path(output)
-        tmp = output.with_name(f".tmp-{os.getpid()}-{output.name}")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, output)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise SegError(f"cannot write the ONNX model ({err.strerror or err})", output) from None
+        from seg.inference.predict import write_atomic
+
+        write_atomic(data, Path(output), "the ONNX model")
     return data, difference
 
 

@@ -279,18 +279,18 @@ def write_summary(results: list[CaseResult], path: Path, class_names: list[str])
         volumes = [f"{r.volumes_ml[n]:.3f}" if n in r.volumes_ml else "" for n in class_names]
         writer.writerow([escape(r.case_id), r.status, f"{r.seconds:.2f}", *volumes,
                          ";".join(escape(p.name) for p in r.inputs), one_line(r.message)])
-    write_text_atomic(buffer.getvalue(), path)
+    write_atomic(buffer.getvalue(), path)
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    """`text` into `path` under a temporary name, then renamed: readers never see half a summary."""
+def write_atomic(data: str | bytes, path: Path, what: str = "the summary") -> None:
+    """`data` into `path` under a temporary name beside it, then renamed: readers never see half a file."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise SegError(f"cannot write the summary ({err.strerror or err})", path) from None
+        raise SegError(f"cannot write {what} ({err.strerror or err})", path) from None
 
 
 # ---- sharding over processes, GPUs and nodes ------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def merge_summaries(output: Path, num_parts: int, required: bool = True) -> Path
     rows.sort(key=lambda row: (row[1] == "ignored", row[0]))
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
-    write_text_atomic(buffer.getvalue(), output / SUMMARY)
+    write_atomic(buffer.getvalue(), output / SUMMARY)
     return output / SUMMARY
 
 
