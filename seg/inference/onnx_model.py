@@ -93,9 +93,11 @@ def export_onnx(model: TrainedModel, output: str | os.PathLike | None = None, ga
     roi = list(model.roi_size)
     example = torch.randn(2, model.in_channels, *roi)
     names = output_names(network, example, gates)
-    axes = {"batch": 0, **{f"spatial_{d}": 2 + d for d in range(model.spatial_dims)}}
-    dynamic = {name: {axis: key for key, axis in axes.items()} for name in names}
-    dynamic["image"] = {axis: key for key, axis in axes.items()}
+    # the logits share the image's axes; a gate or CBAM map has the batch and a grid of its own
+    spatial = range(model.spatial_dims)
+    dynamic = {name: {0: "batch", **{2 + d: f"spatial_{d}" if name == "logits" else f"{name}_spatial_{d}" for d in spatial}}
+               for name in ["image", *names]}
+    dynamic["image"] = dynamic["logits"]
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer's warnings (shape comparisons traced as constants: windows are always multiples of the
@@ -107,6 +109,10 @@ def export_onnx(model: TrainedModel, output: str | os.PathLike | None = None, ga
         torch.onnx.export(_Exported(network, gates), (example,), buffer, input_names=["image"], output_names=names,
                           dynamic_axes=dynamic, dynamo=False, opset_version=17)
     proto = onnx.load_from_string(buffer.getvalue())
+    for value in proto.graph.output[1:]:  # gate and CBAM maps: one channel (the tracer infers a symbol here)
+        channel = value.type.tensor_type.shape.dim[1]
+        channel.Clear()
+        channel.dim_value = 1
     for key, value in metadata(model, names).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

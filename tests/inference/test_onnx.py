@@ -56,6 +56,10 @@ def test_export_has_dynamic_axes_seg_metadata_and_gate_outputs(exported, trained
     image = model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in image] == ["batch", "", "spatial_0", "spatial_1", "spatial_2"]
     assert [o.name for o in model.graph.output] == ["logits", "gate_0", "gate_1", "cbam_0", "cbam_1", "cbam_2"]
+    logits, gate = (model.graph.output[i].type.tensor_type.shape.dim for i in (0, 1))
+    assert [d.dim_param for d in logits] == ["batch", "", "spatial_0", "spatial_1", "spatial_2"]
+    assert [d.dim_param or d.dim_value for d in gate] == ["batch", 1, "gate_0_spatial_0", "gate_0_spatial_1",
+                                                          "gate_0_spatial_2"]
     assert not list(exported.parent.glob(".tmp-*"))  # written under a temporary name, then renamed
 
 
