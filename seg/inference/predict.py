@@ -17,6 +17,11 @@ and a thread inverts and writes the previous one; scans small enough for one sli
 `sw_batch_size` at a time. Files are written under a hidden temporary name (`.tmp-<pid>-<name>`, removed at
 the next start once that process is gone) and renamed into place, so an interrupted run never leaves a
 half-written output; `--skip-existing` resumes it.
+
+`--backend onnxruntime` runs the network in ONNX Runtime (`seg.inference.onnx_model`), all else unchanged.
+`--num-parts N --part-id I` predicts nnU-Net's part I of N of the sorted cases and writes
+`summary.part-I-of-N.csv`, merged into `summary.csv` when every part's is there; `--devices 0,1` runs one worker
+process per GPU, each its part.
 """
 
 from __future__ import annotations
