@@ -10,13 +10,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
+import torch
 
 from seg.cli import main
 from seg.data.synthetic import write_dataset
-from seg.errors import CheckpointError
-from seg.inference.checkpoint import load_trained_model
-from seg.inference.onnx_model import load_onnx_model
+from seg.errors import CheckpointError, SegError
+from seg.inference.checkpoint import TrainedModel, build_network, load_trained_model
+from seg.inference.onnx_model import OnnxNetwork, export_onnx, load_onnx_model, onnx_device
 from seg.inference.predict import merge_summaries, part_summary, predict_folder, shard
 from seg.inference.predictor import Predictor
 
@@ -165,3 +167,26 @@ def test_two_cpu_workers_share_a_folder_and_merge(trained_checkpoint, scans, tmp
     parts = [{r["case"] for r in read_rows(part_summary(output, i, 2))} for i in range(2)]
     assert not parts[0] & parts[1] and parts[0] | parts[1] == {p.name[:-7] for p in scans.iterdir()}
     assert [r["status"] for r in read_rows(output / "summary.csv")] == ["ok"] * 5
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_untrained_networks_export_with_gates_within_the_tolerance(spatial_dims):
+    roi = [16, 16, 8][:spatial_dims]
+    hparams = {"spatial_dims": spatial_dims, "in_channels": 2, "out_channels": 3, "channels": [4, 8, 16],
+               "strides": [2, 2], "roi_size": roi}
+    model = TrainedModel(build_network(hparams).eval(), {"patch_size": roi, "class_names": ["a", "b"]}, hparams)
+    data, difference = export_onnx(model, None, gates=True)
+    assert difference < 1e-4  # batch 3 at the roi and batch 1 at twice its first axis: the axes are dynamic
+    network = OnnxNetwork(data, [o.name for o in onnx.load_from_string(data).graph.output])
+    x = torch.randn(2, 2, *[2 * r for r in roi])
+    logits, gates = network.forward_with_gates(x)
+    assert logits.shape == (2, 3, *x.shape[2:]) and len(gates) == 2
+    assert torch.allclose(logits, model.network(x), atol=1e-4)
+
+
+def test_cuda_without_the_cuda_provider_is_one_line(exported):
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    with pytest.raises(SegError, match="needs onnxruntime-gpu"):
+        load_onnx_model(exported).network.to("cuda")
+    assert onnx_device("auto") == "cpu" and onnx_device("cpu") == "cpu"
