@@ -190,3 +190,15 @@ def test_cuda_without_the_cuda_provider_is_one_line(exported):
     with pytest.raises(SegError, match="needs onnxruntime-gpu"):
         load_onnx_model(exported).network.to("cuda")
     assert onnx_device("auto") == "cpu" and onnx_device("cpu") == "cpu"
+
+
+def test_save_gates_needs_a_model_exported_with_gates(trained_checkpoint, scans, tmp_path, capsys):
+    plain = tmp_path / "plain.onnx"
+    assert main(["export", "-c", str(trained_checkpoint), "-o", str(plain)]) == 0
+    assert [o.name for o in onnx.load(str(plain)).graph.output] == ["logits"]
+    capsys.readouterr()
+    code = main(["predict", "-c", str(plain), "-i", str(scans), "-o", str(tmp_path / "out"), "--backend",
+                 "onnxruntime", "--save-gates"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "seg export --gates" in err
+    assert not (tmp_path / "out").exists()
