@@ -1,9 +1,11 @@
-"""Folder prediction speed and peak memory: `seg predict` against a plain MONAI inference loop.
+"""Folder prediction speed and peak memory: `seg predict` (PyTorch and ONNX Runtime) against a plain MONAI loop.
 
-Both methods segment the same scans with the same checkpoint and write label maps on each scan's grid:
+The three methods segment the same scans with the same checkpoint and write label maps on each scan's grid:
 - seg:   `seg.inference.predict.predict_folder` (what `seg predict` runs): loading of the next scan overlaps the
          prediction, inversion and writing run in a background thread, scans that fit in one window share
          forward passes;
+- onnx:  the same with `--backend onnxruntime`: the checkpoint exported in memory (`seg export`'s path) and run by
+         ONNX Runtime's CPU execution provider with as many threads (needs `pip install seg[onnx]`);
 - monai: the loop a MONAI user writes: LoadImaged, EnsureChannelFirstd, Orientationd, Spacingd,
          (CropForegroundd when the checkpoint crops), NormalizeIntensityd, sliding_window_inference (same
          window, overlap, Gaussian blending and batch), argmax, Invertd (nearest), SaveImage; one scan after
@@ -12,7 +14,7 @@ Each method runs in its own child process (so peak RSS does not mix), the method
 rounds (so drift in a shared machine's load hits both), and the best round of each is reported. Scans per
 minute count from the first scan to the last file written (model loading and imports excluded; reported
 apart). Peak memory is the child's `ru_maxrss`, and its growth over the RSS after imports and model loading.
-Finally the label maps of the two methods are compared case by case (voxel agreement, Dice per class).
+Finally the label maps of seg and each other method are compared case by case (voxel agreement, Dice per class).
 
 usage: python bench/predict_speed.py --checkpoint CKPT --input DIR [--cases 48] [--repeats 2] [--threads 2]
 """
@@ -31,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+METHODS = ("seg", "onnx", "monai")
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -40,11 +43,11 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def run_seg(checkpoint: str, input_dir: Path, output: Path) -> dict:
+def run_seg(checkpoint: str, input_dir: Path, output: Path, backend: str = "pytorch") -> dict:
     from seg.inference.predict import predict_folder
     from seg.inference.predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend=backend)
     baseline = rss_mb()
     start = time.perf_counter()
     results = predict_folder(predictor, input_dir, output, progress=False)
@@ -105,13 +108,17 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    result = (run_seg if args.child == "seg" else run_monai)(args.checkpoint, Path(args.input), Path(args.output))
+    if args.child == "monai":
+        result = run_monai(args.checkpoint, Path(args.input), Path(args.output))
+    else:
+        result = run_seg(args.checkpoint, Path(args.input), Path(args.output),
+                         "onnxruntime" if args.child == "onnx" else "pytorch")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
-def agreement(seg_dir: Path, monai_dir: Path, input_dir: Path) -> dict:
-    """Voxel agreement and per-class Dice between the two methods' label maps; affine/shape checks."""
+def agreement(seg_dir: Path, monai_dir: Path, input_dir: Path, other: str = "monai") -> dict:
+    """Voxel agreement and per-class Dice between seg's label maps and another method's; affine/shape checks."""
     import nibabel as nib
     import numpy as np
 
@@ -128,9 +135,9 @@ def agreement(seg_dir: Path, monai_dir: Path, input_dir: Path) -> dict:
             if denominator:
                 dices.setdefault(k, []).append(2 * float(((a == k) & (b == k)).sum()) / denominator)
     return {"voxel_agreement_mean": statistics.mean(equal), "voxel_agreement_min": min(equal),
-            "dice_seg_vs_monai": {k: round(statistics.mean(v), 4) for k, v in dices.items()},
+            f"dice_seg_vs_{other}": {k: round(statistics.mean(v), 4) for k, v in dices.items()},
             "seg_shape_and_affine_ok": all(s and a for s, a, _, _ in affine_ok),
-            "monai_shape_and_affine_ok": all(s and b for _, _, b, s in affine_ok)}
+            f"{other}_shape_and_affine_ok": all(s and b for _, _, b, s in affine_ok)}
 
 
 def main() -> None:
@@ -140,7 +147,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=48, help="the first N scans of the folder")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", choices=["seg", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,9 +166,9 @@ def main() -> None:
         # threads switch libgomp to short spins, looked that much faster for a reason unrelated to its design.
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "OMP_WAIT_POLICY": "PASSIVE"}
-        runs: dict[str, list[dict]] = {"seg": [], "monai": []}
+        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
         for round_ in range(args.repeats):
-            for method in ("seg", "monai"):
+            for method in METHODS:
                 output = work / f"{method}_{round_}"
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, __file__, "--child", method, "--checkpoint", args.checkpoint,
@@ -182,11 +189,12 @@ def main() -> None:
             "model_params_mb": round(best["seg"]["params_mb"], 2),
             **{f"{m}_{k}": round(v, 2) for m, r in best.items() for k, v in r.items()
                if k in ("scans_per_minute", "seconds", "process_seconds", "peak_rss_mb", "baseline_rss_mb")},
-            "seg_peak_growth_mb": round(best["seg"]["peak_rss_mb"] - best["seg"]["baseline_rss_mb"], 1),
-            "monai_peak_growth_mb": round(best["monai"]["peak_rss_mb"] - best["monai"]["baseline_rss_mb"], 1),
+            **{f"{m}_peak_growth_mb": round(r["peak_rss_mb"] - r["baseline_rss_mb"], 1) for m, r in best.items()},
             "speedup": round(best["seg"]["scans_per_minute"] / best["monai"]["scans_per_minute"], 2),
+            "onnx_speedup_over_seg": round(best["onnx"]["scans_per_minute"] / best["seg"]["scans_per_minute"], 2),
             "all_rounds_scans_per_minute": {m: [round(x["scans_per_minute"], 1) for x in r] for m, r in runs.items()},
             **agreement(work / "seg_0", work / "monai_0", scans),
+            "onnx": agreement(work / "seg_0", work / "onnx_0", scans, "onnx"),
         }
         print(json.dumps(report, indent=1))
     finally:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("seg.inference.predict", "segment every scan in a folder, in each scan's own geometry"),
     "evaluate": ("seg.evaluate", "score predicted label maps against labels: Dice, HD95, surface Dice per case"),
     "cv": ("seg.training.cv", "k-fold cross-validation: train the folds, score them out of fold, pick postprocessing"),
+    "export": ("seg.inference.export", "write a checkpoint's network as an ONNX model (seg's settings in its metadata)"),
     "overlays": ("seg.explain.command", "write attention-gate overlays for scans, without training"),
     "plan": ("seg.data.plan", "write a training config derived from a dataset, with the reason for each value"),
     "check-data": ("seg.data.checks", "check every case of a dataset before training on it"),

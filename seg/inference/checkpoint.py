@@ -43,7 +43,7 @@ class TrainedModel:
     """A trained network with what inference needs from its checkpoint.
 
     Attributes:
-        network: the `AttentionUNet`, in eval mode.
+        network: the `AttentionUNet`, in eval mode (or an `OnnxNetwork`: `seg.inference.onnx_model`).
         preprocessing: the preprocessing dict it was trained with (`seg.data.transforms`).
         hparams: the checkpoint's hyper-parameters (spatial_dims, out_channels, roi_size, sw_overlap, ...).
     """

@@ -24,6 +24,11 @@ and a thread inverts and writes the previous one; scans small enough for one sli
 `sw_batch_size` at a time. Files are written under a hidden temporary name (`.tmp-<pid>-<name>`, removed at
 the next start once that process is gone) and renamed into place, so an interrupted run never leaves a
 half-written output; `--skip-existing` resumes it.
+
+`--backend onnxruntime` runs the network in ONNX Runtime (`seg.inference.onnx_model`), all else unchanged.
+`--num-parts N --part-id I` predicts nnU-Net's part I of N of the sorted cases and writes
+`summary.part-I-of-N.csv`, merged into `summary.csv` when every part's is there; `--devices 0,1` runs one worker
+process per GPU, each its part.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import io
 import os
 import re
 import stat
+import subprocess
 import sys
 import time
 import traceback
@@ -287,13 +293,61 @@ def write_summary(results: list[CaseResult], path: Path, class_names: list[str])
         volumes = [f"{r.volumes_ml[n]:.3f}" if n in r.volumes_ml else "" for n in class_names]
         writer.writerow([escape(r.case_id), r.status, f"{r.seconds:.2f}", *volumes,
                          ";".join(escape(p.name) for p in r.inputs), one_line(r.message)])
+    write_atomic(buffer.getvalue(), path)
+
+
+def write_atomic(data: str | bytes, path: Path, what: str = "the summary") -> None:
+    """`data` into `path` under a temporary name beside it, then renamed: readers never see half a file."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise SegError(f"cannot write the summary ({err.strerror or err})", path) from None
+        raise SegError(f"cannot write {what} ({err.strerror or err})", path) from None
+
+
+# ---- sharding over processes, GPUs and nodes ------------------------------------------------------------------------
+def shard(case_ids, num_parts: int, part_id: int) -> set[str]:
+    """The case ids of part `part_id` of `num_parts`: nnU-Net's split, every `num_parts`-th of the sorted ids
+    from `part_id` on, so every process of a job agrees on it without talking to the others."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise SegError(f"--part-id must be in [0, --num-parts) and --num-parts at least 1; got part {part_id} of "
+                       f"{num_parts}")
+    return set(sorted(set(case_ids))[part_id::num_parts])
+
+
+def part_summary(output: Path, part_id: int, num_parts: int) -> Path:
+    return output / f"summary.part-{part_id}-of-{num_parts}.csv"
+
+
+def merge_summaries(output: Path, num_parts: int, required: bool = True) -> Path | None:
+    """One `summary.csv` from the parts' `summary.part-<i>-of-<n>.csv`, rows in the order of an unsharded run.
+
+    Returns its path, or None when a part's file is missing and not `required` (a `SegError` if it is).
+    """
+    output = Path(output)
+    parts = [part_summary(output, i, num_parts) for i in range(num_parts)]
+    missing = [p for p in parts if not p.is_file()]
+    if missing:
+        if required:
+            raise SegError(f"part {parts.index(missing[0])} of {num_parts} has no summary yet: run it first "
+                           "(--part-id), then merge", missing[0])
+        return None
+    header, rows = None, []
+    for path in parts:
+        with open(path, newline="") as f:
+            table = list(csv.reader(f))
+        if not table or (header is not None and table[0] != header):
+            raise SegError("part summary is empty or has other columns than the first part's (another model?)", path)
+        header = table[0]
+        rows += table[1:]
+    # as `predict_folder` orders them: cases by id (a failed twin beside its case), ignored files last
+    rows.sort(key=lambda row: (row[1] == "ignored", row[0]))
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    write_atomic(buffer.getvalue(), output / SUMMARY)
+    return output / SUMMARY
 
 
 # ---- the folder runner -----------------------------------------------------------------------------------------------
@@ -387,6 +441,9 @@ def predict_folder(
     skip_existing: bool = False,
     progress: bool = True,
     postprocessing: str | os.PathLike | None = None,
+    backend: str = "pytorch",
+    num_parts: int = 1,
+    part_id: int = 0,
 ) -> list[CaseResult]:
     """Segment every scan of a folder (or one scan) and write the outputs and `summary.csv` into `output`.
 
@@ -406,9 +463,13 @@ def predict_folder(
         progress: show a progress bar and notes on stderr.
         postprocessing: a `postprocessing.json` (`seg cv`) to apply to every label map; default: the one of a
             `seg cv` folder given as `checkpoint`, else none.
+        backend: "pytorch", or "onnxruntime" (`checkpoint` a `.onnx` from `seg export`, or a `.ckpt` exported in
+            memory).
+        num_parts, part_id: predict only part `part_id` of `num_parts` (`shard`), and write
+            `summary.part-<part_id>-of-<num_parts>.csv`; `summary.csv` once every part's summary is there.
 
     Returns:
-        one `CaseResult` per case, in case order. Per-case problems are results, not exceptions; a bad
+        one `CaseResult` per case (of this part), in case order. Per-case problems are results, not exceptions; a bad
         checkpoint, input or output folder raises `SegError`.
     """
     from rich.console import Console
@@ -421,6 +482,7 @@ def predict_folder(
         console.print(f"seg predict: {line}", markup=False)
 
     cases, results, ignored = find_cases(input_path)
+    shard([], num_parts, part_id)  # the arguments, before anything is loaded
     check_output_folder(input_path, output)
     if not cases and not results:
         raise DataError("no .nii or .nii.gz scans found", input_path)
@@ -430,10 +492,20 @@ def predict_folder(
     else:  # before the output folder is made: a bad checkpoint leaves nothing behind
         checkpoints, implied = resolve_checkpoints(checkpoint)
         postprocessing = postprocessing if postprocessing is not None else implied
-        predictor = Predictor(load_ensemble(checkpoints), device=device, tta=tta, overlap=overlap,
-                              sw_batch_size=sw_batch_size)
+        if len(checkpoints) == 1:
+            predictor = Predictor.from_checkpoint(checkpoints[0], device=device, tta=tta, overlap=overlap,
+                                                  sw_batch_size=sw_batch_size, backend=backend)
+        elif backend != "pytorch":
+            raise SegError(f"--backend {backend} runs one model; an ensemble of {len(checkpoints)} checkpoints runs "
+                           "with the PyTorch backend")
+        else:
+            predictor = Predictor(load_ensemble(checkpoints), device=device, tta=tta, overlap=overlap,
+                                  sw_batch_size=sw_batch_size)
     if save_gates and isinstance(predictor.model.network, EnsembleNetwork):
         raise SegError("--save-gates needs one checkpoint: attention-gate maps are per model, not averaged")
+    if save_gates and not getattr(predictor.model.network, "gate_outputs", True):
+        raise SegError("--save-gates needs gate maps: this ONNX model was exported without them; export it again "
+                       "with `seg export --gates`", None if isinstance(checkpoint, Predictor) else checkpoint)
     plan = None
     if postprocessing is not None:
         plan = load_postprocessing(postprocessing, range(1, predictor.num_classes))
@@ -445,6 +517,11 @@ def predict_folder(
     # Before anything is predicted: a scan named `p_probabilities` would write over the probabilities of `p`.
     for case_id, why in colliding_cases(cases, output, save_probabilities, run.gate_names).items():
         results.append(CaseResult(case_id, "failed", cases.pop(case_id), why))
+    if num_parts > 1:  # after the collisions, which are found across every part's cases
+        mine = shard([*cases, *(r.case_id for r in results)], num_parts, part_id)
+        cases = {c: paths for c, paths in cases.items() if c in mine}
+        results = [r for r in results if r.case_id in mine]
+        ignored = ignored if part_id == 0 else []
     for r in sorted(results, key=lambda r: r.case_id):
         report(r.message)
     by_case: dict[str, CaseResult] = {}
@@ -542,18 +619,23 @@ def predict_folder(
             writer.shutdown(wait=True, cancel_futures=True)
 
     ordered = [by_case[c] for c in sorted(by_case)] + extra + ignored
-    write_summary(ordered, output / SUMMARY, predictor.class_names)
+    if num_parts == 1:
+        write_summary(ordered, output / SUMMARY, predictor.class_names)
+    else:
+        write_summary(ordered, part_summary(output, part_id, num_parts), predictor.class_names)
+        merge_summaries(output, num_parts, required=False)
     return ordered
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", "-c", required=True, nargs="+",
-                        help="a checkpoint written by `seg fit`; several: their ensemble (softmax averaged); or the "
-                             "--output folder of `seg cv`: every fold's best.ckpt and its postprocessing.json")
+    parser.add_argument("--checkpoint", "-c", nargs="+",
+                        help="a checkpoint written by `seg fit`; several: their ensemble (softmax averaged); the "
+                             "--output folder of `seg cv`: every fold's best.ckpt and its postprocessing.json; or "
+                             "with --backend onnxruntime a .onnx from `seg export`")
     parser.add_argument("--postprocessing", default=None,
                         help="postprocessing.json (written by `seg cv`) to apply to the label maps")
-    parser.add_argument("--input", "-i", required=True,
+    parser.add_argument("--input", "-i",
                         help="folder of .nii/.nii.gz scans (multi-modal: case_0000.nii.gz, case_0001.nii.gz, ...) "
                              "or one scan")
     parser.add_argument("--output", "-o", required=True, help="folder for the predictions (not the input folder)")
@@ -569,16 +651,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="windows (or whole small scans) per forward pass (default: the model's)")
     parser.add_argument("--skip-existing", action="store_true",
                         help="skip cases whose outputs exist (resume an interrupted run)")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                        help="what runs the network: pytorch (default) or onnxruntime (pip install seg[onnx]; "
+                             "onnxruntime-gpu for --device cuda); a .ckpt is exported to ONNX in memory")
+    parser.add_argument("--num-parts", type=int, default=1,
+                        help="split the cases into this many parts (sorted, every N-th from --part-id: nnU-Net's)")
+    parser.add_argument("--part-id", type=int, default=0,
+                        help="the part this process predicts, 0 .. num-parts - 1; writes summary.part-I-of-N.csv, "
+                             "and summary.csv once every part's is there")
+    parser.add_argument("--devices", default=None,
+                        help="one worker process per device on this node, e.g. 0,1,2,3 (GPU indices; cpu for a CPU "
+                             "worker), each its part of the cases (within this --part-id of --num-parts); one "
+                             "summary.csv at the end")
+    parser.add_argument("--merge-summaries", action="store_true",
+                        help="only merge the --num-parts part summaries in --output into summary.csv")
+
+
+def worker_command(args: argparse.Namespace, device: str, part_id: int, num_parts: int) -> list[str]:
+    """`seg predict` for one worker of `--devices`: the same options, its own device and part."""
+    command = [sys.executable, "-m", "seg", "predict", "--checkpoint", str(args.checkpoint), "--input",
+               str(args.input), "--output", str(args.output), "--device", device, "--backend", args.backend,
+               "--num-parts", str(num_parts), "--part-id", str(part_id)]
+    for flag in ("tta", "save_probabilities", "save_gates", "skip_existing"):
+        if getattr(args, flag):
+            command.append("--" + flag.replace("_", "-"))
+    for option in ("overlap", "sw_batch_size"):
+        if getattr(args, option) is not None:
+            command += ["--" + option.replace("_", "-"), str(getattr(args, option))]
+    return command
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    """One `seg predict` process per device of `--devices`, each its part; then one `summary.csv`.
+
+    Worker j of node part I (of N) predicts part I * k + j of N * k, so `--num-parts/--part-id` (nodes, e.g. a
+    SLURM array) and `--devices` (GPUs of a node) compose. A GPU worker sees only its GPU (`CUDA_VISIBLE_DEVICES`).
+    """
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    bad = [d for d in devices if d != "cpu" and not d.isdigit()]
+    if not devices or bad:
+        raise SegError(f"--devices takes GPU indices or cpu, comma separated (0,1,2,3); got {args.devices!r}")
+    k = len(devices)
+    num_parts = args.num_parts * k
+    shard([], args.num_parts, args.part_id)
+    workers = []
+    for j, device in enumerate(devices):
+        env = dict(os.environ)
+        if device != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = device
+        command = worker_command(args, "cpu" if device == "cpu" else "cuda", args.part_id * k + j, num_parts)
+        workers.append(subprocess.Popen(command, env=env))
+    codes = [w.wait() for w in workers]
+    merged = merge_summaries(Path(args.output), num_parts, required=args.num_parts == 1)
+    where = merged or f"{Path(args.output)}/summary.part-*-of-{num_parts}.csv (merged once every node is done)"
+    print(f"seg predict: {k} workers done (exit codes {', '.join(map(str, codes))}); summary: {where}",
+          file=sys.stderr)
+    return max(codes, default=0) and 1
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.merge_summaries:
+        print(f"seg predict: merged {args.num_parts} parts into {merge_summaries(Path(args.output), args.num_parts)}",
+              file=sys.stderr)
+        return 0
+    missing = [name for name in ("checkpoint", "input") if getattr(args, name) is None]
+    if missing:
+        raise SegError(f"--{missing[0]} is required (except with --merge-summaries)")
+    if args.devices:
+        return run_devices(args)
     results = predict_folder(args.checkpoint, args.input, args.output, device=args.device, tta=args.tta,
                              save_probabilities=args.save_probabilities, save_gates=args.save_gates,
                              overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                             skip_existing=args.skip_existing, postprocessing=args.postprocessing)
+                             skip_existing=args.skip_existing, postprocessing=args.postprocessing,
+                             backend=args.backend, num_parts=args.num_parts, part_id=args.part_id)
+    summary = Path(args.output) / SUMMARY
+    if args.num_parts > 1:
+        part = part_summary(Path(args.output), args.part_id, args.num_parts)
+        done = all(part_summary(Path(args.output), i, args.num_parts).is_file() for i in range(args.num_parts))
+        summary = f"{part}" + (f"; every part done, merged: {summary}" if done else "")
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped", "ignored")}
     ignored = f", {counts['ignored']} other files ignored" if counts["ignored"] else ""
     print(f"seg predict: {counts['ok']} predicted, {counts['failed']} failed, {counts['skipped']} skipped{ignored} in "
-          f"{time.perf_counter() - start:.1f} s; summary: {Path(args.output) / SUMMARY}", file=sys.stderr)
+          f"{time.perf_counter() - start:.1f} s; summary: {summary}", file=sys.stderr)
     return 1 if counts["failed"] else 0

@@ -25,7 +25,7 @@ from monai.transforms import Invertd
 from seg.data.guard import guard_file, load_header
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
-from seg.errors import DataError, SegError
+from seg.errors import CheckpointError, DataError, SegError
 from seg.inference.checkpoint import TrainedModel, load_trained_model
 from seg.inference.slabs import class_indices, stitch_budget
 
@@ -136,8 +136,21 @@ class Predictor:
         self._invert_float = Invertd("pred", transform=self.transforms, orig_keys="image", nearest_interp=False)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str | torch.device = "auto", **kwargs) -> Predictor:
-        """A Predictor for a `seg fit` checkpoint (weights-only loading; `CheckpointError` when unusable)."""
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str | torch.device = "auto",
+                        backend: str = "pytorch", **kwargs) -> Predictor:
+        """A Predictor for a `seg fit` checkpoint (weights-only loading; `CheckpointError` when unusable).
+
+        With `backend="onnxruntime"` the network runs in ONNX Runtime: `checkpoint` is a `.onnx` from `seg export`,
+        or a `seg fit` checkpoint exported in memory; "auto" is then the GPU only when onnxruntime-gpu is there.
+        """
+        if backend == "onnxruntime":
+            from seg.inference.onnx_model import load_onnx_model, onnx_device
+
+            return cls(load_onnx_model(checkpoint), device=onnx_device(device), **kwargs)
+        if backend != "pytorch":
+            raise SegError(f"unknown backend '{backend}'; use pytorch or onnxruntime")
+        if Path(checkpoint).suffix == ".onnx":
+            raise CheckpointError("an ONNX model runs with --backend onnxruntime", checkpoint)
         return cls(load_trained_model(checkpoint, map_location="cpu"), device=device, **kwargs)
 
     # ---- stage 1: files -> preprocessed tensor (CPU; safe to run in a background thread) --------------------

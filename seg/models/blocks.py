@@ -70,7 +70,9 @@ class ChannelAttention(nn.Module):
         flat = x.reshape(n, c, -1)
         # Both descriptors go through the MLP as one batch of 2N rows: one matmul instead of two.
         descriptors = torch.cat([flat.mean(-1), flat.max(-1).values], dim=0)
-        avg, mx = self.mlp(descriptors).split(n, dim=0)
+        # chunk(2), not split(n): the same halves, but an ONNX export keeps the batch axis dynamic (split(n)
+        # records n as a constant)
+        avg, mx = self.mlp(descriptors).chunk(2, dim=0)
         scale = torch.sigmoid(avg + mx).reshape(n, c, *([1] * (x.ndim - 2)))
         return x * scale
 
@@ -94,7 +96,8 @@ class SpatialAttention(nn.Module):
         # max().values, not amax(): its backward is an index scatter, amax's a mask-count-divide that took
         # 30% of CBAM's time at full resolution (torch.profiler, 16x64^3).
         pooled = torch.cat([x.mean(1, keepdim=True), x.max(1, keepdim=True).values], dim=1)
-        if self.memory_format is not None:
+        if self.memory_format is not None and not torch.onnx.is_in_onnx_export():
+            # (Skipped for ONNX export, which has no memory formats: a layout, not a value.)
             # A 2-in/1-out k^d convolution is ~3x faster forward+backward on oneDNN in channels-last
             # (bench/model_speed.py; 7^3 on 64^3: 0.24 s -> 0.08 s), which keeps CBAM cheap at full resolution.
             pooled = pooled.contiguous(memory_format=self.memory_format)
