@@ -80,6 +80,13 @@ def _not_an_image(ds) -> str | None:
     return None
 
 
+def modality(path: Path) -> str | None:
+    """The Modality of a DICOM file ("CT", "MR", ...), or None."""
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "")) or None
+
+
 def safe_name(text: str) -> str:
     """`text` usable as a file name: runs of other characters than letters, digits, `.`, `_`, `-` become `-`."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")

@@ -388,8 +388,9 @@ class _Run:
                 written.append(path)
             volumes = class_volumes(maps["label"], reference.affine, self.predictor.class_names)
             image = first_channel(reference)
+            modality = dicom.modality(scan.paths[0]) if scan.case_id in self.dicom_cases else None
             case = case_report(maps["label"], image, reference.affine, self.predictor.class_names,
-                               self.predictor.preprocessing, maps.get("probabilities"))
+                               self.predictor.preprocessing, maps.get("probabilities"), modality)
             if "preview" in paths:
                 self.write_preview(scan.case_id, image, maps["label"], reference.affine, paths["preview"])
                 written.append(paths["preview"])

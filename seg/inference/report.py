@@ -5,7 +5,9 @@ For each case, on the scan's own grid:
   channel, in the scan's units: HU for CT), and the number of connected components (face-connected);
 - quality flags, each one line: a class predicted nowhere ("empty"), a class touching the scan's border
   ("border": the structure may be cut off), a voxel spacing far from the training spacing ("spacing"), CT
-  intensities far from the training foreground ("intensity"), and a high predictive entropy ("uncertain");
+  intensities far from the training foreground ("intensity"), a CT scan through a model trained on another
+  modality or the reverse ("modality": from the DICOM Modality, else from the intensities: CT has air near
+  -1000 HU, MR no negative values), and a high predictive entropy ("uncertain");
 - `uncertainty`: the mean normalised predictive entropy `-sum_c p_c log p_c / log C` in [0, 1] inside the
   predicted foreground, when the softmax was computed (`--uncertainty` or `--save-probabilities`). With
   `--tta` the softmax is the mean over mirrored passes, so disagreement between the passes raises it.
@@ -111,6 +113,25 @@ def quality_flags(stats: dict[str, dict], label: np.ndarray, affine: np.ndarray,
     return flags
 
 
+def modality_flag(image: np.ndarray | None, preprocessing: dict, modality: str | None = None) -> str | None:
+    """One line when the scan is a CT and the model was not trained on CT, or the reverse; else None."""
+    trained = [str(m).strip().upper() for m in preprocessing.get("modalities") or []][:1]
+    ct_model = trained == ["CT"]
+    if modality:
+        ct_scan = modality.strip().upper() == "CT"
+        seen = f"DICOM Modality {modality}"
+    elif image is not None and image.size:
+        low = float(image.min())
+        ct_scan = low <= -500.0  # air, as CT scans hold it and MR scans never do
+        seen = f"lowest value {low:.4g} ({'like CT air in HU' if ct_scan else 'no air in HU: not a CT'})"
+    else:
+        return None
+    if ct_scan == ct_model:
+        return None
+    return f"modality: scan looks {'like CT' if ct_scan else 'not like CT'} ({seen}), model trained on " \
+           f"{', '.join(str(m) for m in preprocessing.get('modalities') or ['?'])}"
+
+
 def intensity_note(preprocessing: dict) -> str:
     """One line saying what the intensity check compares, or why there is none (MR has no absolute scale)."""
     scheme = (preprocessing.get("normalization") or [{}])[0]
@@ -123,7 +144,7 @@ def intensity_note(preprocessing: dict) -> str:
 
 
 def case_report(label: np.ndarray, image: np.ndarray | None, affine: np.ndarray, class_names: Sequence[str],
-                preprocessing: dict, probabilities: np.ndarray | None = None) -> dict:
+                preprocessing: dict, probabilities: np.ndarray | None = None, modality: str | None = None) -> dict:
     """The report of one case (JSON-ready).
 
     Args:
@@ -133,15 +154,18 @@ def case_report(label: np.ndarray, image: np.ndarray | None, affine: np.ndarray,
         class_names: foreground class names (class c is `class_names[c - 1]`).
         preprocessing: the checkpoint's preprocessing (training spacing, CT statistics).
         probabilities: `(C, X, Y, Z)` softmax on the scan's grid, or None (no uncertainty then).
+        modality: the DICOM Modality of the series, None for NIfTI (then guessed from the intensities).
     """
     stats = class_statistics(label, image, affine, class_names)
     uncertainty = entropy_score(probabilities, label > 0) if probabilities is not None else None
+    flags = quality_flags(stats, label, affine, preprocessing, uncertainty)
+    mismatch = modality_flag(image, preprocessing, modality)
     return {
         "shape": [int(s) for s in label.shape],
         "spacing_mm": [round(float(s), 4) for s in nib.affines.voxel_sizes(affine)],
         "classes": stats,
         "uncertainty": uncertainty,
-        "flags": quality_flags(stats, label, affine, preprocessing, uncertainty),
+        "flags": flags + ([mismatch] if mismatch else []),
     }
 
 
