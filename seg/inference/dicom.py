@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.errors import DataError, escape
+from seg.errors import DataError, SegError, escape
 
 # Slice spacing may vary by this fraction of the median (or 0.01 mm) before a series is refused: scanners
 # write positions as decimal strings, rounded to a few micrometres.
@@ -49,13 +49,24 @@ def is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def dicom_files(folder: Path) -> list[Path]:
-    """Every DICOM file under `folder` (recursively, hidden entries left out), sorted by path."""
-    found = []
+def dicom_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The DICOM files under `folder` (recursively, hidden entries left out) and the other files, by path."""
+    found, others = [], []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / f for f in sorted(files) if not f.startswith(".") and is_dicom(Path(root) / f)]
-    return found
+        for name in sorted(f for f in files if not f.startswith(".")):
+            (found if is_dicom(Path(root) / name) else others).append(Path(root) / name)
+    return found, others
+
+
+def require(module: str):
+    """Import one of the `dicom` extra's packages, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SegError(f"DICOM input and output need {module}: pip install 'seg[dicom]'") from None
 
 
 def _floats(value, n: int) -> np.ndarray | None:
@@ -82,7 +93,7 @@ def _not_an_image(ds) -> str | None:
 
 def modality(path: Path) -> str | None:
     """The Modality of a DICOM file ("CT", "MR", ...), or None."""
-    import pydicom
+    pydicom = require("pydicom")
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "")) or None
 
@@ -93,24 +104,26 @@ def safe_name(text: str) -> str:
     return name or "series"
 
 
-def find_series(folder: Path, files: list[Path] | None = None) -> tuple[dict[str, list[Path]], list[Skipped]]:
+def find_series(folder: Path, files: tuple[list[Path], list[Path]] | None = None,
+                ) -> tuple[dict[str, list[Path]], list[Skipped]]:
     """The image series under `folder`, each checked (`sorted_slices`) and named `<PatientID>_<SeriesNumber>`.
 
     Args:
         folder: searched recursively.
-        files: its DICOM files, when already listed (`dicom_files`).
+        files: its DICOM and other files, when already listed (`dicom_files`).
 
     Returns:
         series: case id -> the series' files sorted along the slice normal; ids made safe for file names and
             unique (`_2`, `_3`, ... for a repeat);
         skipped: one entry per file that is not an image slice ("ignored": SR, reports, localizers, no pixel
-            data) or cannot be read, and one per series that cannot be used ("failed", with the reason).
+            data, files that are not DICOM) or cannot be read, and one per series that cannot be used ("failed",
+            with the reason).
     """
-    import pydicom
-
-    skipped: list[Skipped] = []
+    pydicom = require("pydicom")
+    found, others = dicom_files(folder) if files is None else files
+    skipped = [Skipped(p.name, "ignored", [p], f"{escape(str(p))}: skipped: not a DICOM file") for p in others]
     groups: dict[str, list] = {}
-    for path in dicom_files(folder) if files is None else files:
+    for path in found:
         try:
             ds = pydicom.dcmread(path, defer_size="1 KB")
         except Exception as err:  # pydicom raises several types for a truncated or corrupt file
@@ -218,8 +231,8 @@ def series_to_nifti(files: list[Path], target: Path) -> Path:
     `DataError` naming the series when the pixel data cannot be decoded (a compression without a decoder)
     or the reader's geometry disagrees with the DICOM tags.
     """
-    import pydicom
-    import SimpleITK as sitk
+    pydicom = require("pydicom")
+    sitk = require("SimpleITK")
 
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's multi-line warnings would break one-line reports
     where = f"{escape(str(files[0].parent))} ({len(files)} files, first {escape(files[0].name)})"
@@ -294,8 +307,8 @@ def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path],
         path: the `.dcm` file to write.
         algorithm: {"name", "version", "checkpoint"}.
     """
-    import highdicom as hd
-    import pydicom
+    hd = require("highdicom")
+    pydicom = require("pydicom")
     from pydicom.sr.codedict import codes
 
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]

@@ -120,9 +120,9 @@ def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult
     """
     failed, ignored = [], []
     if input_path.is_dir() and not any(strip_nifti_suffix(p.name) for p in input_path.iterdir()):
-        dicom_files = dicom.dicom_files(input_path)
-        if dicom_files:
-            return dicom_cases(input_path, dicom_files)
+        tree = dicom.dicom_files(input_path)
+        if tree[0]:
+            return dicom_cases(input_path, tree)
     if input_path.is_dir():
         files = []
         for path in sorted(input_path.iterdir()):
@@ -169,9 +169,10 @@ def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult
     return cases, failed, ignored
 
 
-def dicom_cases(folder: Path, files: list[Path]) -> tuple[dict[str, list[Path]], list[CaseResult], list[CaseResult]]:
-    """`find_cases` for a DICOM folder: one case per usable image series (`dicom.find_series`)."""
-    series, skipped = dicom.find_series(folder, files)
+def dicom_cases(folder: Path, tree: tuple[list[Path], list[Path]],
+                ) -> tuple[dict[str, list[Path]], list[CaseResult], list[CaseResult]]:
+    """`find_cases` for a DICOM folder (its DICOM and other files): one case per usable image series."""
+    series, skipped = dicom.find_series(folder, tree)
     failed = [CaseResult(s.name, s.status, s.paths, s.message) for s in skipped if s.status == "failed"]
     ignored = [CaseResult(s.name, s.status, s.paths, s.message) for s in skipped if s.status != "failed"]
     return series, failed, ignored

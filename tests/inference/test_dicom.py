@@ -161,6 +161,7 @@ def test_folder_with_broken_and_non_image_files(tmp_path, monkeypatch, capsys):
     assert rows["P-1_3"]["status"] == "ok" and rows["P2_5"]["status"] == "ok"
     assert rows["P3_7"]["status"] == "failed" and "missing slice" in rows["P3_7"]["message"]
     assert rows["report.dcm"]["status"] == "ignored" and "no pixel data" in rows["report.dcm"]["message"]
+    assert rows["README.txt"]["status"] == "ignored" and "not a DICOM file" in rows["README.txt"]["message"]
     broken = [line for line in err.splitlines() if "missing slice" in line]
     assert len(broken) == 1 and "mixed" in broken[0] and "gap of 8.8 mm" in broken[0], err
     assert any(str(report) in line and "not an image" in line for line in err.splitlines())
@@ -242,3 +243,21 @@ def test_unusable_series_reasons(tmp_path):
     assert "mixed orientations" in reasons["orientation_1"]
     assert "localizer" in reasons[files[0].name] and all("\n" not in m for m in reasons.values())
     assert list(series) == ["loc_1"] and len(series["loc_1"]) == shape[2] - 1  # the localizer left out
+
+
+def test_compressed_pixel_data_without_a_decoder(tmp_path):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    shape, affine = (12, 10, 4), centred_affine(np.diag([-2.0, -2.0, 3.0]), (12, 10, 4))
+    for path in write_series(tmp_path / "scans", np.full(shape, 100.0, np.float32), affine):
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless  # claimed, but the bytes are no JPEG 2000 stream
+        ds.PixelData = encapsulate([b"\x00\x01not a codestream" * 4])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path, enforce_file_format=True)
+    results = predict_folder(stub_predictor(), tmp_path / "scans", tmp_path / "out", progress=False)
+    assert [r.status for r in results] == ["failed"]
+    message = results[0].message
+    assert "cannot decode the pixel data (JPEG 2000" in message and "scans" in message and "\n" not in message
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "summary.csv"]
