@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from seg.errors import DataError, SegError, escape
+from seg.inference.files import write_atomically
 
 # Slice spacing may vary by this fraction of the median (or 0.01 mm) before a series is refused: scanners
 # write positions as decimal strings, rounded to a few micrometres.
@@ -251,13 +252,7 @@ def series_to_nifti(files: list[Path], target: Path) -> Path:
         raise DataError(f"has {image.GetNumberOfComponentsPerPixel()} components per pixel; expected greyscale", where)
     if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         image = sitk.Cast(image, sitk.sitkFloat32)  # stored ints after rescaling: float, as a NIfTI scan is read
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    try:
-        sitk.WriteImage(image, os.fspath(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(target, lambda tmp: sitk.WriteImage(image, os.fspath(tmp)), fsync=False)  # a scratch file
     import nibabel as nib
 
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files[:2]]
@@ -331,12 +326,4 @@ def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path],
         manufacturer_model_name=str(algorithm["checkpoint"])[:64], software_versions=str(algorithm["version"]),
         device_serial_number="none", content_label="SEG", content_description="seg predict",
         series_description=f"seg {algorithm['checkpoint']}"[:64], omit_empty_frames=bool(frames.any()))
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        seg.save_as(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, seg.save_as)

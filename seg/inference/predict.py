@@ -50,6 +50,7 @@ import numpy as np
 from seg.data.layout import case_channel, group_channel_files, strip_nifti_suffix
 from seg.errors import DataError, SegError, escape, one_line
 from seg.inference import dicom
+from seg.inference.files import write_atomically
 from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor
 from seg.inference.report import REPORT, case_report, summary_columns, summary_values, write_report
 
@@ -269,15 +270,7 @@ def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None
     header["cal_min"], header["cal_max"] = 0, 0
     header.set_intent("none")
     image = type(reference)(array, reference.affine, header)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # ends like the final name, so nibabel gzips it
-    try:
-        nib.save(image, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: nib.save(image, tmp))  # tmp ends like the final name: nibabel gzips it
 
 
 def output_paths(output: Path, case_id: str, probabilities: bool, gate_names: list[str]) -> dict[str, Path]:

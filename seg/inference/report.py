@@ -16,13 +16,14 @@ For each case, on the scan's own grid:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from seg.inference.files import write_atomically
 
 REPORT = "report.json"
 # A spacing this many times coarser or finer than the training spacing on any axis is flagged: the network
@@ -198,10 +199,4 @@ def write_report(reports: dict[str, dict], path: Path, preprocessing: dict, meta
     """`report.json`, atomically: `{"seg": meta, "intensity_check": ..., "cases": {case: report}}`."""
     document = {"seg": meta, "intensity_check": intensity_note(preprocessing),
                 "training_spacing_mm": preprocessing.get("spacing"), "cases": reports}
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        tmp.write_text(json.dumps(document, indent=1, allow_nan=False))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, allow_nan=False)))
