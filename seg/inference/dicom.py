@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.errors import DataError, SegError, escape
+from seg.errors import DataError, SegError, escape, one_line
 from seg.inference.files import write_atomically
 
 # Slice spacing may vary by this fraction of the median (or 0.01 mm) before a series is refused: scanners
@@ -61,13 +61,14 @@ def dicom_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def require(module: str):
-    """Import one of the `dicom` extra's packages, or say how to install it."""
+    """Import one of the DICOM packages, or say in one line how to install it (a trimmed install lacks them)."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise SegError(f"DICOM input and output need {module}: pip install 'seg[dicom]'") from None
+        raise SegError(f"DICOM input and output need {module}, a dependency of seg: reinstall seg "
+                       "(pip install seg) or pip install pydicom highdicom SimpleITK") from None
 
 
 def _floats(value, n: int) -> np.ndarray | None:
@@ -128,7 +129,8 @@ def find_series(folder: Path, files: tuple[list[Path], list[Path]] | None = None
         try:
             ds = pydicom.dcmread(path, defer_size="1 KB")
         except Exception as err:  # pydicom raises several types for a truncated or corrupt file
-            skipped.append(Skipped(path.name, "failed", [path], f"{escape(str(path))}: cannot read as DICOM ({err})"))
+            reason = one_line(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            skipped.append(Skipped(path.name, "failed", [path], f"{escape(str(path))}: cannot read as DICOM ({reason})"))
             continue
         why = _not_an_image(ds)
         if why is not None:

@@ -52,7 +52,8 @@ from seg.errors import DataError, SegError, escape, one_line
 from seg.inference import dicom
 from seg.inference.files import write_atomically
 from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor
-from seg.inference.report import REPORT, case_report, summary_columns, summary_values, write_report
+from seg.inference.report import (REPORT, case_report, previous_reports, summary_columns, summary_values,
+                                  write_report)
 
 SUMMARY = "summary.csv"
 _TMP = re.compile(r"^\.tmp-(?P<pid>\d+)-")  # `.tmp-<pid>-<final name>`: hidden, and ends like the final name
@@ -612,6 +613,10 @@ def predict_folder(
                 scratch.cleanup()
 
     ordered = [by_case[c] for c in sorted(by_case)] + extra + ignored
+    earlier = previous_reports(output / REPORT) if skip_existing else {}
+    for r in ordered:
+        if r.status == "skipped" and isinstance(earlier.get(r.case_id), dict):
+            r.report = earlier[r.case_id]  # its outputs are the earlier run's, and so is its report
     write_summary(ordered, output / SUMMARY, predictor.class_names)
     from seg import __version__
 

@@ -195,6 +195,15 @@ def _number(value) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+def previous_reports(path: Path) -> dict[str, dict]:
+    """The case reports of an earlier `report.json` in the output folder (for cases `--skip-existing` keeps)."""
+    try:
+        cases = json.loads(path.read_text()).get("cases")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return cases if isinstance(cases, dict) else {}
+
+
 def write_report(reports: dict[str, dict], path: Path, preprocessing: dict, meta: dict) -> None:
     """`report.json`, atomically: `{"seg": meta, "intensity_check": ..., "cases": {case: report}}`."""
     document = {"seg": meta, "intensity_check": intensity_note(preprocessing),

@@ -85,3 +85,8 @@ def test_folder_report_flags_planted_cases(tmp_path):
     assert "only the spacing is compared" in report["intensity_check"]
     assert 0.0 <= report["cases"]["border"]["uncertainty"] < 0.3 and report["cases"]["empty"]["uncertainty"] is None
     assert float(rows["border"]["uncertainty"]) == pytest.approx(report["cases"]["border"]["uncertainty"], rel=1e-3)
+    # a resumed run keeps the reports of the cases it skips
+    again = predict_folder(stub_predictor(), scans, out, skip_existing=True, progress=False)
+    assert [r.status for r in again] == ["skipped"] * 3
+    assert json.loads((out / "report.json").read_text())["cases"] == report["cases"]
+    assert read_summary(out)["border"]["flags"] == "border"
