@@ -324,6 +324,7 @@ class _Run:
         self.gate_names = [f"gate_{i}" for i in range(levels)] if save_gates else []
         self.dicom_cases: set[str] = set()  # cases that are DICOM series: converted in `load`, SEG in `finish`
         self.scratch: Path | None = None  # a temporary folder for the converted series
+        self.checkpoint_name = "in-memory model"  # the DICOM SEG's algorithm identification names it
 
     def paths(self, case_id: str) -> dict[str, Path]:
         paths = output_paths(self.output, case_id, self.save_probabilities, self.gate_names)
