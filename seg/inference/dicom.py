@@ -151,6 +151,11 @@ def find_series(folder: Path, files: tuple[list[Path], list[Path]] | None = None
             case_id = f"{base}_{n}"
         taken.add(case_id)
         paths = [p for p, _ in members]
+        if _is_multiplane_localizer([ds for _, ds in members]):
+            where = f"{escape(str(paths[0].parent))}: series {case_id}"
+            skipped.append(Skipped(case_id, "ignored", sorted(paths), f"{where}: skipped: a localizer ({len(paths)} "
+                                   f"slices in {len(_orientation_groups([ds for _, ds in members]))} orientations)"))
+            continue
         try:
             order = sorted_slices([ds for _, ds in members], paths, case_id)
         except DataError as err:
@@ -158,6 +163,30 @@ def find_series(folder: Path, files: tuple[list[Path], list[Path]] | None = None
             continue
         series[case_id] = [paths[i] for i in order]
     return series, skipped
+
+
+# A series whose slices lie in several orientations, none holding more than this many, is a multi-plane
+# localizer (scout), not a broken volume: MR localizers are often not marked LOCALIZER in ImageType.
+LOCALIZER_SLICES = 4
+
+
+def _orientation_groups(datasets: list) -> list[int]:
+    """Slices per distinct ImageOrientationPatient (within `ORIENTATION_TOLERANCE`)."""
+    seen: list[tuple[np.ndarray, int]] = []
+    for ds in datasets:
+        iop = _floats(ds.ImageOrientationPatient, 6)
+        for i, (other, n) in enumerate(seen):
+            if np.abs(iop - other).max() <= ORIENTATION_TOLERANCE:
+                seen[i] = (other, n + 1)
+                break
+        else:
+            seen.append((iop, 1))
+    return [n for _, n in seen]
+
+
+def _is_multiplane_localizer(datasets: list) -> bool:
+    groups = _orientation_groups(datasets)
+    return len(groups) > 1 and max(groups) <= LOCALIZER_SLICES
 
 
 def sorted_slices(datasets: list, paths: list[Path], name: str = "") -> list[int]:

@@ -236,6 +236,12 @@ def test_unusable_series_reasons(tmp_path):
     ds.ImageOrientationPatient = _ds([1, 0, 0, 0, 0, -1])  # the usual localizer: another orientation
     ds.save_as(files[0], enforce_file_format=True)
 
+    scout = write_series(tmp_path / "scout", image[:, :, :3], affine, patient="scout")  # 3 planes, 1 slice each
+    for path, orientation in zip(scout, ([1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, -1], [0, 1, 0, 0, 0, -1])):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = _ds(orientation)
+        ds.save_as(path, enforce_file_format=True)
+
     series, skipped = dicom.find_series(tmp_path)
     reasons = {s.name: s.message for s in skipped}
     assert "missing slice" in reasons["gap_1"]
@@ -243,6 +249,8 @@ def test_unusable_series_reasons(tmp_path):
     assert "varying slice spacing" in reasons["spacing_1"]
     assert "mixed orientations" in reasons["orientation_1"]
     assert "localizer" in reasons[files[0].name] and all("\n" not in m for m in reasons.values())
+    assert "localizer (3 slices in 3 orientations)" in reasons["scout_1"]
+    assert {s.name: s.status for s in skipped}["scout_1"] == "ignored"
     assert list(series) == ["loc_1"] and len(series["loc_1"]) == shape[2] - 1  # the localizer left out
 
 
