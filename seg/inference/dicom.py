@@ -130,7 +130,8 @@ def find_series(folder: Path, files: tuple[list[Path], list[Path]] | None = None
             ds = pydicom.dcmread(path, defer_size="1 KB")
         except Exception as err:  # pydicom raises several types for a truncated or corrupt file
             reason = one_line(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-            skipped.append(Skipped(path.name, "failed", [path], f"{escape(str(path))}: cannot read as DICOM ({reason})"))
+            message = f"{escape(str(path))}: cannot read as DICOM ({reason})"
+            skipped.append(Skipped(path.name, "failed", [path], message))
             continue
         why = _not_an_image(ds)
         if why is not None:
@@ -196,8 +197,8 @@ def sorted_slices(datasets: list, paths: list[Path], name: str = "") -> list[int
     slices at one position; a gap (missing slice) or spacing that varies beyond `SPACING_TOLERANCE`; positions
     that drift in-plane along the stack (gantry tilt); a multi-frame object.
     """
-    where = (f"{escape(str(paths[0].parent))}: series {name} (SeriesInstanceUID {datasets[0].get('SeriesInstanceUID', '?')}, "
-             f"{len(paths)} files)")
+    uid = datasets[0].get("SeriesInstanceUID", "?")
+    where = f"{escape(str(paths[0].parent))}: series {name} (SeriesInstanceUID {uid}, {len(paths)} files)"
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
         raise DataError("is a multi-frame (enhanced) DICOM object; seg reads one slice per file: convert it with "
                         "e.g. `dcm2niix` and predict the NIfTI", where)

@@ -47,7 +47,8 @@ def test_out_of_fingerprint_spacing_and_modality():
     report = case_report(label, np.full(label.shape, -1000.0), coarse, ["target"], MR)
     spacing = [f for f in report["flags"] if f.startswith("spacing")]
     assert spacing == ["spacing: S spacing 5 mm is 5x the training spacing 1 mm"]
-    assert any(f.startswith("modality: scan looks like CT") for f in report["flags"])  # air at -1000 through an MR model
+    # air at -1000 through an MR model
+    assert any(f.startswith("modality: scan looks like CT") for f in report["flags"])
     report = case_report(label, np.full(label.shape, 50.0), np.eye(4), ["target"], MR, modality="MR")
     assert report["flags"] == []
 
