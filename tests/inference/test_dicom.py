@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from seg.cli import main
-from seg.data.synthetic import make_affine
+from seg.data.synthetic import make_affine, make_case
 from seg.inference import dicom
 from seg.inference.predict import predict_folder
 from seg.inference.predictor import Predictor
@@ -89,6 +89,14 @@ def write_report_file(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def assert_frames_on_slices(seg, slice_of: dict[str, int], label: np.ndarray) -> None:
+    """Each source instance's mask in the SEG (segments combined) is the label map's slice it was written from."""
+    uids = list(slice_of)
+    masks = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    for uid, mask in zip(uids, masks):  # column = X, row = Y
+        np.testing.assert_array_equal(mask, label[:, :, slice_of[uid]].T, err_msg=f"slice {slice_of[uid]}")
 
 
 def canonical(path: Path) -> nib.Nifti1Image:
@@ -196,13 +204,9 @@ def test_dicom_seg_reads_back_on_the_source_slices(tmp_path):
     referenced = {item.ReferencedSOPInstanceUID
                   for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == set(uids) and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
-    masks = seg.get_pixels_by_source_instance(uids, combine_segments=True)
-    # frame of file n is slice file_order[n] of the volume: column = X, row = Y
-    nonempty = 0
-    for n, ds in enumerate(sources):
-        k = shape[2] - 1 - n
-        np.testing.assert_array_equal(masks[n], label[:, :, k].T, err_msg=f"slice {k}")
-        nonempty += bool(label[:, :, k].any())
+    # file n holds slice file_order[n] of the volume
+    assert_frames_on_slices(seg, {uid: shape[2] - 1 - n for n, uid in enumerate(uids)}, label)
+    nonempty = sum(bool(label[:, :, k].any()) for k in range(shape[2]))
     assert nonempty >= 3
     # and read with pydicom alone: one frame per slice holding the segment, each pointing at its source
     raw = pydicom.dcmread(tmp_path / "out" / "P1_1_seg.dcm")
@@ -271,3 +275,27 @@ def test_compressed_pixel_data_without_a_decoder(tmp_path):
     message = results[0].message
     assert "cannot decode the pixel data (JPEG 2000" in message and "scans" in message and "\n" not in message
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "summary.csv"]
+
+
+def test_trained_checkpoint_on_a_dicom_series(tmp_path, trained_checkpoint, capsys):
+    """The real network and preprocessing (3 classes) through DICOM in and DICOM SEG out, from the command line."""
+    import highdicom as hd
+
+    shape, spacing = (32, 32, 24), (1.5, 1.5, 2.0)
+    affine = make_affine(shape, spacing)
+    image, _ = make_case(shape, spacing, np.random.default_rng(1), affine)
+    files = write_series(tmp_path / "scans" / "s", image, affine, slope=float(image.max()) / 30000)
+    out = tmp_path / "out"
+    code = main(["predict", "-c", str(trained_checkpoint), "-i", str(tmp_path / "scans"), "-o", str(out),
+                 "--dicom-seg", "--uncertainty"])
+    assert code == 0, capsys.readouterr().err
+    label_image = nib.load(out / "P1_1.nii.gz")
+    label = np.asarray(label_image.dataobj)
+    assert label.shape == shape and np.allclose(label_image.affine, affine, atol=1e-4)
+    seg = hd.seg.segread(out / "P1_1_seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["liver", "lesion"]
+    assert_frames_on_slices(seg, {pydicom.dcmread(f).SOPInstanceUID: k for k, f in enumerate(files)}, label)
+    report = json.loads((out / "report.json").read_text())
+    assert report["seg"]["checkpoint"] == trained_checkpoint.name
+    assert 0.0 <= report["cases"]["P1_1"]["uncertainty"] <= 1.0
+    assert read_summary(out)["P1_1"]["uncertainty"] != ""
