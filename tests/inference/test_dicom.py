@@ -247,6 +247,9 @@ def test_unusable_series_reasons(tmp_path):
         ds.ImageOrientationPatient = _ds(orientation)
         ds.save_as(path, enforce_file_format=True)
 
+    write_series(tmp_path / "dup_a", image, affine, patient="dup")
+    write_series(tmp_path / "dup_b", image, affine, patient="dup")
+
     series, skipped = dicom.find_series(tmp_path)
     reasons = {s.name: s.message for s in skipped}
     assert "missing slice" in reasons["gap_1"]
@@ -256,7 +259,8 @@ def test_unusable_series_reasons(tmp_path):
     assert "localizer" in reasons[files[0].name] and all("\n" not in m for m in reasons.values())
     assert "localizer (3 slices in 3 orientations)" in reasons["scout_1"]
     assert {s.name: s.status for s in skipped}["scout_1"] == "ignored"
-    assert list(series) == ["loc_1"] and len(series["loc_1"]) == shape[2] - 1  # the localizer left out
+    assert len(series["loc_1"]) == shape[2] - 1  # the localizer left out
+    assert sorted(series) == ["dup_1", "dup_1_2", "loc_1"]  # two series with one PatientID and SeriesNumber
 
 
 def test_compressed_pixel_data_without_a_decoder(tmp_path):
