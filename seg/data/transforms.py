@@ -23,8 +23,10 @@ The `preprocessing` dict (JSON-serialisable, saved with a model) holds:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -201,7 +203,17 @@ class LoadScand(LoadImaged):
     """
 
     def __init__(self, keys, *args, spacing: Sequence[float] | None = None, **kwargs):
-        super().__init__(keys, *args, **kwargs)
+        # LoadImaged builds every reader MONAI knows, whichever is asked for; with pydicom installed (seg
+        # reads DICOM) its nvImageCodec DICOM reader then warns twice on every machine without that GPU codec.
+        plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+        level = plugin_log.level
+        plugin_log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+                super().__init__(keys, *args, **kwargs)
+        finally:
+            plugin_log.setLevel(level)
         self.spacing = spacing
 
     def __call__(self, data, reader=None):

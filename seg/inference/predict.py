@@ -14,10 +14,17 @@ For each case (one file, or nnU-Net channel files `case_0000.nii.gz`, `case_0001
 - with `--save-probabilities`: `OUT/<case>_probabilities.nii.gz`, one 4D float32 file, (X, Y, Z, classes),
   background first;
 - with `--save-gates`: `OUT/<case>_gate_<level>.nii.gz`, float32 in [0, 1], coarsest level first;
-- `OUT/summary.csv`: status (ok / failed / skipped), seconds, error message and volume in ml per class; also a
-  row for every folder entry that is not predicted: "failed" for a scan that cannot be read (dangling link, link
-  loop, not a regular file), two files giving one case id, or a case whose outputs would overwrite another's;
-  "ignored" for other files. File names with control characters are written escaped (`repr`).
+- with `--preview`: `OUT/<case>_preview.png`, three views with the prediction's contours;
+- with `--dicom-seg`, for a DICOM series: `OUT/<case>_seg.dcm`, a DICOM Segmentation (`seg.inference.dicom`);
+- `OUT/summary.csv`: status (ok / failed / skipped), seconds, error message, volume in ml per class and the
+  report's columns (`seg.inference.report`); also a row for every folder entry that is not predicted: "failed"
+  for a scan that cannot be read (dangling link, link loop, not a regular file), two files giving one case id, a
+  case whose outputs would overwrite another's, or an unusable DICOM series; "ignored" for other files (and
+  DICOM files that are not image slices). File names with control characters are written escaped (`repr`);
+- `OUT/report.json`: the per-case report (statistics per class, quality flags, uncertainty).
+
+A folder holding DICOM files (in subfolders or mixed) and no NIfTI scan is read as DICOM: one case per image
+series, named `<PatientID>_<SeriesNumber>`, converted to a temporary NIfTI and predicted as one.
 
 Three stages overlap: a thread loads and preprocesses the next scan while the model predicts the current one,
 and a thread inverts and writes the previous one; scans small enough for one sliding window are predicted
@@ -38,10 +45,10 @@ import csv
 import errno
 import io
 import os
-import re
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections import deque
@@ -54,12 +61,15 @@ import numpy as np
 
 from seg.data.layout import case_channel, group_channel_files, strip_nifti_suffix
 from seg.errors import DataError, SegError, escape, one_line
+from seg.inference import dicom
+from seg.io import remove_stale_temporaries, save_nifti, write_bytes
 from seg.inference.ensemble import EnsembleNetwork, load_ensemble, resolve_checkpoints
 from seg.inference.predictor import LoadedScan, NetworkOutput, Predictor
+from seg.inference.report import (REPORT, case_report, previous_reports, summary_columns, summary_values,
+                                  write_report)
 from seg.postprocessing import apply_postprocessing, load_postprocessing
 
 SUMMARY = "summary.csv"
-_TMP = re.compile(r"^\.tmp-(?P<pid>\d+)-")  # `.tmp-<pid>-<final name>`: hidden, and ends like the final name
 # Predictions waiting to be written: one keeps the writer busy and memory near one scan's worth per stage.
 # Scans are loaded one ahead of the model, or a whole group ahead while they are small enough to be predicted
 # together (`Predictor.infer_batch`, groups of the model's `sw_batch_size`).
@@ -78,6 +88,7 @@ class CaseResult:
         seconds: load + predict + write time of this case.
         volumes_ml: foreground class name -> volume in ml on the input grid (empty when failed).
         outputs: files written.
+        report: the case's report (`seg.inference.report.case_report`), empty unless predicted.
     """
 
     case_id: str
@@ -87,6 +98,7 @@ class CaseResult:
     seconds: float = 0.0
     volumes_ml: dict[str, float] = field(default_factory=dict)
     outputs: list[Path] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
 
 
 # ---- finding cases ------------------------------------------------------------------------------------------------
@@ -118,8 +130,14 @@ def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult
             loop or not a regular file; channel files not numbered 0..n-1; two files that give one case id
             (`twin.nii` and `twin.nii.gz`, `case.nii.gz` and `case_0000.nii.gz`), none of them predicted;
         ignored: entries that are not NIfTI scans (other names, hidden files), status "ignored".
+
+    A folder with DICOM files and no NIfTI scan at its top gives one case per DICOM series (`dicom_cases`).
     """
     failed, ignored = [], []
+    if input_path.is_dir() and not any(strip_nifti_suffix(p.name) for p in input_path.iterdir()):
+        tree = dicom.dicom_files(input_path)
+        if tree[0]:
+            return dicom_cases(input_path, tree)
     if input_path.is_dir():
         files = []
         for path in sorted(input_path.iterdir()):
@@ -138,7 +156,8 @@ def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult
             raise DataError("input not found; give a folder of .nii.gz scans or one scan" if not
                             (os.path.lexists(input_path)) else f"cannot read the input: {why}", input_path)
         if strip_nifti_suffix(input_path.name) is None:
-            raise DataError("is not a NIfTI file (.nii or .nii.gz)", input_path)
+            raise DataError("is a DICOM file; give the folder holding its series" if dicom.is_dicom(input_path)
+                            else "is not a NIfTI file (.nii or .nii.gz)", input_path)
         files = [input_path]
     # Grouped case by case, so that one case with a gap in its channel numbers does not stop the others.
     buckets: dict[str, list[Path]] = {}
@@ -163,6 +182,15 @@ def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult
                                          f"'{escape(case_id)}' has channel files {names}; number them "
                                          f"{case_id}_0000, {case_id}_0001, ..."))
     return cases, failed, ignored
+
+
+def dicom_cases(folder: Path, tree: tuple[list[Path], list[Path]],
+                ) -> tuple[dict[str, list[Path]], list[CaseResult], list[CaseResult]]:
+    """`find_cases` for a DICOM folder (its DICOM and other files): one case per usable image series."""
+    series, skipped = dicom.find_series(folder, tree)
+    failed = [CaseResult(s.name, s.status, s.paths, s.message) for s in skipped if s.status == "failed"]
+    ignored = [CaseResult(s.name, s.status, s.paths, s.message) for s in skipped if s.status != "failed"]
+    return series, failed, ignored
 
 
 def _same_channel(paths: list[Path]) -> list[Path]:
@@ -214,57 +242,17 @@ def prepare_output_folder(output: Path) -> None:
 
 def clean_stale_tmp(output: Path) -> list[Path]:
     """Remove temporary files left by runs that were killed (their process is gone); returns them."""
-    removed = []
-    for path in output.iterdir():
-        match = _TMP.match(path.name)
-        if match and not _process_alive(int(match["pid"])):
-            try:
-                path.unlink()
-                removed.append(path)
-            except OSError:
-                pass
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+    return remove_stale_temporaries(output)
 
 
 # ---- writing --------------------------------------------------------------------------------------------------------
 def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    """Write `array` on the reference image's grid, atomically (temporary name, fsync, rename).
+    """Write `array` on the reference image's grid, atomically, keeping its header (`seg.io.save_nifti`).
 
     nibabel with the reference header rather than MONAI's SaveImage: the header keeps the input's sform and
     qform (matrices and codes) byte for byte, where SaveImage rebuilds them from a float affine.
-
-    Args:
-        array: `(X, Y, Z)` or `(X, Y, Z, K)`; its dtype is the stored dtype (no scaling).
-        reference: the input scan (lazy is fine: only its header and affine are read).
-        path: the final file name.
     """
-    header = reference.header.copy()
-    header.set_data_dtype(array.dtype)
-    header.set_slope_inter(1.0, 0.0)  # an int16 input may carry a scale; outputs are stored as they are
-    header["cal_min"], header["cal_max"] = 0, 0
-    header.set_intent("none")
-    image = type(reference)(array, reference.affine, header)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # ends like the final name, so nibabel gzips it
-    try:
-        nib.save(image, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_nifti(array, reference.affine, path, reference=reference)
 
 
 def output_paths(output: Path, case_id: str, probabilities: bool, gate_names: list[str]) -> dict[str, Path]:
@@ -285,25 +273,24 @@ def class_volumes(label: np.ndarray, affine: np.ndarray, class_names: list[str])
 
 
 def write_summary(results: list[CaseResult], path: Path, class_names: list[str]) -> None:
-    """`summary.csv`, atomically: one row per case, volumes in ml per foreground class."""
+    """`summary.csv`, atomically: one row per case, volumes in ml per foreground class, the report's columns."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["case", "status", "seconds", *[f"volume_ml_{n}" for n in class_names], "inputs", "message"])
+    writer.writerow(["case", "status", "seconds", *[f"volume_ml_{n}" for n in class_names],
+                     *summary_columns(class_names), "inputs", "message"])
     for r in results:
         volumes = [f"{r.volumes_ml[n]:.3f}" if n in r.volumes_ml else "" for n in class_names]
         writer.writerow([escape(r.case_id), r.status, f"{r.seconds:.2f}", *volumes,
+                         *summary_values(r.report, class_names),
                          ";".join(escape(p.name) for p in r.inputs), one_line(r.message)])
     write_atomic(buffer.getvalue(), path)
 
 
 def write_atomic(data: str | bytes, path: Path, what: str = "the summary") -> None:
     """`data` into `path` under a temporary name beside it, then renamed: readers never see half a file."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
+        write_bytes(path, data.encode() if isinstance(data, str) else data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise SegError(f"cannot write {what} ({err.strerror or err})", path) from None
 
 
@@ -355,15 +342,25 @@ class _Run:
     """One `predict_folder` call: the predictor, the output folder and what to save."""
 
     def __init__(self, predictor: Predictor, output: Path, save_probabilities: bool, save_gates: bool, report,
-                 postprocessing: dict | None = None):
+                 postprocessing: dict | None = None, uncertainty: bool = False, preview: bool = False,
+                 dicom_seg: bool = False):
         self.predictor, self.output, self.report = predictor, output, report
         self.postprocessing = postprocessing
         self.save_probabilities, self.save_gates = save_probabilities, save_gates
+        self.uncertainty, self.preview, self.dicom_seg = uncertainty, preview, dicom_seg
         levels = predictor.model.gate_levels
         self.gate_names = [f"gate_{i}" for i in range(levels)] if save_gates else []
+        self.dicom_cases: set[str] = set()  # cases that are DICOM series: converted in `load`, SEG in `finish`
+        self.scratch: Path | None = None  # a temporary folder for the converted series
+        self.checkpoint_name = "in-memory model"  # the DICOM SEG's algorithm identification names it
 
     def paths(self, case_id: str) -> dict[str, Path]:
-        return output_paths(self.output, case_id, self.save_probabilities, self.gate_names)
+        paths = output_paths(self.output, case_id, self.save_probabilities, self.gate_names)
+        if self.preview:
+            paths["preview"] = self.output / f"{case_id}_preview.png"
+        if self.dicom_seg and case_id in self.dicom_cases:
+            paths["dicom_seg"] = self.output / f"{case_id}_seg.dcm"
+        return paths
 
     def failed(self, case_id: str, inputs: list[Path], err: BaseException, seconds: float = 0.0) -> CaseResult:
         if isinstance(err, SegError):
@@ -377,12 +374,22 @@ class _Run:
         return CaseResult(case_id, "failed", inputs, message, seconds)
 
     def load(self, case_id: str, paths: list[Path]) -> LoadedScan:
-        return self.predictor.load(paths, case_id)
+        if case_id not in self.dicom_cases:
+            return self.predictor.load(paths, case_id)
+        nifti = dicom.series_to_nifti(paths, self.scratch / f"{case_id}.nii")
+        try:
+            scan = self.predictor.load([nifti], case_id)
+        except SegError as err:  # name the series, not the temporary file
+            raise DataError(str(err).replace(str(nifti), f"{escape(str(paths[0].parent))} (series {case_id})")) \
+                from None
+        scan.paths = paths
+        return scan
 
     def infer(self, scans: list[LoadedScan]) -> tuple[list[NetworkOutput], float]:
         """Predict a group of scans; returns the outputs and the seconds per scan."""
         start = time.perf_counter()
-        outputs = self.predictor.infer_batch(scans, with_gates=self.save_gates, probabilities=self.save_probabilities)
+        outputs = self.predictor.infer_batch(scans, with_gates=self.save_gates,
+                                             probabilities=self.save_probabilities or self.uncertainty)
         for scan in scans:
             scan.release_image()  # from here on only its geometry is needed
         return outputs, (time.perf_counter() - start) / len(scans)
@@ -396,19 +403,53 @@ class _Run:
             if self.postprocessing is not None:
                 apply_postprocessing(maps["label"], reference.affine, self.postprocessing)
             written = []
-            for name, path in self.paths(scan.case_id).items():
+            paths = self.paths(scan.case_id)
+            for name, path in paths.items():
+                if name not in maps:
+                    continue
                 array = maps[name]
                 if name == "probabilities":
                     array = np.moveaxis(array, 0, -1)  # NIfTI keeps the components in the 4th dimension
                 save_like(np.ascontiguousarray(array), reference, path)
                 written.append(path)
             volumes = class_volumes(maps["label"], reference.affine, self.predictor.class_names)
+            image = first_channel(reference)
+            modality = dicom.modality(scan.paths[0]) if scan.case_id in self.dicom_cases else None
+            case = case_report(maps["label"], image, reference.affine, self.predictor.class_names,
+                               self.predictor.preprocessing, maps.get("probabilities"), modality)
+            if "preview" in paths:
+                self.write_preview(scan.case_id, image, maps["label"], reference.affine, paths["preview"])
+                written.append(paths["preview"])
+            if "dicom_seg" in paths:
+                dicom.write_segmentation(maps["label"], reference.affine, scan.paths, self.predictor.class_names,
+                                         paths["dicom_seg"], algorithm=self.algorithm())
+                written.append(paths["dicom_seg"])
+            del image
         except Exception as err:
             if isinstance(err, OSError) and not isinstance(err, SegError):
                 err = SegError(f"cannot write the prediction ({err.strerror or err})",
                                self.paths(scan.case_id)["label"])
             return self.failed(scan.case_id, scan.paths, err, seconds + time.perf_counter() - start)
-        return CaseResult(scan.case_id, "ok", scan.paths, "", seconds + time.perf_counter() - start, volumes, written)
+        finally:
+            if scan.case_id in self.dicom_cases:
+                scan.reference.uncache()
+                (self.scratch / f"{scan.case_id}.nii").unlink(missing_ok=True)
+        return CaseResult(scan.case_id, "ok", scan.paths, "", seconds + time.perf_counter() - start, volumes, written,
+                          case)
+
+    def write_preview(self, case_id: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray,
+                      path: Path) -> None:
+        """`<case>_preview.png`: axial, coronal and sagittal views through the prediction, with its contours."""
+        from seg.training.overlay_figure import render_overlay  # matplotlib: only when a preview is asked for
+
+        render_overlay(path, image, {}, affine, prediction=label, class_names=self.predictor.class_names,
+                       title=case_id, dpi=60)
+
+    def algorithm(self) -> dict:
+        """How the DICOM SEG names the algorithm: seg, its version and the checkpoint."""
+        from seg import __version__
+
+        return {"name": "seg", "version": __version__, "checkpoint": self.checkpoint_name}
 
     def skipped(self, case_id: str, paths: list[Path]) -> CaseResult | None:
         """A result for a case whose outputs are all there already, else None."""
@@ -421,6 +462,12 @@ class _Run:
         except Exception:  # written atomically by us, so this is someone else's file: predict again
             return None
         return CaseResult(case_id, "skipped", paths, "", 0.0, volumes, list(outputs.values()))
+
+
+def first_channel(reference: nib.Nifti1Image) -> np.ndarray:
+    """The scan's first channel on its grid, in its own units (for the report's intensity statistics)."""
+    data = reference.dataobj
+    return np.asarray(data[..., 0] if len(reference.shape) == 4 else data, dtype=np.float32)
 
 
 def _first_line(err: BaseException) -> str:
@@ -444,6 +491,9 @@ def predict_folder(
     backend: str = "pytorch",
     num_parts: int = 1,
     part_id: int = 0,
+    uncertainty: bool = False,
+    preview: bool = False,
+    dicom_seg: bool = False,
 ) -> list[CaseResult]:
     """Segment every scan of a folder (or one scan) and write the outputs and `summary.csv` into `output`.
 
@@ -451,7 +501,7 @@ def predict_folder(
         checkpoint: a `seg fit` checkpoint, several (an ensemble), the output folder of `seg cv` (every fold's
             best checkpoint, and its postprocessing), or a ready `Predictor` (then `device`, `tta`, `overlap` and
             `sw_batch_size` are its own).
-        input: a folder of `.nii` / `.nii.gz` scans, or one scan.
+        input: a folder of `.nii` / `.nii.gz` scans, or one scan, or a folder of DICOM series (recursively).
         output: the folder for predictions; created; must not be (inside) the input folder.
         device: "auto" (GPU when there is one), "cpu" or "cuda".
         tta: average over mirrored copies (8 in 3D, 4 for a 2D model).
@@ -467,6 +517,9 @@ def predict_folder(
             memory).
         num_parts, part_id: predict only part `part_id` of `num_parts` (`shard`), and write
             `summary.part-<part_id>-of-<num_parts>.csv`; `summary.csv` once every part's summary is there.
+        uncertainty: compute the softmax (without saving it) for the report's entropy score.
+        preview: also write `<case>_preview.png`.
+        dicom_seg: also write `<case>_seg.dcm` (DICOM Segmentation) for each DICOM series.
 
     Returns:
         one `CaseResult` per case (of this part), in case order. Per-case problems are results, not exceptions; a bad
@@ -485,7 +538,7 @@ def predict_folder(
     shard([], num_parts, part_id)  # the arguments, before anything is loaded
     check_output_folder(input_path, output)
     if not cases and not results:
-        raise DataError("no .nii or .nii.gz scans found", input_path)
+        raise DataError("no .nii or .nii.gz scans (or DICOM image series) found", input_path)
 
     if isinstance(checkpoint, Predictor):
         predictor = checkpoint
@@ -513,7 +566,11 @@ def predict_folder(
     clean_stale_tmp(output)
     for r in ignored:
         report(r.message)
-    run = _Run(predictor, output, save_probabilities, save_gates, report, plan)
+    run = _Run(predictor, output, save_probabilities, save_gates, report, plan, uncertainty, preview, dicom_seg)
+    run.dicom_cases = {case_id for case_id, paths in cases.items() if dicom.is_dicom(paths[0])}
+    run.checkpoint_name = ("in-memory model" if isinstance(checkpoint, Predictor) else
+                           ", ".join(Path(c).name for c in ([checkpoint] if isinstance(checkpoint, (str, os.PathLike))
+                                                            else checkpoint)))
     # Before anything is predicted: a scan named `p_probabilities` would write over the probabilities of `p`.
     for case_id, why in colliding_cases(cases, output, save_probabilities, run.gate_names).items():
         results.append(CaseResult(case_id, "failed", cases.pop(case_id), why))
@@ -542,6 +599,8 @@ def predict_folder(
     columns = [TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
     group_size = max(1, predictor.engine.sw_batch_size)
+    scratch = tempfile.TemporaryDirectory(prefix="seg-dicom-") if run.dicom_cases else None
+    run.scratch = Path(scratch.name) if scratch is not None else None
     with Progress(*columns, console=console, transient=False) as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-load") as loader, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-write") as writer:
@@ -617,18 +676,33 @@ def predict_folder(
             # an interrupted run abandons the loads not started and finishes the writes it started
             loader.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
+            if scratch is not None:
+                scratch.cleanup()
 
     ordered = [by_case[c] for c in sorted(by_case)] + extra + ignored
+    earlier = previous_reports(output / REPORT) if skip_existing else {}
+    for r in ordered:
+        if r.status == "skipped" and isinstance(earlier.get(r.case_id), dict):
+            r.report = earlier[r.case_id]  # its outputs are the earlier run's, and so is its report
     if num_parts == 1:
         write_summary(ordered, output / SUMMARY, predictor.class_names)
     else:
         write_summary(ordered, part_summary(output, part_id, num_parts), predictor.class_names)
         merge_summaries(output, num_parts, required=False)
+    from seg import __version__
+
+    # one report per process: each part of a sharded run writes its own (report.part-I-of-N.json)
+    report_name = REPORT if num_parts == 1 else REPORT.replace(".json", f".part-{part_id}-of-{num_parts}.json")
+    write_report({r.case_id: r.report for r in ordered if r.report}, output / report_name, predictor.preprocessing,
+                 {"version": __version__, "checkpoint": run.checkpoint_name, "tta": predictor.tta})
     return ordered
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Report (summary.csv columns and OUT/report.json): per class volume_ml, voxels, mean and std "
+                     "of the input intensity inside it, connected components; flags: empty, border, spacing, "
+                     "intensity (CT only), uncertain.")
     parser.add_argument("--checkpoint", "-c", nargs="+",
                         help="a checkpoint written by `seg fit`; several: their ensemble (softmax averaged); the "
                              "--output folder of `seg cv`: every fold's best.ckpt and its postprocessing.json; or "
@@ -637,7 +711,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="postprocessing.json (written by `seg cv`) to apply to the label maps")
     parser.add_argument("--input", "-i",
                         help="folder of .nii/.nii.gz scans (multi-modal: case_0000.nii.gz, case_0001.nii.gz, ...) "
-                             "or one scan")
+                             "or one scan; or a folder of DICOM files (searched recursively, any number of series, "
+                             "one case <PatientID>_<SeriesNumber> per image series; non-image files skipped)")
     parser.add_argument("--output", "-o", required=True, help="folder for the predictions (not the input folder)")
     parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     parser.add_argument("--tta", action="store_true", help="average over mirrored copies (8x slower in 3D)")
@@ -651,6 +726,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="windows (or whole small scans) per forward pass (default: the model's)")
     parser.add_argument("--skip-existing", action="store_true",
                         help="skip cases whose outputs exist (resume an interrupted run)")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="for DICOM series, also write <case>_seg.dcm: a DICOM Segmentation referencing the "
+                             "source images, one segment per class, one frame per source slice holding it")
+    parser.add_argument("--uncertainty", action="store_true",
+                        help="compute the softmax for the report's uncertainty (mean predictive entropy inside the "
+                             "foreground; with --tta, of the mirrored mean). Costs (classes x 4) bytes per voxel, "
+                             "twice (network grid and scan grid), and disables label-only slabs")
+    parser.add_argument("--preview", action="store_true",
+                        help="also write <case>_preview.png: three views with the prediction's contours")
+
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
                         help="what runs the network: pytorch (default) or onnxruntime (pip install seg[onnx]; "
                              "onnxruntime-gpu for --device cuda); a .ckpt is exported to ONNX in memory")
@@ -669,13 +754,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def worker_command(args: argparse.Namespace, device: str, part_id: int, num_parts: int) -> list[str]:
     """`seg predict` for one worker of `--devices`: the same options, its own device and part."""
-    command = [sys.executable, "-m", "seg", "predict", "--checkpoint", str(args.checkpoint), "--input",
+    command = [sys.executable, "-m", "seg", "predict", "--checkpoint", *map(str, args.checkpoint), "--input",
                str(args.input), "--output", str(args.output), "--device", device, "--backend", args.backend,
                "--num-parts", str(num_parts), "--part-id", str(part_id)]
-    for flag in ("tta", "save_probabilities", "save_gates", "skip_existing"):
+    for flag in ("tta", "save_probabilities", "save_gates", "skip_existing", "uncertainty", "preview", "dicom_seg"):
         if getattr(args, flag):
             command.append("--" + flag.replace("_", "-"))
-    for option in ("overlap", "sw_batch_size"):
+    for option in ("overlap", "sw_batch_size", "postprocessing"):
         if getattr(args, option) is not None:
             command += ["--" + option.replace("_", "-"), str(getattr(args, option))]
     return command
@@ -724,7 +809,8 @@ def run(args: argparse.Namespace) -> int:
                              save_probabilities=args.save_probabilities, save_gates=args.save_gates,
                              overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                              skip_existing=args.skip_existing, postprocessing=args.postprocessing,
-                             backend=args.backend, num_parts=args.num_parts, part_id=args.part_id)
+                             backend=args.backend, num_parts=args.num_parts, part_id=args.part_id,
+                             uncertainty=args.uncertainty, preview=args.preview, dicom_seg=args.dicom_seg)
     summary = Path(args.output) / SUMMARY
     if args.num_parts > 1:
         part = part_summary(Path(args.output), args.part_id, args.num_parts)

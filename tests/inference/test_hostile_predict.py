@@ -103,7 +103,7 @@ def test_colliding_case_names_are_refused(tmp_path, names, options, refused):
         if result.status == "failed":
             assert "\n" not in result.message and ("both give case" in result.message or
                                                    "would be written for case" in result.message), result.message
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("other")) == ["summary.csv"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("other")) == ["report.json", "summary.csv"]
     assert {r["case"]: r["status"] for r in rows(out)} == status
 
 

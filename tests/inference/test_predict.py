@@ -310,7 +310,8 @@ def test_bad_files_are_named_and_skipped(trained_checkpoint, tmp_path, capsys):
         out = nib.load(tmp_path / "out" / f"{case}.nii.gz")
         assert out.shape == good.shape and np.allclose(out.affine, good.affine)
         assert float(summary[case]["seconds"]) > 0 and summary[case]["volume_ml_liver"] != ""
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_a.nii.gz", "good_b.nii.gz", "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_a.nii.gz", "good_b.nii.gz", "report.json",
+                                                                 "summary.csv"]
 
 
 def test_interrupted_run_leaves_no_broken_file_and_resumes(trained_checkpoint, tmp_path):
@@ -342,7 +343,7 @@ def test_interrupted_run_leaves_no_broken_file_and_resumes(trained_checkpoint, t
                  "--save-probabilities"]) == 0
 
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["summary.csv"] + [f"case_{i}{s}.nii.gz" for i in range(8) for s in ("", "_probabilities")])
+    assert names == sorted(["summary.csv", "report.json"] + [f"case_{i}{s}.nii.gz" for i in range(8) for s in ("", "_probabilities")])
     done_first = {n[: -len(".nii.gz")] for n in first if f"{n[:-7]}_probabilities.nii.gz" in first}
     assert done_first, first
     for case in done_first:

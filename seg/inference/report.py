@@ -1,0 +1,211 @@
+"""The per-case report of `seg predict`: what was found, and which results a reviewer should look at first.
+
+For each case, on the scan's own grid:
+- per foreground class: volume (ml), voxel count, mean and std of the input intensity inside it (first
+  channel, in the scan's units: HU for CT), and the number of connected components (face-connected);
+- quality flags, each one line: a class predicted nowhere ("empty"), a class touching the scan's border
+  ("border": the structure may be cut off), a voxel spacing far from the training spacing ("spacing"), CT
+  intensities far from the training foreground ("intensity"), a CT scan through a model trained on another
+  modality or the reverse ("modality": from the DICOM Modality, else from the intensities: CT has air near
+  -1000 HU, MR no negative values), and a high predictive entropy ("uncertain");
+- `uncertainty`: the mean normalised predictive entropy `-sum_c p_c log p_c / log C` in [0, 1] inside the
+  predicted foreground, when the softmax was computed (`--uncertainty` or `--save-probabilities`). With
+  `--tta` the softmax is the mean over mirrored passes, so disagreement between the passes raises it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from seg.io import write_text
+
+REPORT = "report.json"
+# A spacing this many times coarser or finer than the training spacing on any axis is flagged: the network
+# then sees anatomy at a scale it was not trained on (resampling cannot restore detail a thick slice lost).
+SPACING_RATIO = 2.0
+# CT: a predicted structure whose mean HU lies this many training standard deviations from the training
+# foreground's mean is flagged (a contrast phase never seen in training, an MR scan through a CT model).
+INTENSITY_STDS = 3.0
+# Mean normalised entropy inside the foreground above this is flagged for review.
+UNCERTAINTY_FLAG = 0.3
+
+
+def ras_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along the closest R, A, S axes (for an oblique grid, the nearest axis)."""
+    ornt = nib.orientations.io_orientation(affine)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)
+    return spacing
+
+
+def class_statistics(label: np.ndarray, image: np.ndarray | None, affine: np.ndarray,
+                     class_names: Sequence[str]) -> dict[str, dict]:
+    """Per foreground class: volume_ml, voxels, intensity_mean, intensity_std (None without voxels), components."""
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    counts = np.bincount(label.ravel(), minlength=len(class_names) + 1)
+    stats = {}
+    for c, name in enumerate(class_names, start=1):
+        mask = label == c
+        inside = image[mask] if image is not None and counts[c] else None
+        stats[name] = {
+            "volume_ml": float(counts[c]) * voxel_ml,
+            "voxels": int(counts[c]),
+            "intensity_mean": float(inside.mean()) if inside is not None else None,
+            "intensity_std": float(inside.std()) if inside is not None else None,
+            "components": int(ndimage.label(mask)[1]) if counts[c] else 0,
+        }
+    return stats
+
+
+def touches_border(mask: np.ndarray) -> bool:
+    """True when the mask reaches the first or last voxel along an axis (axes of one voxel do not count)."""
+    for axis, size in enumerate(mask.shape):
+        if size > 1 and (mask.take(0, axis).any() or mask.take(size - 1, axis).any()):
+            return True
+    return False
+
+
+def entropy_score(probabilities: np.ndarray, foreground: np.ndarray) -> float | None:
+    """Mean normalised predictive entropy in [0, 1] over `foreground`; None when it is empty.
+
+    Args:
+        probabilities: `(C, *S)` softmax.
+        foreground: `S` boolean mask.
+    """
+    if not foreground.any() or probabilities.shape[0] < 2:
+        return None
+    p = np.clip(probabilities[:, foreground].astype(np.float64), 1e-12, 1.0)
+    entropy = -(p * np.log(p)).sum(0) / np.log(probabilities.shape[0])
+    return float(entropy.mean())
+
+
+def quality_flags(stats: dict[str, dict], label: np.ndarray, affine: np.ndarray, preprocessing: dict,
+                  uncertainty: float | None) -> list[str]:
+    """One line per finding a reviewer should check; see the module docstring."""
+    flags = []
+    for c, (name, s) in enumerate(stats.items(), start=1):
+        if s["voxels"] == 0:
+            flags.append(f"empty: no voxel predicted as '{name}'")
+        elif touches_border(label == c):
+            flags.append(f"border: '{name}' touches the scan's border; it may extend beyond the scan")
+    target = np.asarray(preprocessing.get("spacing") or [0, 0, 0], dtype=float)
+    spacing = ras_spacing(affine)
+    for axis, (have, want) in enumerate(zip(spacing, target)):
+        if want > 0 and label.shape[axis] > 1 and not 1 / SPACING_RATIO <= have / want <= SPACING_RATIO:
+            flags.append(f"spacing: {'RAS'[axis]} spacing {have:.3g} mm is {have / want:.2g}x the training "
+                         f"spacing {want:.3g} mm")
+    scheme = (preprocessing.get("normalization") or [{}])[0]
+    if scheme.get("scheme") == "ct":
+        mean, std = float(scheme["mean"]), float(scheme["std"])
+        far = [(n, s["intensity_mean"]) for n, s in stats.items()
+               if s["intensity_mean"] is not None and abs(s["intensity_mean"] - mean) > INTENSITY_STDS * std]
+        for name, value in far:
+            flags.append(f"intensity: '{name}' has mean {value:.4g}, {abs(value - mean) / std:.1f} training std from "
+                         f"the training foreground mean {mean:.4g} HU: is this a CT of the trained kind?")
+    if uncertainty is not None and uncertainty > UNCERTAINTY_FLAG:
+        flags.append(f"uncertain: mean predictive entropy {uncertainty:.2f} inside the foreground "
+                     f"(above {UNCERTAINTY_FLAG})")
+    return flags
+
+
+def modality_flag(image: np.ndarray | None, preprocessing: dict, modality: str | None = None) -> str | None:
+    """One line when the scan is a CT and the model was not trained on CT, or the reverse; else None."""
+    trained = [str(m).strip().upper() for m in preprocessing.get("modalities") or []][:1]
+    ct_model = trained == ["CT"]
+    if modality:
+        ct_scan = modality.strip().upper() == "CT"
+        seen = f"DICOM Modality {modality}"
+    elif image is not None and image.size:
+        low = float(image.min())
+        ct_scan = low <= -500.0  # air, as CT scans hold it and MR scans never do
+        seen = f"lowest value {low:.4g} ({'like CT air in HU' if ct_scan else 'no air in HU: not a CT'})"
+    else:
+        return None
+    if ct_scan == ct_model:
+        return None
+    return f"modality: scan looks {'like CT' if ct_scan else 'not like CT'} ({seen}), model trained on " \
+           f"{', '.join(str(m) for m in preprocessing.get('modalities') or ['?'])}"
+
+
+def intensity_note(preprocessing: dict) -> str:
+    """One line saying what the intensity check compares, or why there is none (MR has no absolute scale)."""
+    scheme = (preprocessing.get("normalization") or [{}])[0]
+    if scheme.get("scheme") == "ct":
+        return (f"CT: mean HU inside each class against the training foreground (mean {scheme['mean']:.4g}, std "
+                f"{scheme['std']:.4g}); flagged beyond {INTENSITY_STDS:g} std")
+    modality = (preprocessing.get("modalities") or ["MR"])[0]
+    return (f"{modality}: z-scored per scan, intensities have no absolute scale: only the spacing is compared "
+            "with the training data")
+
+
+def case_report(label: np.ndarray, image: np.ndarray | None, affine: np.ndarray, class_names: Sequence[str],
+                preprocessing: dict, probabilities: np.ndarray | None = None, modality: str | None = None) -> dict:
+    """The report of one case (JSON-ready).
+
+    Args:
+        label: `(X, Y, Z)` class indices on the scan's grid.
+        image: `(X, Y, Z)` the scan's first channel in its own units, or None.
+        affine: the scan's voxel -> world affine.
+        class_names: foreground class names (class c is `class_names[c - 1]`).
+        preprocessing: the checkpoint's preprocessing (training spacing, CT statistics).
+        probabilities: `(C, X, Y, Z)` softmax on the scan's grid, or None (no uncertainty then).
+        modality: the DICOM Modality of the series, None for NIfTI (then guessed from the intensities).
+    """
+    stats = class_statistics(label, image, affine, class_names)
+    uncertainty = entropy_score(probabilities, label > 0) if probabilities is not None else None
+    flags = quality_flags(stats, label, affine, preprocessing, uncertainty)
+    mismatch = modality_flag(image, preprocessing, modality)
+    return {
+        "shape": [int(s) for s in label.shape],
+        "spacing_mm": [round(float(s), 4) for s in nib.affines.voxel_sizes(affine)],
+        "classes": stats,
+        "uncertainty": uncertainty,
+        "flags": flags + ([mismatch] if mismatch else []),
+    }
+
+
+def summary_columns(class_names: Sequence[str]) -> list[str]:
+    """The report's columns in summary.csv (after the volumes)."""
+    columns = []
+    for name in class_names:
+        columns += [f"voxels_{name}", f"mean_{name}", f"std_{name}", f"components_{name}"]
+    return columns + ["uncertainty", "flags"]
+
+
+def summary_values(report: dict, class_names: Sequence[str]) -> list[str]:
+    """One case's values for `summary_columns` ("" where there is no report)."""
+    if not report:
+        return [""] * len(summary_columns(class_names))
+    values = []
+    for name in class_names:
+        s = report["classes"].get(name, {})
+        values += [str(s.get("voxels", "")), _number(s.get("intensity_mean")), _number(s.get("intensity_std")),
+                   str(s.get("components", ""))]
+    flags = sorted({flag.split(":", 1)[0] for flag in report["flags"]})
+    return values + [_number(report.get("uncertainty")), ";".join(flags)]
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def previous_reports(path: Path) -> dict[str, dict]:
+    """The case reports of an earlier `report.json` in the output folder (for cases `--skip-existing` keeps)."""
+    try:
+        cases = json.loads(path.read_text()).get("cases")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return cases if isinstance(cases, dict) else {}
+
+
+def write_report(reports: dict[str, dict], path: Path, preprocessing: dict, meta: dict) -> None:
+    """`report.json`, atomically: `{"seg": meta, "intensity_check": ..., "cases": {case: report}}`."""
+    document = {"seg": meta, "intensity_check": intensity_note(preprocessing),
+                "training_spacing_mm": preprocessing.get("spacing"), "cases": reports}
+    write_text(path, json.dumps(document, indent=1, allow_nan=False))
