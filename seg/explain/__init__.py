@@ -8,5 +8,5 @@ from seg._exports import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "attention_concentration": "seg.explain.concentration",
     "export_case": "seg.explain.export",
-    "render_overlay": "seg.explain.figure",
+    "render_overlay": "seg.figure",
 })

@@ -1,7 +1,7 @@
 """Where the network looks, for one scan: gate maps as NIfTI in the scan's own grid, the overlay PNG, and numbers.
 
 For each scan: `gate_<level>.nii.gz` (float32 in [0, 1], the scan's own grid and affine; coarsest level
-first; `cbam_<level>.nii.gz` for CBAM's spatial maps, finest first), `overlay.png` (`seg.explain.figure`) and,
+first; `cbam_<level>.nii.gz` for CBAM's spatial maps, finest first), `overlay.png` (`seg.figure`) and,
 with a ground truth, the attention concentration of every map (`seg.explain.concentration`) and the Dice of
 every class, collected in `concentration.csv`. Used by the training callback (`GateOverlays`) and by
 `seg overlays` (`seg.explain.command`).
@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from seg.explain.concentration import attention_concentration
-from seg.explain.figure import figure_masks, render_overlay
+from seg.figure import figure_masks, render_overlay
 from seg.io import save_nifti, write_text
 from seg.metrics import confusion, dice_from_confusion
 

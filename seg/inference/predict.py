@@ -440,7 +440,7 @@ class _Run:
     def write_preview(self, case_id: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray,
                       path: Path) -> None:
         """`<case>_preview.png`: axial, coronal and sagittal views through the prediction, with its contours."""
-        from seg.training.overlay_figure import render_overlay  # matplotlib: only when a preview is asked for
+        from seg.figure import render_overlay  # matplotlib: only when a preview is asked for
 
         render_overlay(path, image, {}, affine, prediction=label, class_names=self.predictor.class_names,
                        title=case_id, dpi=60)
@@ -558,7 +558,7 @@ def predict_folder(
         raise SegError("--save-gates needs one checkpoint: attention-gate maps are per model, not averaged")
     if save_gates and not getattr(predictor.model.network, "gate_outputs", True):
         raise SegError("--save-gates needs gate maps: this ONNX model was exported without them; export it again "
-                       "with `seg export --gates`", None if isinstance(checkpoint, Predictor) else checkpoint)
+                       "with `seg export --gates`", None if isinstance(checkpoint, Predictor) else checkpoints[0])
     plan = None
     if postprocessing is not None:
         plan = load_postprocessing(postprocessing, range(1, predictor.num_classes))

@@ -168,7 +168,7 @@ def test_folder_with_broken_and_non_image_files(tmp_path, monkeypatch, capsys):
     assert code == 1
     assert "nvImageCodec" not in err and "Warning" not in err, err  # MONAI's DICOM reader kept quiet
     rows = read_summary(out)
-    assert rows["P-1_3"]["status"] == "ok" and rows["P2_5"]["status"] == "ok"
+    assert rows["P-1_3"]["status"] == "ok" and rows["P2_5"]["status"] == "ok", rows["P-1_3"]["message"]
     assert rows["P3_7"]["status"] == "failed" and "missing slice" in rows["P3_7"]["message"]
     assert rows["report.dcm"]["status"] == "ignored" and "no pixel data" in rows["report.dcm"]["message"]
     assert rows["README.txt"]["status"] == "ignored" and "not a DICOM file" in rows["README.txt"]["message"]

@@ -1,5 +1,8 @@
 """The overlay figure: a scan with its gate heatmaps and the ground-truth and predicted contours, in three views.
 
+A drawing utility below every package, as `seg.io` is: where the network looks (`seg.explain`) draws its gate
+overlays with it, and `seg predict --preview` (`seg.inference`) its previews, without importing upwards.
+
 Volumes come in the scan's own voxel grid with its affine; they are turned to the closest RAS orientation and
 shown the way a radiologist reads them: patient's right on the viewer's left, anterior (axial) or superior
 (coronal, sagittal) at the top, pixels in mm so the aspect ratio is true.

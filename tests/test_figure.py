@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from seg.explain.figure import PLANE_AXIS, drawable_planes, render_overlay, slice_indices, to_ras, view
+from seg.figure import PLANE_AXIS, drawable_planes, render_overlay, slice_indices, to_ras, view
 from seg.explain.export import channel_title, display_background
 
 
@@ -72,7 +72,7 @@ def test_channel_title_and_ct_display_background():
 
 
 def test_figure_masks_cover_only_the_drawn_views_of_a_single_slice(tmp_path):
-    from seg.explain.figure import figure_masks
+    from seg.figure import figure_masks
 
     shape = (40, 30, 1)
     label = _volume(shape, [s * 0.5 for s in shape])
