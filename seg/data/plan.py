@@ -249,7 +249,9 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
     decide("model.schedule", "poly", "warm-up then polynomial decay over the run (by time when time-bounded)")
     decide("model.sw_batch_size", 4, "windows per forward pass at validation and prediction")
 
-    # Time and validation: estimate a training step and a validation, then validate about every tenth of the run.
+    # Time and validation: estimate a training step and a validation. A time-bounded run validates every epoch and
+    # lets `ValidationSchedule` skip what goes over its share (measured, not estimated); an epoch-bounded one
+    # validates every n epochs, n from the estimates.
     voxels_per_step = 2 * per_volume * float(np.prod(patch))
     step_seconds = voxels_per_step * CPU_SECONDS_PER_VOXEL[spatial] / (1 if not gpu else 50)
     n_train = len(info.cases) - n_val
@@ -264,17 +266,17 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
         decide("trainer.max_time", _duration(total_minutes),
                f"{total_minutes:g} minutes of training; about {epochs} epochs of {epoch_seconds:.0f} s (estimated)")
         decide("trainer.max_epochs", -1, "bounded by time, not epochs")
-        # validations that fit in an eighth of the run, the final one (always run at the end) included
-        runs = int(total_minutes * 60 / 8 // max(val_seconds, 1e-6))
-        every = epochs + 1 if runs <= 1 else max(1, math.ceil(epochs / runs))
-        why = (f"only the final validation fits in an eighth of the run ({cost})" if runs <= 1 else
-               f"{min(runs, epochs)} validations fit in an eighth of the run, the final one included ({cost})")
+        every = 1
+        why = (f"every epoch while validation stays under validation.max_share of the run: `seg fit` measures what a "
+               f"validation costs and skips the ones over it; the last epoch is always validated ({cost})")
     else:
         decide("trainer.max_epochs", 1000, "1000 epochs, as nnU-Net trains on a GPU")
         every = max(1, math.ceil(val_seconds / max(0.1 * epoch_seconds, 1e-6)))
         why = f"validation at most a tenth of the training time ({cost})"
     decide("trainer.check_val_every_n_epoch", every, why)
-    decide("overlays.every_n_epochs", every, "gate overlays at every validation")
+    decide("validation.max_share", 0.1, "validation takes at most a tenth of a time-bounded run's wall time")
+    decide("overlays.every_n_epochs", every, "gate overlays at every validation" if every > 1 else
+           "gate overlays at the validations (and always at the last)")
     decide("trainer.log_every_n_steps", max(1, min(50, math.ceil(n_train / 2) // 2)), "twice an epoch, at most every 50")
     return decisions
 
@@ -316,7 +318,7 @@ def render_yaml(decisions: Sequence[Decision], root: str | os.PathLike, command:
     sections: dict[str, list[Decision]] = {}
     for d in decisions:
         sections.setdefault(d.key.split(".", 1)[0], []).append(d)
-    for section in ("trainer", "model", "data", "overlays"):
+    for section in ("trainer", "validation", "model", "data", "overlays"):
         if section not in sections and section != "data":
             continue
         lines.append(f"{section}:")

@@ -5,7 +5,8 @@ to Lightning's defaults: the data's channels, classes and patch size are linked 
 go to `<default_root_dir>/checkpoints/{best,last}.ckpt` (best = highest mean validation Dice), saved
 atomically; W&B logging with an offline fallback (or CSV only); a rich progress bar on a terminal and plain
 progress lines in logs (`seg.training.callbacks.LogProgress`, `--progress.every_n_seconds`); a validation of
-the last epoch whatever the schedule (`FinalValidation`); gate-activation overlays of every validation volume
+the last epoch whatever the schedule, and at most a tenth of a time-bounded run (`ValidationSchedule`,
+`--validation.max_share`); gate-activation overlays of every validation volume
 (`seg.training.overlays.GateOverlays`, options under `--overlays.*`).
 """
 
@@ -23,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from seg.data import NiftiDataModule
 from seg.errors import SegError
-from seg.training.callbacks import FinalValidation, LogProgress, ModelLine, progress_bar
+from seg.training.callbacks import LogProgress, ModelLine, ValidationSchedule, progress_bar
 from seg.training.checkpoint_io import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, describe_os_error,
                                        load_weights_only)
 from seg.training.module import SegmentationModule
@@ -54,6 +55,8 @@ class SegCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         # Gate overlays at every validation by default; `--overlays.every_n_epochs 0` turns them off.
         parser.add_lightning_class_args(GateOverlays, "overlays")
+        # When to validate: the last epoch always, and at most `max_share` of a time-bounded run.
+        parser.add_lightning_class_args(ValidationSchedule, "validation")
         # Used when the output is not a terminal; on a terminal Lightning's Rich bar draws instead.
         parser.add_class_arguments(LogProgress, "progress", instantiate=False)
         parser.add_argument("--logging", choices=["wandb", "csv"], default="wandb",
@@ -93,7 +96,7 @@ class SegCLI(LightningCLI):
         user_logger = config["trainer"].get("logger")
         if user_logger is None or user_logger is True:  # the user did not pick a logger: ours
             kwargs["logger"] = self._make_logger(config, root)
-        # The checkpoints, the final validation and the atomic checkpoint IO are declared (`trainer_defaults` in
+        # The checkpoints and the atomic checkpoint IO are declared (`trainer_defaults` in
         # `run_lightning`: `--print_config` and config.yaml show them, a YAML can change them). What depends on
         # other settings is added here: the progress display (a terminal or a log), the one-line model summary and
         # the learning-rate monitor (only with a logger).
@@ -206,7 +209,7 @@ def quiet_library_notices() -> None:
 # end and before each validation, so a failing or killed validation never costs the epoch.
 DECLARED = {
     "trainer.callbacks": [{"class_path": f"{c.__module__}.{c.__name__}"}
-                          for c in (BestCheckpoint, LastCheckpoint, FinalValidation)],
+                          for c in (BestCheckpoint, LastCheckpoint)],
     "trainer.plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
 }
 TRAINER_DEFAULTS = {"default_root_dir": "runs/latest", "log_every_n_steps": 10}

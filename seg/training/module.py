@@ -16,6 +16,7 @@ from seg.inference.slabs import class_indices, stitch_budget
 from seg.inference.window import WindowInference
 from seg.metrics import surface_scores
 from seg.models.topology import check_strides
+from seg.training.callbacks import is_final_validation
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "SegmentationModule", "hausdorff95"]
 
@@ -91,7 +92,9 @@ class SegmentationModule(pl.LightningModule):
         sw_overlap: overlap of neighbouring windows.
         sw_batch_size: windows per forward pass.
         class_names: foreground class names, for metric keys (linked from the data).
-        hd95: also compute the 95th-percentile Hausdorff distance (slower on big volumes).
+        hd95: also compute the 95th-percentile Hausdorff distance: "final" at the last validation of `fit` and in
+            `seg validate/test` (the best checkpoint is chosen by Dice, so HD95 on the way is only a cost), true at
+            every validation, false never.
         channels_last: channels-last memory format for the network (faster convolutions on recent GPUs).
         compile: `torch.compile` the network.
     """
@@ -119,7 +122,7 @@ class SegmentationModule(pl.LightningModule):
         sw_overlap: float = 0.5,
         sw_batch_size: int = 4,
         class_names: list[str] | None = None,
-        hd95: bool = True,
+        hd95: bool | Literal["final"] = "final",
         channels_last: bool = False,
         compile: bool = False,
     ):
@@ -227,7 +230,8 @@ class SegmentationModule(pl.LightningModule):
         # MONAI's ignore_empty gives NaN whenever the label lacks the class; a false positive there is a 0 (nnU-Net)
         dice = torch.where(predicted & ~labelled, 0.0, self.dice(prediction, label).cpu().as_subclass(torch.Tensor))
         scores = {"dice": dice, "missing": (~(predicted & labelled)).float()}  # (N, classes): one row per volume
-        if self.hparams.hd95:
+        if self.hparams.hd95 is True or (self.hparams.hd95 == "final" and
+                                         (self._trainer is None or is_final_validation(self._trainer))):
             spacing = (self.preprocessing or {}).get("spacing")
             spacing = spacing if spacing and min(spacing) > 0 else None
             scores["hd95"] = torch.cat([hausdorff95(prediction == c, label == c, spacing=spacing)

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from seg.explain.export import (CaseOverlay, _fmt, channel_title, display_background, export_case, map_order,
                                 mean_concentration, write_concentration_csv)
+from seg.training.callbacks import is_final_validation
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def _batch_case_id(batch, default: str) -> str:
 
 
 class GateOverlays(Callback):
-    """Export gate overlays for every validation volume, every `every_n_epochs` epochs.
+    """Export gate overlays for every validation volume, every `every_n_epochs` epochs and at the run's end.
 
     The maps come from the validation step's own sliding window (the module's `export_gates` flag makes
     `validation_step` return them), are taken back to each scan's grid with `Invertd` and the datamodule's
@@ -48,8 +49,8 @@ class GateOverlays(Callback):
     exports the volumes it validates and rank zero writes the CSV and logs.
 
     Args:
-        every_n_epochs: export at the validation of every n-th epoch and at the last one of the run (0: never).
-            Outside `fit`: every validation.
+        every_n_epochs: export at the first validation after each n-th epoch and at the last one of the run
+            (0: never). Outside `fit`: every validation.
         cbam: also export CBAM's spatial attention maps.
         max_volumes: export at most this many volumes per validation (per process); None: all.
         dilation_mm: growth of the ground truth for the concentration.
@@ -64,20 +65,26 @@ class GateOverlays(Callback):
         self.max_volumes = max_volumes
         self.dilation_mm = dilation_mm
         self._active = False
+        self._exported_epoch = -1  # the epoch of the last export in this fit
         self._results: list[CaseOverlay] = []
         self._inverter = None
         self.failed: list[str] = []  # case ids whose export failed at the last validation (logged, skipped)
 
     # ---- when ---------------------------------------------------------------------------------------------------
     def _due(self, trainer) -> bool:
+        """Whether this validation exports; in `fit` it also books the export, so call it once per validation."""
         if self.every_n_epochs == 0 or trainer.sanity_checking:
             return False
         if trainer.state.fn != TrainerFn.FITTING:
             return True
-        # the run's last validation (`FinalValidation`: the last epoch, or a stop by `max_time`) always exports
-        max_epochs = getattr(trainer, "max_epochs", None)
-        last = getattr(trainer, "should_stop", False) or bool(max_epochs and trainer.current_epoch + 1 >= max_epochs)
-        return last or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        # The run's last validation always exports (the last epoch, or a stop by `max_time`), and otherwise the
+        # first validation that passes a multiple of every_n_epochs epochs since the last export: epochs whose
+        # validation `ValidationSchedule` skipped do not make the schedule lose an export.
+        epoch, n = trainer.current_epoch, self.every_n_epochs
+        due = is_final_validation(trainer) or (epoch + 1) // n > (self._exported_epoch + 1) // n
+        if due:
+            self._exported_epoch = epoch
+        return due
 
     def _make_inverter(self, trainer):
         from monai.transforms import Invertd
