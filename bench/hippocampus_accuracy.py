@@ -62,24 +62,38 @@ def make_split(source: Path, out: Path, test_cases: int, seed: int) -> tuple[Pat
     return train_dir, test_dir
 
 
-def run_monai(train_dir: Path, test_dir: Path, minutes: float, threads: int = 2) -> dict:
+def run_monai(train_dir: Path, test_dir: Path, minutes: float, threads: int = 2, kind: str = "attention",
+              seed: int | None = None) -> dict:
+    """The MONAI reference script (`kind`: attention for AttentionUnet, unet for UNet), unchanged.
+
+    The script seeds torch with 0 itself; another `seed` is given by running it under `runpy` with
+    `torch.manual_seed` bound to that seed (initial weights and loader order change, nothing else)."""
     script = SHARED / "bench" / "monai_reference_hippocampus.py"
+    args = [str(script), str(train_dir), str(test_dir), str(minutes), kind]
+    command = [sys.executable, *args]
+    if seed:
+        command = [sys.executable, "-c", "import runpy, sys, torch; seed = torch.manual_seed; "
+                   f"torch.manual_seed = lambda _: seed({int(seed)}); sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')", *args]
     start = time.time()
-    result = subprocess.run([sys.executable, str(script), str(train_dir), str(test_dir), str(minutes)],
-                            capture_output=True, text=True, env={**os.environ, "THREADS": str(threads)}, check=True)
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "THREADS": str(threads)},
+                            check=True)
     scores = json.loads(result.stdout.strip().splitlines()[-1])
-    return {"method": "monai_reference", "wall_s": round(time.time() - start, 1), **scores}
+    return {"method": "monai_reference" if kind == "attention" else f"monai_{kind}",
+            "wall_s": round(time.time() - start, 1), **scores}
 
 
-def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = None, plan: bool = False) -> dict:
-    run_dir = out / ("plan_run" if plan else "seg_run")
+def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = None, plan: bool = False,
+            extra_args: tuple[str, ...] = (), name: str | None = None) -> dict:
+    """`seg fit` for `minutes` then `seg test --ckpt_path best` on the held-out cases; `extra_args` go to both."""
+    run_dir = out / (name or ("plan_run" if plan else "seg_run"))
     config = REPO / "configs" / "hippocampus.yaml"
     if plan:  # the config `seg plan` derives from the training folder, for the same time budget
         config = out / "plan.yaml"
         subprocess.run([sys.executable, "-m", "seg", "plan", str(train_dir), "--minutes", f"{minutes:g}",
                         "--output", str(config)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     common = ["--config", str(config), "--data.root", str(train_dir),
-              "--trainer.default_root_dir", str(run_dir), "--logging", "csv"]
+              "--trainer.default_root_dir", str(run_dir), "--logging", "csv", *extra_args]
     env = dict(os.environ)
     extra = []
     if threads is not None:  # the --parallel mode: one thread, augmentation in the training process like MONAI's
@@ -98,7 +112,8 @@ def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = No
         row = [r for r in csv.DictReader(f) if r.get("test/dice_mean")][-1]
     with open(sorted((run_dir / "csv").glob("version_*/metrics.csv"))[0]) as f:
         steps = max(int(r["step"]) for r in csv.DictReader(f) if r.get("step"))
-    return {"method": "seg_plan" if plan else "seg", "fit_wall_s": round(fit_s, 1), "steps": steps,
+    return {"method": name or ("seg_plan" if plan else "seg"), "fit_wall_s": round(fit_s, 1), "steps": steps,
+            "run_dir": str(run_dir),
             "dice_anterior": round(float(row["test/dice_Anterior"]), 4),
             "dice_posterior": round(float(row["test/dice_Posterior"]), 4),
             "dice_mean": round(float(row["test/dice_mean"]), 4),
