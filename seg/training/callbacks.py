@@ -157,6 +157,9 @@ class ValidationSchedule(Callback):
     instead measures what a validation costs on this machine and this dataset, which no interval fixed in advance
     knows.
 
+    Each validation logs its seconds (`time/validation_seconds`) and the share of the run validated so far
+    (`time/validation_share`) to every logger.
+
     Args:
         max_share: the most of a time-bounded run's wall time that validation may take, in (0, 1]; None or 1: the
             epoch schedule alone. Runs bounded by epochs only follow the schedule.
@@ -170,6 +173,7 @@ class ValidationSchedule(Callback):
         self._step_seconds = 0.0
         self._last_batch_end: float | None = None
         self._captured = False  # `_schedule` holds the user's check_val_every_n_epoch
+        self._train_start: float | None = None
         self._validation_start: float | None = None
         self.validation_seconds = 0.0  # validated so far in this fit (sanity check not counted)
         self.validation_cost: float | None = None  # seconds of the last validation, or the sanity check's estimate
@@ -192,12 +196,24 @@ class ValidationSchedule(Callback):
         if not trainer.sanity_checking:
             self._validation_start = time.monotonic()
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._train_start = time.monotonic()
+
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self._validation_start is None:
             return
-        self.validation_cost = time.monotonic() - self._validation_start
+        now = time.monotonic()
+        self.validation_cost = now - self._validation_start
         self.validation_seconds += self.validation_cost
         self._validation_start = None
+        # where the time goes, as charts: this validation's seconds and the share of the run validated so far
+        timer = _timer(trainer)
+        elapsed = timer.time_elapsed("train") if timer is not None else now - (self._train_start or now)
+        if trainer.is_global_zero and elapsed > 0:
+            for logger in trainer.loggers:
+                logger.log_metrics({"time/validation_seconds": self.validation_cost,
+                                    "time/validation_share": self.validation_seconds / elapsed},
+                                   step=trainer.global_step)
 
     # ---- the decisions -----------------------------------------------------------------------------------------
     def _set(self, trainer, every: int | None) -> None:

@@ -70,6 +70,15 @@ def test_the_last_epoch_is_validated_with_overlays_even_off_schedule(run):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
+def test_each_validation_logs_its_seconds_and_the_share_of_the_run_so_far(run):
+    with open(next((run / "csv").rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("time/validation_share")]
+    assert [int(r["step"]) for r in rows] == [4, 6]  # the validations of epochs 1 and 2
+    shares = [float(r["time/validation_share"]) for r in rows]
+    seconds = [float(r["time/validation_seconds"]) for r in rows]
+    assert all(0 < v < 1 for v in shares) and all(v > 0 for v in seconds)
+
+
 def test_the_validation_schedule_makes_the_last_epoch_or_a_timed_out_one_due_and_restores_the_schedule():
     from types import SimpleNamespace
 
