@@ -3,7 +3,8 @@
 The three methods segment the same scans with the same checkpoint and write label maps on each scan's grid:
 - seg:   `seg.inference.predict.predict_folder` (what `seg predict` runs): loading of the next scan overlaps the
          prediction, inversion and writing run in a background thread, scans that fit in one window share
-         forward passes;
+         forward passes; the default precision ("auto": bf16 on a CPU with AMX, else float32);
+- seg_fp32: the same with `--precision fp32`;
 - onnx:  the same with `--backend onnxruntime`: the checkpoint exported in memory (`seg export`'s path) and run by
          ONNX Runtime's CPU execution provider with as many threads (needs `pip install seg[onnx]`);
 - monai: the loop a MONAI user writes: LoadImaged, EnsureChannelFirstd, Orientationd, Spacingd,
@@ -14,7 +15,9 @@ Each method runs in its own child process (so peak RSS does not mix), the method
 rounds (so drift in a shared machine's load hits both), and the best round of each is reported. Scans per
 minute count from the first scan to the last file written (model loading and imports excluded; reported
 apart). Peak memory is the child's `ru_maxrss`, and its growth over the RSS after imports and model loading.
-Finally the label maps of seg and each other method are compared case by case (voxel agreement, Dice per class).
+Finally the label maps of seg and each other method are compared case by case (voxel agreement, Dice per class;
+ONNX against seg_fp32, both float32), and the whole default command `seg predict -c CKPT -i DIR -o OUT` is timed
+as a user runs it, start-up included (`cli_seconds`, one run per round).
 
 usage: python bench/predict_speed.py --checkpoint CKPT --input DIR [--cases 48] [--repeats 2] [--threads 2]
 """
@@ -33,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("seg", "onnx", "monai")
+METHODS = ("seg", "seg_fp32", "onnx", "monai")
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -43,17 +46,17 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def run_seg(checkpoint: str, input_dir: Path, output: Path, backend: str = "pytorch") -> dict:
+def run_seg(checkpoint: str, input_dir: Path, output: Path, backend: str = "pytorch", precision: str = "auto") -> dict:
     from seg.inference.predict import predict_folder
     from seg.inference.predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend=backend)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend=backend, precision=precision)
     baseline = rss_mb()
     start = time.perf_counter()
     results = predict_folder(predictor, input_dir, output, progress=False)
     seconds = time.perf_counter() - start
     assert all(r.status == "ok" for r in results), [r.message for r in results if r.status != "ok"]
-    return {"seconds": seconds, "cases": len(results), "baseline_rss_mb": baseline,
+    return {"seconds": seconds, "cases": len(results), "baseline_rss_mb": baseline, "precision": predictor.precision,
             "params_mb": sum(p.numel() * p.element_size() for p in predictor.model.network.parameters()) / 2**20}
 
 
@@ -112,7 +115,8 @@ def child(args) -> None:
         result = run_monai(args.checkpoint, Path(args.input), Path(args.output))
     else:
         result = run_seg(args.checkpoint, Path(args.input), Path(args.output),
-                         "onnxruntime" if args.child == "onnx" else "pytorch")
+                         "onnxruntime" if args.child == "onnx" else "pytorch",
+                         "fp32" if args.child == "seg_fp32" else "auto")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -167,6 +171,7 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "OMP_WAIT_POLICY": "PASSIVE"}
         runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+        cli_seconds: list[float] = []
         for round_ in range(args.repeats):
             for method in METHODS:
                 output = work / f"{method}_{round_}"
@@ -182,19 +187,32 @@ def main() -> None:
                 runs[method].append(result)
                 print(f"round {round_} {method}: {result['scans_per_minute']:.1f} scans/min, "
                       f"peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            output = work / f"cli_{round_}"
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "seg", "predict", "-c", args.checkpoint, "-i", str(scans),
+                                   "-o", str(output)], capture_output=True, text=True, env=env)
+            if done.returncode:
+                sys.exit(f"seg predict failed:\n{done.stderr[-3000:]}")
+            cli_seconds.append(time.perf_counter() - start)
+            print(f"round {round_} seg predict (command, start-up included): {cli_seconds[-1]:.1f} s",
+                  file=sys.stderr)
         best = {m: max(r, key=lambda x: x["scans_per_minute"]) for m, r in runs.items()}
         report = {
             "cases": len(files), "threads": args.threads, "checkpoint": args.checkpoint,
             "largest_input_voxels": largest, "largest_input_float32_mb": round(largest * 4 / 2**20, 3),
-            "model_params_mb": round(best["seg"]["params_mb"], 2),
+            "model_params_mb": round(best["seg"]["params_mb"], 2), "seg_precision": best["seg"]["precision"],
+            "cli_seconds": [round(s, 2) for s in cli_seconds],
+            "cli_scans_per_second_best": round(len(files) / min(cli_seconds), 2),
             **{f"{m}_{k}": round(v, 2) for m, r in best.items() for k, v in r.items()
                if k in ("scans_per_minute", "seconds", "process_seconds", "peak_rss_mb", "baseline_rss_mb")},
             **{f"{m}_peak_growth_mb": round(r["peak_rss_mb"] - r["baseline_rss_mb"], 1) for m, r in best.items()},
             "speedup": round(best["seg"]["scans_per_minute"] / best["monai"]["scans_per_minute"], 2),
             "onnx_speedup_over_seg": round(best["onnx"]["scans_per_minute"] / best["seg"]["scans_per_minute"], 2),
+            "seg_speedup_over_fp32": round(best["seg"]["scans_per_minute"] / best["seg_fp32"]["scans_per_minute"], 2),
             "all_rounds_scans_per_minute": {m: [round(x["scans_per_minute"], 1) for x in r] for m, r in runs.items()},
             **agreement(work / "seg_0", work / "monai_0", scans),
-            "onnx": agreement(work / "seg_0", work / "onnx_0", scans, "onnx"),
+            "onnx_vs_seg_fp32": agreement(work / "seg_fp32_0", work / "onnx_0", scans, "onnx"),
+            "seg_vs_seg_fp32": agreement(work / "seg_0", work / "seg_fp32_0", scans, "seg_fp32"),
         }
         print(json.dumps(report, indent=1))
     finally:

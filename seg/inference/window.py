@@ -65,9 +65,11 @@ class WindowInference:
     def _forward(self, x: torch.Tensor, gates: bool, cbam: bool) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
         if self.memory_format is not None:
             x = x.contiguous(memory_format=self.memory_format)
+        # .float(): under autocast (bf16 on a CPU, fp16 on a GPU) the stitching buffers stay float32
         if not gates:
-            return self.network(x), []
+            return self.network(x).float(), []
         logits, gate_maps, *cbam_maps = self.network.forward_with_gates(x, return_cbam=cbam)
+        logits = logits.float()
         maps = [(f"gate_{level}", m) for level, m in enumerate(gate_maps)]
         maps += [(f"cbam_{level}", m) for level, m in enumerate(cbam_maps[0] if cbam_maps else [])]
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"

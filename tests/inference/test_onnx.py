@@ -75,8 +75,9 @@ def test_export_above_the_tolerance_is_one_line_and_writes_nothing(trained_check
 # ---- the ONNX Runtime backend --------------------------------------------------------------------------------------
 def test_onnxruntime_labels_equal_pytorchs(exported, trained_checkpoint, scans, tmp_path):
     torch_out, onnx_out, fly_out = tmp_path / "torch", tmp_path / "onnx", tmp_path / "fly"
+    # float32 on both sides: the exported graph is float32 (PyTorch's "auto" may be bf16 on a CPU with AMX)
     assert main(["predict", "-c", str(trained_checkpoint), "-i", str(scans), "-o", str(torch_out), "--save-gates",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--precision", "fp32"]) == 0
     assert main(["predict", "-c", str(exported), "-i", str(scans), "-o", str(onnx_out), "--save-gates",
                  "--backend", "onnxruntime", "--device", "cpu"]) == 0
     # a .ckpt with --backend onnxruntime: exported in memory
