@@ -212,7 +212,10 @@ class SegmentationModule(pl.LightningModule):
 
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(self(batch["image"]), batch["label"])
+        logits = self(batch["image"])
+        # the loss in float32 under bf16/fp16 autocast (`--trainer.precision bf16-mixed`): softmax and Dice sums
+        logits = [t.float() for t in logits] if isinstance(logits, (list, tuple)) else logits.float()
+        loss = self.loss_fn(logits, batch["label"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
         return loss
 
