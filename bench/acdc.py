@@ -92,9 +92,12 @@ def network_step_seconds(config: dict, steps: int = 8) -> float:
     x = torch.randn(n, 1, *data["patch_size"])
     y = torch.randint(0, 4, (n, 1, *data["patch_size"]))
     times = []
+    bf16 = str(config.get("trainer", {}).get("precision")).startswith("bf16")
     for i in range(steps + 2):
         start = time.perf_counter()
-        loss = loss_fn(network(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = network(x)
+        loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -110,6 +113,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "acdc")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_acdc")
+    parser.add_argument("--plan-args", default=None,
+                        help="trials: plan with `seg plan TRAIN --minutes M PLAN_ARGS` (e.g. '--dims 2d') and train on "
+                             "that plan, instead of the plain `seg fit --data.root` a user runs")
+    parser.add_argument("--fit-args", default="", help="trials: more `seg fit` options, e.g. '--data.patch_size [128,128]'")
     args = parser.parse_args()
     import yaml
 
@@ -117,8 +124,16 @@ def main() -> None:
     run = args.out / "run"
     seconds = int(round(args.minutes * 60))
     common = ["--trainer.default_root_dir", str(run), "--logging", "csv"]
+    planned = []
+    if args.plan_args is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "seg", "plan", str(data), "--minutes", f"{args.minutes:g}",
+                        "--output", str(run / "plan.yaml"), *args.plan_args.split()], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
+        planned = ["--config", str(run / "plan.yaml")]
     start = time.time()
-    fit = subprocess.run([sys.executable, "-m", "seg", "fit", "--data.root", str(data), *common,
+    fit = subprocess.run([sys.executable, "-m", "seg", "fit", *planned, "--data.root", str(data), *common,
+                          *args.fit_args.split(),
                           "--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
                           "--trainer.profiler", "simple", "--trainer.enable_progress_bar", "false"],
                          capture_output=True, text=True, cwd=REPO)
@@ -127,7 +142,10 @@ def main() -> None:
     if fit.returncode != 0:
         raise SystemExit(f"seg fit failed; see {args.out / 'fit.log'}")
     config = yaml.safe_load((run / "plan.yaml").read_text())
-    plan_args = ["--config", str(run / "plan.yaml"), "--data.root", str(data), *common]
+    saved = sorted((run / "csv").glob("version_*/config.yaml"))  # what the run used: the plan and every override
+    if saved:
+        config = yaml.safe_load(saved[0].read_text())
+    plan_args = ["--config", str(run / "plan.yaml"), "--data.root", str(data), *common, *args.fit_args.split()]
     test = subprocess.run([sys.executable, "-m", "seg", "test", *plan_args, "--ckpt_path", "best"],
                           capture_output=True, text=True, cwd=REPO)
     (args.out / "test.log").write_text(test.stdout + test.stderr)
@@ -147,7 +165,8 @@ def main() -> None:
     classes = [k.split("test/dice_", 1)[1] for k in row if k.startswith("test/dice_") and k != "test/dice_mean"]
     print(json.dumps({
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "minutes": args.minutes, "held_out_patients": held_out,
+        "minutes": args.minutes, "held_out_patients": held_out, "plan_args": args.plan_args,
+        "fit_args": args.fit_args, "precision": config.get("trainer", {}).get("precision", "32-true"),
         "plan": {k: config["model"].get(k) for k in ("channels", "strides")} | {
             k: config["data"].get(k) for k in ("spatial_dims", "spacing", "patch_size", "batch_size",
                                                "samples_per_volume")},

@@ -22,6 +22,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
+from seg import hardware
 from seg.data.guard import guard_file, load_header
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
@@ -46,22 +47,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs bfloat16 convolutions on
-    the matrix units: the hippocampus network's window is 3.1x faster there in bf16 than in float32 (0.043 s
-    against 0.133 s at a batch of 4 on two cores, `bench/predict_speed.py --precision`). Without them bf16 is
-    emulated and no faster, so "auto" keeps float32."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x; absent: assume none
-    try:
-        return bool(probe()) if probe is not None else False
-    except Exception:
-        return False
-
-
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The `torch.autocast` dtype of the network for `precision` on `device`; None: float32 throughout.
 
-    "auto": float16 on a GPU; bfloat16 on a CPU with AMX (`cpu_has_bf16_matrix_units`), else float32.
+    "auto": float16 on a GPU; bfloat16 on a CPU with AMX (`seg.hardware.cpu_has_bf16_matrix_units`: the
+    hippocampus network's window 3.1x faster), else float32.
     The stitching, softmax and argmax stay float32 either way.
     """
     if precision not in PRECISIONS:
@@ -69,7 +59,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "auto":
         if device.type == "cuda":
             return torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_matrix_units() else None
+        return torch.bfloat16 if device.type == "cpu" and hardware.cpu_has_bf16_matrix_units() else None
     if precision == "fp16" and device.type == "cpu":
         raise SegError("--precision fp16 runs on a GPU; on the CPU use bf16 or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

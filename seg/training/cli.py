@@ -183,6 +183,7 @@ def plan_when_unconfigured(subcommand: str, args: list[str]) -> list[str]:
 HARMLESS_WARNINGS = (
     (FutureWarning, r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy"),
     (Warning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (Warning, r"Precision bf16-mixed is not supported by the model summary"),
 )
 HARMLESS_INFO = ("💡 Tip:", "Trainer already configured with model summary callbacks",
                  "Loading `train_dataloader` to estimate number of stepping batches")

@@ -88,6 +88,17 @@ def test_a_dataset_smaller_than_a_patch_gets_a_patch_clipped_to_it(datasets):
     assert all(p % m == 0 for p, m in zip(plan["data.patch_size"], multiple))
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_a_cpu_plan_trains_in_bf16_where_the_cpu_has_matrix_units(datasets, monkeypatch, amx):
+    from seg import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_bf16_matrix_units", lambda: amx)
+    cpu = _values(plan_dataset(datasets["isotropic"], minutes=10))
+    assert cpu["trainer.precision"] == ("bf16-mixed" if amx else "32-true")
+    # GPU plans are bf16 whatever the planning CPU has
+    assert _values(plan_dataset(datasets["isotropic"], device="gpu"))["trainer.precision"] == "bf16-mixed"
+
+
 def test_rules_in_isolation():
     spacing, why = target_spacing(np.array([[1.5, 1.5, 10.0]] * 9 + [[1.5, 1.5, 5.0]] * 3))
     assert spacing == [1.5, 1.5, 5.0] and "10th percentile" in why  # thin-slice cases keep their detail

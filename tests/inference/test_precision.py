@@ -12,7 +12,7 @@ import torch
 from seg.cli import main
 from seg.data.synthetic import write_dataset
 from seg.errors import SegError
-from seg.inference import predictor as predictor_module
+from seg import hardware
 from seg.inference.checkpoint import load_trained_model
 from seg.inference.predictor import Predictor, autocast_dtype
 
@@ -24,7 +24,7 @@ def scans(tmp_path_factory):
 
 @pytest.mark.parametrize("amx, expected", [(True, torch.bfloat16), (False, None)])
 def test_auto_is_bf16_on_a_cpu_with_matrix_units_else_float32(monkeypatch, amx, expected):
-    monkeypatch.setattr(predictor_module, "cpu_has_bf16_matrix_units", lambda: amx)
+    monkeypatch.setattr(hardware, "cpu_has_bf16_matrix_units", lambda: amx)
     assert autocast_dtype(torch.device("cpu"), "auto") is expected
     assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
