@@ -52,7 +52,14 @@ def test_the_same_dataset_gives_the_same_plan(datasets):
 
 
 def test_thin_data_get_no_stride_along_the_thick_axis_at_the_first_levels(datasets):
-    plan = _values(plan_dataset(datasets["thin"], minutes=10))
+    # on a CPU thin data are planned 2D (slices 7.1x thicker than the in-plane spacing); on a GPU, or asked, 3D
+    decisions = plan_dataset(datasets["thin"], minutes=10)
+    cpu, reasons = _values(decisions), {d.key: d.reason for d in decisions}
+    assert cpu["data.spatial_dims"] == 2 and cpu["data.spacing"] == [0.7, 0.7, 0.0]
+    assert reasons["data.spatial_dims"].startswith("2D: on a CPU, slices 7.1x thicker")
+    assert cpu["model.strides"] == [[2, 2]] * len(cpu["model.strides"])
+    assert _values(plan_dataset(datasets["thin"], device="gpu"))["data.spatial_dims"] == 3
+    plan = _values(plan_dataset(datasets["thin"], minutes=10, dims="3d"))
     assert plan["data.spatial_dims"] == 3 and plan["data.spacing"] == [0.7, 0.7, 5.0]
     strides = plan["model.strides"]
     assert strides[0] == [2, 2, 1] and strides[1] == [2, 2, 1]  # 0.7 mm in-plane must reach 2.8 mm first
@@ -73,7 +80,8 @@ def test_ct_gets_ct_normalisation_and_two_channels_two_inputs(datasets):
     ct = _values(plan_dataset(datasets["ct"], minutes=10))
     assert "CT: CT clip to the foreground 0.5-99.5 percentiles" in next(
         d.reason for d in plan_dataset(datasets["ct"], minutes=10) if d.key == "data.normalization")
-    module = NiftiDataModule(str(datasets["ct"]), patch_size=ct["data.patch_size"], spacing=ct["data.spacing"])
+    module = NiftiDataModule(str(datasets["ct"]), patch_size=ct["data.patch_size"], spacing=ct["data.spacing"],
+                             spatial_dims=ct["data.spatial_dims"])
     assert module.preprocessing["normalization"][0]["scheme"] == "ct"
     assert module.preprocessing["crop_threshold"] == [-500.0]
     two = _values(plan_dataset(datasets["two_channels"], minutes=10))
