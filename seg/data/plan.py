@@ -389,7 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=None,
                         help="training time; default 60 on a CPU, 1000 epochs on a GPU")
     parser.add_argument("--dims", choices=("auto", "2d", "3d"), default="auto",
-                        help="2D slices or 3D patches; auto: 2D only when the thick axis has under 12 voxels")
+                        help="2D slices or 3D patches; auto: 2D when the thick axis has under 12 voxels, or on a "
+                             "CPU when the slices are more than 3x thicker than the in-plane spacing")
 
 
 def run(args: argparse.Namespace) -> int:
