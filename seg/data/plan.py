@@ -20,7 +20,8 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
 - **Normalisation** per channel from `dataset.json`'s modality: CT is clipped to the foreground's 0.5-99.5
   percentiles and scaled by the foreground mean and std; every other channel gets a per-scan z-score.
 - **Precision**: on a GPU bf16 mixed precision; on a CPU bf16 mixed precision when the CPU planning the run has
-  AMX matrix units (`seg.hardware`; a step 1.3x faster in 3D, 2.5x in 2D), float32 otherwise.
+  native bf16 instructions (`seg.hardware.cpu_bf16_units`: AMX, a step 1.3x faster in 3D and 2.5x in 2D; AVX-512
+  BF16, 2.3x and 2.6x), float32 otherwise.
 - **Validation**: often enough to pick a good checkpoint, rarely enough to stay about a tenth of the run, from a
   step-time estimate (a constant per voxel measured on this project's 2-core CPU reference machine).
 - **Split by patient**: case ids like `patient001_frame01` (several volumes of one patient) are split by patient.
@@ -60,11 +61,7 @@ CPU_PATCH_VOXELS = {3: 128_000, 2: 256 * 256}
 # GPU: nnU-Net's reference, a 128^3 patch with batch 2 and widths 32-320 in about 10 GB of bf16 training memory.
 GPU_VOXELS_PER_GB = {3: 128**3 / 10.0, 2: 1024 * 1024 / 10.0}
 CPU_SECONDS_PER_VOXEL = {3: 2.0 / (4 * 40 * 56 * 40), 2: 2.0 / (4 * 40 * 56 * 40) / 3}  # one training step
-# bf16 on a CPU with AMX matrix units, against float32 (2-core reference, `seg.hardware`): a training step 1.3x
-# faster in 3D (40 x 56 x 40, batch 4: 0.95 s vs 1.22 s; bf16 3D convolution backward is slow) and 2.5x in 2D
-# (224 x 256, batch 8: 0.66 s vs 1.67 s); a forward pass (validation) 3.1x.
-CPU_BF16_STEP_SPEEDUP = {3: 1.3, 2: 2.5}
-CPU_BF16_FORWARD_SPEEDUP = 3.1
+BF16_UNITS = {"amx": "AMX matrix units", "avx512_bf16": "AVX-512 BF16 instructions"}
 # Case ids that name a patient and one of its volumes: `patient001_frame01`, `sub-01_ses-2`, `p7_ED`.
 GROUP_PATTERN = r"(?i)^(.+?)[_-](?:frame|phase|time|tp|visit|ses|scan|ed|es)[_-]?\d*$"
 
@@ -185,7 +182,7 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
     spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
     shapes = np.asarray(fingerprint["shapes"], dtype=np.float64)
     gpu = device == "gpu"
-    bf16 = not gpu and hardware.cpu_has_bf16_matrix_units()  # a CPU plan is for the CPU it is made on
+    bf16 = None if gpu else hardware.cpu_bf16_units()  # a CPU plan is for the CPU it is made on
     decisions: list[Decision] = []
 
     def decide(key: str, value, reason: str) -> None:
@@ -271,10 +268,12 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
         decide("model.lr", 0.003, "the learning rate that trained the hippocampus model best here (BENCHMARKS.md)")
         if bf16:
             decide("trainer.precision", "bf16-mixed",
-                   f"bf16 mixed precision: this CPU has AMX matrix units (a training step "
-                   f"{CPU_BF16_STEP_SPEEDUP[spatial]:g}x faster than float32 in {spatial}D on the 2-core reference)")
+                   f"bf16 mixed precision: this CPU has {BF16_UNITS[bf16]} (a training step "
+                   f"{hardware.BF16_STEP_SPEEDUP[bf16][spatial]:g}x faster than float32 in {spatial}D on the 2-core "
+                   "reference)")
         else:
-            decide("trainer.precision", "32-true", "float32: this CPU has no AMX matrix units, bf16 would be emulated")
+            decide("trainer.precision", "32-true", "float32: this CPU has no native bf16 instructions (AMX or "
+                   "AVX-512 BF16), bf16 would be emulated")
         decide("trainer.accelerator", "auto", "the GPU when there is one, else the CPU")
     decide("model.weight_decay", 3e-5, "nnU-Net's weight decay")
     decide("model.schedule", "poly", "warm-up then polynomial decay over the run (by time when time-bounded)")
@@ -285,13 +284,13 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
     # validates every n epochs, n from the estimates.
     voxels_per_step = 2 * per_volume * float(np.prod(patch))
     step_seconds = voxels_per_step * CPU_SECONDS_PER_VOXEL[spatial] / (
-        50 if gpu else CPU_BF16_STEP_SPEEDUP[spatial] if bf16 else 1)
+        50 if gpu else hardware.BF16_STEP_SPEEDUP[bf16][spatial] if bf16 else 1)
     n_train = len(info.cases) - n_val
     epoch_seconds = math.ceil(n_train / 2) * step_seconds
     # sliding windows at overlap 0.5 cover each voxel about 2^dims times, a forward pass is ~1/3 of a step
     scan_voxels = float(np.prod(median[:3] if spatial == 3 else median[:2])) * (median[2] if spatial == 2 else 1)
     val_seconds = n_val * scan_voxels * 2**spatial * CPU_SECONDS_PER_VOXEL[spatial] / 3 / (
-        50 if gpu else CPU_BF16_FORWARD_SPEEDUP if bf16 else 1)
+        50 if gpu else hardware.BF16_FORWARD_SPEEDUP[bf16] if bf16 else 1)
     total_minutes = minutes if minutes is not None else (None if gpu else 60.0)
     cost = f"a validation: {val_seconds:.0f} s for {n_val} scans, an epoch: {epoch_seconds:.0f} s (estimated)"
     if total_minutes is not None:

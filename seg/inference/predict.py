@@ -522,7 +522,7 @@ def predict_folder(
         preview: also write `<case>_preview.png`.
         dicom_seg: also write `<case>_seg.dcm` (DICOM Segmentation) for each DICOM series.
         precision: the network's precision (`seg.inference.predictor.autocast_dtype`): "auto" (float16 on a GPU,
-            bfloat16 on a CPU with AMX, else float32), "fp32", "bf16", "fp16".
+            bfloat16 on a CPU with AMX or AVX-512 BF16, else float32), "fp32", "bf16", "fp16".
 
     Returns:
         one `CaseResult` per case (of this part), in case order. Per-case problems are results, not exceptions; a bad
@@ -729,9 +729,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sw-batch-size", type=int, default=None,
                         help="windows (or whole small scans) per forward pass (default: the model's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="the network's arithmetic: auto (float16 on a GPU; bfloat16 on a CPU with AMX matrix "
-                             "units, about 3x faster there; else float32), fp32 (bit-for-bit reproducible), bf16, "
-                             "fp16 (GPU). Stitching, softmax and argmax stay float32")
+                        help="the network's arithmetic: auto (float16 on a GPU; bfloat16 on a CPU with AMX or "
+                             "AVX-512 BF16, about 3x faster there; else float32), fp32 (bit-for-bit reproducible), "
+                             "bf16, fp16 (GPU). Stitching, softmax and argmax stay float32")
     parser.add_argument("--skip-existing", action="store_true",
                         help="skip cases whose outputs exist (resume an interrupted run)")
     parser.add_argument("--dicom-seg", action="store_true",

@@ -50,8 +50,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The `torch.autocast` dtype of the network for `precision` on `device`; None: float32 throughout.
 
-    "auto": float16 on a GPU; bfloat16 on a CPU with AMX (`seg.hardware.cpu_has_bf16_matrix_units`: the
-    hippocampus network's window 3.1x faster), else float32.
+    "auto": float16 on a GPU; bfloat16 on a CPU with native bf16 instructions (`seg.hardware.cpu_bf16_units`:
+    AMX or AVX-512 BF16, the hippocampus network's window 3.1x or 2.8x faster), else float32.
     The stitching, softmax and argmax stay float32 either way.
     """
     if precision not in PRECISIONS:
@@ -59,7 +59,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "auto":
         if device.type == "cuda":
             return torch.float16
-        return torch.bfloat16 if device.type == "cpu" and hardware.cpu_has_bf16_matrix_units() else None
+        return torch.bfloat16 if device.type == "cpu" and hardware.cpu_bf16_units() else None
     if precision == "fp16" and device.type == "cpu":
         raise SegError("--precision fp16 runs on a GPU; on the CPU use bf16 or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -124,7 +124,7 @@ class Predictor:
 
     The model is moved to the device once and the transforms are built once. The network runs under
     `torch.autocast` as `precision` says (`autocast_dtype`: by default float16 on a GPU, bfloat16 on a CPU with
-    AMX, else float32); stitching and softmax stay float32.
+    native bf16 instructions, else float32); stitching and softmax stay float32.
 
     Args:
         model: a `TrainedModel` (from `load_trained_model`): the network, its preprocessing and settings.

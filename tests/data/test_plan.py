@@ -96,13 +96,14 @@ def test_a_dataset_smaller_than_a_patch_gets_a_patch_clipped_to_it(datasets):
     assert all(p % m == 0 for p, m in zip(plan["data.patch_size"], multiple))
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_a_cpu_plan_trains_in_bf16_where_the_cpu_has_matrix_units(datasets, monkeypatch, amx):
+@pytest.mark.parametrize("units, named", [("amx", "AMX"), ("avx512_bf16", "AVX-512 BF16"), (None, "no native bf16")])
+def test_a_cpu_plan_trains_in_bf16_where_the_cpu_has_native_bf16(datasets, monkeypatch, units, named):
     from seg import hardware
 
-    monkeypatch.setattr(hardware, "cpu_has_bf16_matrix_units", lambda: amx)
-    cpu = _values(plan_dataset(datasets["isotropic"], minutes=10))
-    assert cpu["trainer.precision"] == ("bf16-mixed" if amx else "32-true")
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: units)
+    decisions = {d.key: d for d in plan_dataset(datasets["isotropic"], minutes=10)}
+    assert decisions["trainer.precision"].value == ("bf16-mixed" if units else "32-true")
+    assert named in decisions["trainer.precision"].reason
     # GPU plans are bf16 whatever the planning CPU has
     assert _values(plan_dataset(datasets["isotropic"], device="gpu"))["trainer.precision"] == "bf16-mixed"
 

@@ -22,9 +22,9 @@ def scans(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("precision") / "data", cases=3, size=(32, 32, 24), seed=5) / "imagesTr"
 
 
-@pytest.mark.parametrize("amx, expected", [(True, torch.bfloat16), (False, None)])
+@pytest.mark.parametrize("amx, expected", [("amx", torch.bfloat16), ("avx512_bf16", torch.bfloat16), (None, None)])
 def test_auto_is_bf16_on_a_cpu_with_matrix_units_else_float32(monkeypatch, amx, expected):
-    monkeypatch.setattr(hardware, "cpu_has_bf16_matrix_units", lambda: amx)
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: amx)
     assert autocast_dtype(torch.device("cpu"), "auto") is expected
     assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
