@@ -11,7 +11,8 @@ steps, seconds per step, parameters. For gated variants also the attention conce
 held-out cases (`seg overlays`), and for the first seed the sanity checks: the same network untrained (weights as
 initialised) and with its gates re-randomised (`seg.explain.sanity.randomize_gates`).
 Writes OUT/runs.jsonl (one line per run, appended as they finish: an interrupted benchmark resumes, skipping the
-runs already there) and prints a summary per variant: mean and 95% confidence interval (t distribution) over seeds.
+runs already there) and prints a summary per variant: mean and 95% confidence interval (t distribution) over seeds,
+and the mean Dice's difference to the plain U-Net paired by seed, with its interval.
 
 usage: python bench/ablation.py [--minutes 6] [--seeds 0,1,2] [--variants plain,gates,cbam,both,monai_attention,
        monai_unet] [--test-cases 40] [--out runs/bench_ablation]
@@ -118,8 +119,11 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, T_975.get(len(values) - 1, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], reference: str = "plain") -> list[dict]:
+    """One entry per variant: means over seeds with 95% intervals, and the mean Dice's difference to `reference`
+    paired by seed (the variants of one seed share a machine and its load: the pairing takes that out)."""
     table = []
+    dice = {(r["variant"], r["seed"]): r["dice_mean"] for r in rows}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         runs = [r for r in rows if r["variant"] == variant]
         entry = {"variant": variant, "seeds": len(runs), "parameters": runs[0]["parameters"],
@@ -128,17 +132,17 @@ def summarise(rows: list[dict]) -> list[dict]:
         for key in ("dice_anterior", "dice_posterior", "dice_mean"):
             mean, half = interval([r[key] for r in runs])
             entry[key] = f"{mean:.4f} ± {half:.4f}"
-        levels = sorted({lv for r in runs for lv in r.get("concentration", {})})
-        for level in levels:
-            entry[f"concentration_{level}"] = round(float(np.mean([r["concentration"][level] for r in runs
-                                                                  if level in r.get("concentration", {})])), 2)
-        for how in ("untrained", "randomised"):
-            control = next((r[f"concentration_{how}"] for r in runs if f"concentration_{how}" in r), None)
-            if control:
-                entry[f"concentration_{how}"] = control
+        paired = [r["dice_mean"] - dice[(reference, r["seed"])] for r in runs if (reference, r["seed"]) in dice]
+        if variant != reference and paired:
+            mean, half = interval(paired)
+            entry[f"dice_mean_minus_{reference}"] = f"{mean:+.4f} ± {half:.4f} ({len(paired)} seeds)"
+        for prefix in ("concentration", "concentration_untrained", "concentration_randomised"):
+            with_maps = [r[prefix] for r in runs if r.get(prefix)]
+            for level in sorted({lv for maps in with_maps for lv in maps}):
+                values = [maps[level] for maps in with_maps if level in maps]
+                entry[f"{prefix}_{level}"] = f"{np.mean(values):.2f} ({len(values)} seeds)"
         table.append(entry)
     return table
-
 
 
 def main() -> None:

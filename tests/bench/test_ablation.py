@@ -1,0 +1,54 @@
+"""bench/ablation.py's summary: intervals over seeds, differences paired by seed, concentrations averaged."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("ablation", BENCH / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(variant, seed, dice, **extra):
+    return {"variant": variant, "seed": seed, "steps": 100 + seed, "seconds_per_step": 1.0, "parameters": 10,
+            "dice_anterior": dice, "dice_posterior": dice, "dice_mean": dice, **extra}
+
+
+def test_interval_is_the_t_interval(ablation):
+    mean, half = ablation.interval([0.80, 0.82, 0.84])
+    assert mean == pytest.approx(0.82)
+    assert half == pytest.approx(4.303 * 0.02 / math.sqrt(3))
+    assert math.isnan(ablation.interval([0.8])[1])
+
+
+def test_differences_are_paired_by_seed(ablation):
+    # seed 1 ran on a slower machine: every variant is 0.05 lower, and the pairing takes that out
+    rows = [_row("plain", 0, 0.85), _row("gates", 0, 0.86), _row("plain", 1, 0.80), _row("gates", 1, 0.81),
+            _row("plain", 2, 0.83), _row("gates", 2, 0.84),
+            _row("cbam", 0, 0.84)]  # one seed only: paired with seed 0's plain
+    table = {e["variant"]: e for e in ablation.summarise(rows)}
+    assert table["gates"]["dice_mean_minus_plain"] == "+0.0100 ± 0.0000 (3 seeds)"
+    assert table["cbam"]["dice_mean_minus_plain"].startswith("-0.0100 ± nan (1 seeds)")
+    assert "dice_mean_minus_plain" not in table["plain"]
+    assert table["gates"]["dice_mean"].startswith("0.8367 ± ")  # the unpaired interval keeps the machine spread
+    assert table["gates"]["seeds"] == 3 and table["gates"]["steps"] == 101
+
+
+def test_concentrations_and_controls_are_averaged_over_the_seeds_that_have_them(ablation):
+    rows = [_row("gates", 0, 0.8, concentration={"gate_0": 1.0, "gate_1": 2.0},
+                 concentration_untrained={"gate_0": 1.0, "gate_1": 0.98}),
+            _row("gates", 1, 0.8, concentration={"gate_0": 2.0, "gate_1": 4.0},
+                 concentration_untrained={"gate_0": 1.02, "gate_1": 1.0}),
+            _row("gates", 2, 0.8, concentration={"gate_0": 3.0, "gate_1": 6.0})]
+    entry = ablation.summarise(rows)[0]
+    assert entry["concentration_gate_1"] == "4.00 (3 seeds)"
+    assert entry["concentration_untrained_gate_0"] == "1.01 (2 seeds)"
+    assert "concentration_randomised_gate_0" not in entry
