@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-# bf16 autocast against float32 on the two kinds of 2-core reference machine (`bench/bf16_speed.py`, BENCHMARKS.md
-# "bf16 on a CPU"): the hippocampus network's forward pass (4 windows of 40 x 56 x 40) and a training step
-# (3D: 40 x 56 x 40, batch 4; 2D: 224 x 256, batch 8).
-#   AMX (Xeon):             forward 3.1x, step 1.3x in 3D (bf16 3D convolution backward is slow), 2.5x in 2D
-#   AVX512-BF16 (EPYC):     forward 2.8x, step 2.3x in 3D, 2.6x in 2D
-BF16_FORWARD_SPEEDUP = {"amx": 3.1, "avx512_bf16": 2.8}
-BF16_STEP_SPEEDUP = {"amx": {3: 1.3, 2: 2.5}, "avx512_bf16": {3: 2.3, 2: 2.6}}
+# bf16 autocast against float32 on the two kinds of 2-core machine this project is measured on (BENCHMARKS.md,
+# "bf16 on a CPU"): the hippocampus network's forward pass (4 windows of 40 x 56 x 40) and a training step (3D:
+# 40 x 56 x 40, batch 4; 2D: 224 x 256, batch 8).
+#   AMX (Xeon; widths 16-128 in 2D):      forward 3.1x, step 1.3x in 3D (bf16 3D convolution backward is slow),
+#                                         2.5x in 2D
+#   AVX-512 BF16 (EPYC; `bench/bf16_speed.py`, widths 32-256 in 2D): forward 2.0x, step 1.9x in 3D, 2.5x in 2D
+BF16_FORWARD_SPEEDUP = {"amx": 3.1, "avx512_bf16": 2.0}
+BF16_STEP_SPEEDUP = {"amx": {3: 1.3, 2: 2.5}, "avx512_bf16": {3: 1.9, 2: 2.5}}
 
 
 def _probe(name: str) -> bool:

@@ -21,7 +21,7 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   percentiles and scaled by the foreground mean and std; every other channel gets a per-scan z-score.
 - **Precision**: on a GPU bf16 mixed precision; on a CPU bf16 mixed precision when the CPU planning the run has
   native bf16 instructions (`seg.hardware.cpu_bf16_units`: AMX, a step 1.3x faster in 3D and 2.5x in 2D; AVX-512
-  BF16, 2.3x and 2.6x), float32 otherwise.
+  BF16, 1.9x and 2.5x), float32 otherwise.
 - **Validation**: often enough to pick a good checkpoint, rarely enough to stay about a tenth of the run, from a
   step-time estimate (a constant per voxel measured on this project's 2-core CPU reference machine).
 - **Split by patient**: case ids like `patient001_frame01` (several volumes of one patient) are split by patient.

@@ -51,7 +51,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """The `torch.autocast` dtype of the network for `precision` on `device`; None: float32 throughout.
 
     "auto": float16 on a GPU; bfloat16 on a CPU with native bf16 instructions (`seg.hardware.cpu_bf16_units`:
-    AMX or AVX-512 BF16, the hippocampus network's window 3.1x or 2.8x faster), else float32.
+    AMX or AVX-512 BF16, the hippocampus network's window 3.1x or 2.0x faster), else float32.
     The stitching, softmax and argmax stay float32 either way.
     """
     if precision not in PRECISIONS:
