@@ -7,7 +7,8 @@ atomically; W&B logging with an offline fallback (or CSV only); a rich progress 
 progress lines in logs (`seg.training.callbacks.LogProgress`, `--progress.every_n_seconds`); a validation of
 the last epoch whatever the schedule, and at most a tenth of a time-bounded run (`ValidationSchedule`,
 `--validation.max_share`); gate-activation overlays of every validation volume
-(`seg.training.overlays.GateOverlays`, options under `--overlays.*`).
+(`seg.training.overlays.GateOverlays`, options under `--overlays.*`); optimiser steps with NaN or inf gradients
+skipped (`SkipNonFiniteSteps`, `--nonfinite.max_consecutive`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from seg.data import NiftiDataModule
 from seg.errors import SegError
-from seg.training.callbacks import LogProgress, ModelLine, ValidationSchedule, progress_bar
+from seg.training.callbacks import LogProgress, ModelLine, SkipNonFiniteSteps, ValidationSchedule, progress_bar
 from seg.training.checkpoint_io import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, describe_os_error,
                                        load_weights_only)
 from seg.training.module import SegmentationModule
@@ -57,6 +58,8 @@ class SegCLI(LightningCLI):
         parser.add_lightning_class_args(GateOverlays, "overlays")
         # When to validate: the last epoch always, and at most `max_share` of a time-bounded run.
         parser.add_lightning_class_args(ValidationSchedule, "validation")
+        # A step with NaN or inf gradients is skipped instead of making every weight NaN.
+        parser.add_lightning_class_args(SkipNonFiniteSteps, "nonfinite")
         # Used when the output is not a terminal; on a terminal Lightning's Rich bar draws instead.
         parser.add_class_arguments(LogProgress, "progress", instantiate=False)
         parser.add_argument("--logging", choices=["wandb", "csv"], default="wandb",
