@@ -10,6 +10,7 @@ from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
 from seg.models.blocks import CBAM, AttentionGate, ConvBlock
+from seg.models.conv import conv_type
 
 
 def _as_tuple(stride: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
@@ -120,7 +121,7 @@ class AttentionUNet(nn.Module):
         self.decoder = nn.ModuleList(
             DecoderLevel(spatial_dims, channels[i + 1], channels[i], self.strides[i], gates, norm, act, decoder_convs)
             for i in range(len(channels) - 1))
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_type(spatial_dims)
         self.head = conv(channels[0], out_channels, kernel_size=1)
         # Deep-supervision heads on decoder levels 1 .. L-2 (the bottleneck has none, as in nnU-Net).
         self.aux_heads = nn.ModuleList(

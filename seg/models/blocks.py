@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
+
+from seg.models.conv import conv_type
 
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -38,7 +39,7 @@ class ConvBlock(nn.Sequential):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int | Sequence[int] = 1,
                  norm: str | tuple = ("instance", {"affine": True}),
                  act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}), num_convs: int = 2):
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_type(spatial_dims)
         layers = []
         for i in range(num_convs):
             layers += [conv(in_channels if i == 0 else out_channels, out_channels, kernel_size=3,
@@ -89,7 +90,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, spatial_dims: int, kernel_size: int = 7):
         super().__init__()
-        self.conv = Conv[Conv.CONV, spatial_dims](2, 1, kernel_size=kernel_size, padding=kernel_size // 2)
+        self.conv = conv_type(spatial_dims)(2, 1, kernel_size=kernel_size, padding=kernel_size // 2)
         self.memory_format = {2: torch.channels_last, 3: torch.channels_last_3d}.get(spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,7 @@ class AttentionGate(nn.Module):
     def __init__(self, spatial_dims: int, skip_channels: int, gating_channels: int, inter_channels: int | None = None,
                  stride: int | Sequence[int] = 2):
         super().__init__()
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_type(spatial_dims)
         inter = inter_channels or max(skip_channels // 2, 1)
         self.theta = conv(skip_channels, inter, kernel_size=stride, stride=stride, bias=False)
         self.phi = conv(gating_channels, inter, kernel_size=1, bias=True)
