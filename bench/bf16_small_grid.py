@@ -6,10 +6,11 @@ Two measurements, plain `nn.Conv3d` against `seg.models.conv.Conv3dSafeBF16` in 
    weight or input gradient is not finite. The shapes are the Attention U-Net's: CBAM's 2 -> 1, 7^3 convolution
    on the hippocampus bottleneck (5 x 7 x 5) and on a finer level (10 x 14 x 10), and a 3^3 convolution on an
    axis two voxels thin (a thin-slice bottleneck). A float32 row for the first is the control.
-2. **Cost**: the default `AttentionUNet` (widths 16-128, gates and CBAM) training in bf16 on 4 windows of
-   40 x 56 x 40, with its 3D convolutions as plain `nn.Conv3d` or as `Conv3dSafeBF16` (where CBAM's bottleneck
-   convolution then runs in float32), alternating for `--repeats` rounds; best round of each; and the steps
-   whose gradients were not finite, per network.
+2. **Cost**: the default `AttentionUNet` (gates and CBAM) of the hippocampus plan (widths 16-128, 4 windows of
+   40 x 56 x 40) and of ACDC's 3D plan (widths 16-128, 4 windows of 80 x 80 x 16) training in bf16 on random
+   input, with its 3D convolutions as plain `nn.Conv3d` or as `Conv3dSafeBF16` (where CBAM's convolutions on
+   grids smaller than 7^3 then run in float32), alternating for `--repeats` rounds; best round of each; and the
+   steps whose gradients were not finite, per network.
 
 Prints the CPU's bf16 units and one JSON line per measurement.
 
@@ -31,6 +32,13 @@ from seg.models.conv import Conv3dSafeBF16
 # (in channels, out channels, kernel, spatial shape, channels-last)
 SHAPES = [(2, 1, 7, (5, 7, 5), True), (2, 1, 7, (5, 7, 5), False), (2, 1, 7, (10, 14, 10), True),
           (16, 16, 3, (2, 8, 8), True), (16, 16, 3, (2, 8, 8), False)]
+# The two 3D plans of this project's data (`seg plan`): (widths, strides, window). In the hippocampus plan CBAM's
+# 7^3 exceeds the 5 x 7 x 5 bottleneck; in ACDC's 3D plan (`--dims 3d`) the two coarsest levels, 10 x 10 x 4 and
+# 5 x 5 x 4.
+NETWORKS = {
+    "hippocampus plan": ((16, 32, 64, 128), (2, 2, 2), (40, 56, 40)),
+    "ACDC 3D plan": ((16, 32, 64, 128, 128), ((2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 1)), (80, 80, 16)),
+}
 
 
 def fill_freed_memory_with_nan() -> None:
@@ -107,23 +115,24 @@ def main() -> None:
                                                                channels_last, False, args.tries)
         print(json.dumps(row), flush=True)
 
-    torch.manual_seed(0)
-    nets = {"Conv3dSafeBF16": AttentionUNet(3, 1, 3, channels=(16, 32, 64, 128))}
-    nets["nn.Conv3d"] = as_plain_conv3d(AttentionUNet(3, 1, 3, channels=(16, 32, 64, 128)))
-    nets["nn.Conv3d"].load_state_dict(nets["Conv3dSafeBF16"].state_dict())
-    x = torch.randn(4, 1, 40, 56, 40)
-    best = {name: float("inf") for name in nets}
-    bad = {name: 0 for name in nets}
-    for _ in range(args.repeats):
-        for name, net in nets.items():
-            seconds, faults = training_steps(net, x, args.iterations)
-            best[name] = min(best[name], seconds)
-            bad[name] += faults
-    print(json.dumps({"pass": "bf16 training step, 3D hippocampus network, 4 x 40 x 56 x 40",
-                      "nn.Conv3d_s": round(best["nn.Conv3d"], 3), "Conv3dSafeBF16_s": round(best["Conv3dSafeBF16"], 3),
-                      "ratio": round(best["Conv3dSafeBF16"] / best["nn.Conv3d"], 3),
-                      "steps": args.repeats * args.iterations,
-                      "non-finite steps": bad}), flush=True)
+    for name, (channels, strides, shape) in NETWORKS.items():
+        torch.manual_seed(0)
+        nets = {"Conv3dSafeBF16": AttentionUNet(3, 1, 3, channels=channels, strides=strides)}
+        nets["nn.Conv3d"] = as_plain_conv3d(AttentionUNet(3, 1, 3, channels=channels, strides=strides))
+        nets["nn.Conv3d"].load_state_dict(nets["Conv3dSafeBF16"].state_dict())
+        x = torch.randn(4, 1, *shape)
+        best = {kind: float("inf") for kind in nets}
+        bad = {kind: 0 for kind in nets}
+        for _ in range(args.repeats):
+            for kind, net in nets.items():
+                seconds, faults = training_steps(net, x, args.iterations)
+                best[kind] = min(best[kind], seconds)
+                bad[kind] += faults
+        print(json.dumps({"pass": f"bf16 training step, {name}, 4 x {' x '.join(map(str, shape))}",
+                          "nn.Conv3d_s": round(best["nn.Conv3d"], 3),
+                          "Conv3dSafeBF16_s": round(best["Conv3dSafeBF16"], 3),
+                          "ratio": round(best["Conv3dSafeBF16"] / best["nn.Conv3d"], 3),
+                          "steps": args.repeats * args.iterations, "non-finite steps": bad}), flush=True)
 
 
 if __name__ == "__main__":
