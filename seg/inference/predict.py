@@ -16,12 +16,24 @@ For each case (one file, or nnU-Net channel files `case_0000.nii.gz`, `case_0001
 - with `--save-gates`: `OUT/<case>_gate_<level>.nii.gz`, float32 in [0, 1], coarsest level first;
 - with `--preview`: `OUT/<case>_preview.png`, three views with the prediction's contours;
 - with `--dicom-seg`, for a DICOM series: `OUT/<case>_seg.dcm`, a DICOM Segmentation (`seg.inference.dicom`);
-- `OUT/summary.csv`: status (ok / failed / skipped), seconds, error message, volume in ml per class and the
-  report's columns (`seg.inference.report`); also a row for every folder entry that is not predicted: "failed"
+- `OUT/summary.csv`: status (ok / partial / failed / skipped), seconds, volume in ml per class, the report's
+  columns (`seg.inference.report`), the input and output files and the message; also a row for every folder entry
+  that is not predicted: "failed"
   for a scan that cannot be read (dangling link, link loop, not a regular file), two files giving one case id, a
   case whose outputs would overwrite another's, or an unusable DICOM series; "ignored" for other files (and
   DICOM files that are not image slices). File names with control characters are written escaped (`repr`);
-- `OUT/report.json`: the per-case report (statistics per class, quality flags, uncertainty).
+- `OUT/report.json`: the per-case report (statistics per class, quality flags, uncertainty), rewritten as cases
+  finish; with `--skip-existing` the skipped cases keep their earlier entries (computed again from their files
+  where there is none).
+
+`<case>` is `output_stem(case_id)`: the case id, or where it is not a plain file name of at most `STEM_BYTES` a
+sanitised, shortened form with a hash of the id; the summary and the report keep the original id.
+
+A case is the unit of failure: any error in one case (reading, predicting, writing, a name the filesystem refuses)
+is one line and a "failed" row, and the others are predicted as if alone. The label map is written first; without
+it the case has "failed" (and older outputs of the case are removed: they would pass for this scan's). An output
+after it that fails is named in the message, status "partial", and the outputs written stay. The exit code of
+`seg predict` is 1 when any case is "failed" or "partial".
 
 A folder holding DICOM files (in subfolders or mixed) and no NIfTI scan is read as DICOM: one case per image
 series, named `<PatientID>_<SeriesNumber>`, converted to a temporary NIfTI and predicted as one.
@@ -465,10 +477,10 @@ class _Run:
                     array = np.moveaxis(maps[name], 0, -1) if name == "probabilities" else maps[name]
                     attempt(name, path, lambda: save_like(np.ascontiguousarray(array), reference, path))
             image = attempt("report", None, lambda: first_channel(reference))
-            modality = dicom.modality(scan.paths[0]) if case_id in self.dicom_cases else None
             case = attempt("report", None, lambda: case_report(
                 maps["label"], image, reference.affine, self.predictor.class_names, self.predictor.preprocessing,
-                maps.get("probabilities"), modality)) if image is not None else None
+                maps.get("probabilities"), dicom.modality(scan.paths[0]) if case_id in self.dicom_cases else None,
+            )) if image is not None else None
             if "preview" in paths:
                 attempt("preview", paths["preview"], lambda: self.write_preview(
                     case_id, first_channel(reference) if image is None else image, maps["label"], reference.affine,

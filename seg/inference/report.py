@@ -62,13 +62,15 @@ def class_statistics(label: np.ndarray, image: np.ndarray | None, affine: np.nda
         mask = label == c
         # float64: float32 sums and squares of a uint64 scan's values (up to 2^64) overflow to infinity
         inside = image[mask].astype(np.float64) if image is not None and counts[c] else None
-        stats[name] = {
-            "volume_ml": float(counts[c]) * voxel_ml,
-            "voxels": int(counts[c]),
-            "intensity_mean": float(inside.mean()) if inside is not None else None,
-            "intensity_std": float(inside.std()) if inside is not None else None,
-            "components": int(ndimage.label(mask)[1]) if counts[c] else 0,
-        }
+        # an overflow left even so is written as null with the reason (`json_ready`), not warned about
+        with np.errstate(over="ignore", invalid="ignore"):
+            stats[name] = {
+                "volume_ml": float(counts[c]) * voxel_ml,
+                "voxels": int(counts[c]),
+                "intensity_mean": float(inside.mean()) if inside is not None else None,
+                "intensity_std": float(inside.std()) if inside is not None else None,
+                "components": int(ndimage.label(mask)[1]) if counts[c] else 0,
+            }
     return stats
 
 
@@ -276,7 +278,7 @@ def previous_reports(path: Path, warn: Callable[[str], None] = lambda line: None
     if not isinstance(cases, dict):
         warn(f"{escape(str(path))}: the earlier report has no 'cases'; ignored")
         return {}
-    return {case: report for case, report in cases.items() if isinstance(report, dict)}
+    return {str(case): json_ready(report) for case, report in cases.items() if isinstance(report, dict)}
 
 
 def write_report(reports: dict[str, dict], path: Path, preprocessing: dict, meta: dict, durable: bool = True) -> None:
