@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import re
+import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from seg.errors import DataError, escape
+from seg.errors import DataError, escape, one_line
 
 # Deflate cannot compress better than 1032:1, and comes near it only for constant data; real scans and label
 # maps compress far less (nibabel's own gzip of an all-zero label: 229:1). A claim above this ratio is a
@@ -87,24 +89,47 @@ def named_warnings(*paths: str | os.PathLike) -> Iterator[None]:
     """Prefix nibabel's header messages ("vox offset (=360) not divisible by 16 ...") with the file name(s).
 
     nibabel logs what it finds (and fixes) in a header on its `nibabel.global` logger, without saying which
-    file; within this context each message names the files being read, on one line.
+    file, and raises some Python warnings ("Extension size is not a multiple of 16 bytes"), which Python prints
+    on two lines with nibabel's source line; within this context (in this thread) each of them is one line
+    naming the files being read.
     """
     logger = logging.getLogger("nibabel.global")
     name = ", ".join(shown(p) for p in paths)
+    thread = threading.get_ident()
 
     class Prefix(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            message = " ".join(record.getMessage().split())
-            if not message.startswith(name):
-                record.msg, record.args = f"{name}: {message}", ()
+            message = one_line(" ".join(record.getMessage().split()))
+            if record.thread == thread and not message.startswith(name):  # another thread reads another file
+                message = f"{name}: {message}"
+            record.msg, record.args = message, ()
             return True
 
+    global _show_warning_elsewhere
+    if warnings.showwarning is not _show_warning:  # installed once; outside these contexts it changes nothing
+        _show_warning_elsewhere, warnings.showwarning = warnings.showwarning, _show_warning
     prefix = Prefix()
     logger.addFilter(prefix)
+    _reading.names = [*getattr(_reading, "names", []), name]
     try:
         yield
     finally:
+        _reading.names = _reading.names[:-1]
         logger.removeFilter(prefix)
+
+
+_reading = threading.local()  # names: the files this thread is reading inside `named_warnings`, innermost last
+_show_warning_elsewhere = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` that puts a warning raised while a file is read on nibabel's logger, as one line."""
+    names = getattr(_reading, "names", [])
+    if not names:
+        _show_warning_elsewhere(message, category, filename, lineno, file, line)
+        return
+    text = one_line(" ".join(str(message).split()))
+    logging.getLogger("nibabel.global").warning("%s: %s: %s", names[-1], category.__name__, text)
 
 
 def shown(path: str | os.PathLike) -> str:

@@ -16,12 +16,24 @@ For each case (one file, or nnU-Net channel files `case_0000.nii.gz`, `case_0001
 - with `--save-gates`: `OUT/<case>_gate_<level>.nii.gz`, float32 in [0, 1], coarsest level first;
 - with `--preview`: `OUT/<case>_preview.png`, three views with the prediction's contours;
 - with `--dicom-seg`, for a DICOM series: `OUT/<case>_seg.dcm`, a DICOM Segmentation (`seg.inference.dicom`);
-- `OUT/summary.csv`: status (ok / failed / skipped), seconds, error message, volume in ml per class and the
-  report's columns (`seg.inference.report`); also a row for every folder entry that is not predicted: "failed"
+- `OUT/summary.csv`: status (ok / partial / failed / skipped), seconds, volume in ml per class, the report's
+  columns (`seg.inference.report`), the input and output files and the message; also a row for every folder entry
+  that is not predicted: "failed"
   for a scan that cannot be read (dangling link, link loop, not a regular file), two files giving one case id, a
   case whose outputs would overwrite another's, or an unusable DICOM series; "ignored" for other files (and
   DICOM files that are not image slices). File names with control characters are written escaped (`repr`);
-- `OUT/report.json`: the per-case report (statistics per class, quality flags, uncertainty).
+- `OUT/report.json`: the per-case report (statistics per class, quality flags, uncertainty), rewritten as cases
+  finish; with `--skip-existing` the skipped cases keep their earlier entries (computed again from their files
+  where there is none).
+
+`<case>` is `output_stem(case_id)`: the case id, or where it is not a plain file name of at most `STEM_BYTES` a
+sanitised, shortened form with a hash of the id; the summary and the report keep the original id.
+
+A case is the unit of failure: any error in one case (reading, predicting, writing, a name the filesystem refuses)
+is one line and a "failed" row, and the others are predicted as if alone. The label map is written first; without
+it the case has "failed" (and older outputs of the case are removed: they would pass for this scan's). An output
+after it that fails is named in the message, status "partial", and the outputs written stay. The exit code of
+`seg predict` is 1 when any case is "failed" or "partial".
 
 A folder holding DICOM files (in subfolders or mixed) and no NIfTI scan is read as DICOM: one case per image
 series, named `<PatientID>_<SeriesNumber>`, converted to a temporary NIfTI and predicted as one.
@@ -41,8 +53,10 @@ process per GPU, each its part.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import errno
+import hashlib
 import io
 import os
 import stat
@@ -59,6 +73,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from seg.data.guard import guard_file
 from seg.data.layout import case_channel, group_channel_files, strip_nifti_suffix
 from seg.errors import DataError, SegError, escape, one_line
 from seg.inference import dicom
@@ -74,6 +89,12 @@ SUMMARY = "summary.csv"
 # Scans are loaded one ahead of the model, or a whole group ahead while they are small enough to be predicted
 # together (`Predictor.infer_batch`, groups of the model's `sw_batch_size`).
 WRITE_QUEUE = 1
+# Output names start with at most this many UTF-8 bytes (`output_stem`): with the longest suffix
+# (`_probabilities.nii.gz`) under 120, and under the 255 most filesystems allow with the temporary prefix too.
+STEM_BYTES = 96
+# report.json is rewritten as cases finish (a killed run keeps what it did), at most every this many seconds,
+# or 20 times the last write's duration when that is longer (a folder of thousands of cases).
+REPORT_INTERVAL = 2.0
 
 
 @dataclass
@@ -81,13 +102,15 @@ class CaseResult:
     """What happened to one case.
 
     Attributes:
-        case_id: the case name (the output is `<case_id>.nii.gz`).
-        status: "ok", "failed", "skipped" (output already there, `--skip-existing`) or "ignored" (not a scan).
+        case_id: the case name (the output is `<output_stem(case_id)>.nii.gz`: the case id unless it is not a
+            plain, short file name).
+        status: "ok", "partial" (the label map is written, another output is not: `message` names it), "failed"
+            (no label map), "skipped" (outputs already there, `--skip-existing`) or "ignored" (not a scan).
         inputs: the case's input files.
         message: why it failed (one line, names the file), or "".
         seconds: load + predict + write time of this case.
         volumes_ml: foreground class name -> volume in ml on the input grid (empty when failed).
-        outputs: files written.
+        outputs: files written (for "skipped": there).
         report: the case's report (`seg.inference.report.case_report`), empty unless predicted.
     """
 
@@ -255,13 +278,28 @@ def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None
     save_nifti(array, reference.affine, path, reference=reference)
 
 
+def output_stem(case_id: str) -> str:
+    """What a case's output names start with: the case id where it is a plain file name of at most `STEM_BYTES`
+    UTF-8 bytes, else it sanitised (path separators, control characters and a leading dot as `_`), cut to fit,
+    and followed by `-` and 8 hex digits of the id's SHA-256: unique per id, the same in every run and part.
+    """
+    safe = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in case_id)
+    safe = "_" + safe[1:] if safe.startswith(".") else safe
+    if case_id and safe == case_id and len(safe.encode()) <= STEM_BYTES:
+        return case_id
+    digest = hashlib.sha256(case_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    cut = safe.encode()[: STEM_BYTES - len(digest) - 1].decode("utf-8", "ignore")  # never half a character
+    return f"{cut}-{digest}"
+
+
 def output_paths(output: Path, case_id: str, probabilities: bool, gate_names: list[str]) -> dict[str, Path]:
-    """Output name per map: "label", "probabilities", "gate_<level>"."""
-    paths = {"label": output / f"{case_id}.nii.gz"}
+    """Output name per map: "label", "probabilities", "gate_<level>", each `<output_stem(case_id)><suffix>`."""
+    stem = output_stem(case_id)
+    paths = {"label": output / f"{stem}.nii.gz"}
     if probabilities:
-        paths["probabilities"] = output / f"{case_id}_probabilities.nii.gz"
+        paths["probabilities"] = output / f"{stem}_probabilities.nii.gz"
     for name in gate_names:
-        paths[name] = output / f"{case_id}_{name}.nii.gz"
+        paths[name] = output / f"{stem}_{name}.nii.gz"
     return paths
 
 
@@ -277,12 +315,12 @@ def write_summary(results: list[CaseResult], path: Path, class_names: list[str])
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["case", "status", "seconds", *[f"volume_ml_{n}" for n in class_names],
-                     *summary_columns(class_names), "inputs", "message"])
+                     *summary_columns(class_names), "inputs", "outputs", "message"])
     for r in results:
         volumes = [f"{r.volumes_ml[n]:.3f}" if n in r.volumes_ml else "" for n in class_names]
         writer.writerow([escape(r.case_id), r.status, f"{r.seconds:.2f}", *volumes,
-                         *summary_values(r.report, class_names),
-                         ";".join(escape(p.name) for p in r.inputs), one_line(r.message)])
+                         *summary_values(r.report, class_names), ";".join(escape(p.name) for p in r.inputs),
+                         ";".join(escape(p.name) for p in r.outputs), one_line(r.message)])
     write_atomic(buffer.getvalue(), path)
 
 
@@ -355,28 +393,31 @@ class _Run:
         self.checkpoint_name = "in-memory model"  # the DICOM SEG's algorithm identification names it
 
     def paths(self, case_id: str) -> dict[str, Path]:
+        """Every output of the case, by name: "label" first, then "probabilities", "gate_<i>", "preview", "dicom_seg"."""
         paths = output_paths(self.output, case_id, self.save_probabilities, self.gate_names)
+        stem = output_stem(case_id)
         if self.preview:
-            paths["preview"] = self.output / f"{case_id}_preview.png"
+            paths["preview"] = self.output / f"{stem}_preview.png"
         if self.dicom_seg and case_id in self.dicom_cases:
-            paths["dicom_seg"] = self.output / f"{case_id}_seg.dcm"
+            paths["dicom_seg"] = self.output / f"{stem}_seg.dcm"
         return paths
 
     def failed(self, case_id: str, inputs: list[Path], err: BaseException, seconds: float = 0.0) -> CaseResult:
-        if isinstance(err, SegError):
-            message = str(err)
-        else:  # a bug or an unforeseen file: keep the run going, but show where it came from
-            message = one_line(f"{escape(str(inputs[0]))}: unexpected error ({type(err).__name__}: {_first_line(err)})")
-            self.report("".join(traceback.format_exception(err)).rstrip())
+        """The "failed" result of a case that has no label map; never raises (a case is the unit of failure)."""
+        message = describe(err, inputs[0] if inputs else self.output)
         self.report(message)
         for path in self.paths(case_id).values():  # an older output would pass for this scan's
-            path.unlink(missing_ok=True)
+            remove_quietly(path)
         return CaseResult(case_id, "failed", inputs, message, seconds)
 
     def load(self, case_id: str, paths: list[Path]) -> LoadedScan:
+        for path in paths:  # checked again: a file swapped for a fifo since the folder was listed would block
+            why = unreadable_reason(path)
+            if why is not None:
+                raise DataError(f"cannot read: {why}", path)
         if case_id not in self.dicom_cases:
             return self.predictor.load(paths, case_id)
-        nifti = dicom.series_to_nifti(paths, self.scratch / f"{case_id}.nii")
+        nifti = dicom.series_to_nifti(paths, self.scratch / f"{output_stem(case_id)}.nii")
         try:
             scan = self.predictor.load([nifti], case_id)
         except SegError as err:  # name the series, not the temporary file
@@ -395,47 +436,72 @@ class _Run:
         return outputs, (time.perf_counter() - start) / len(scans)
 
     def finish(self, scan: LoadedScan, output: NetworkOutput, seconds: float) -> CaseResult:
-        """Invert to the scan's grid and write; runs in the writer thread."""
+        """Invert to the scan's grid and write; runs in the writer thread.
+
+        The label map comes first: without it the case has "failed". Each other output (probabilities, gate maps,
+        the report, the preview, the DICOM SEG) that fails is named in the message, status "partial", and the others
+        stay.
+        """
         start = time.perf_counter()
+        case_id = scan.case_id
         try:
-            maps = self.predictor.to_original(scan, output)
-            reference = maps["reference"]
-            if self.postprocessing is not None:
-                apply_postprocessing(maps["label"], reference.affine, self.postprocessing)
-            written = []
-            paths = self.paths(scan.case_id)
+            paths = self.paths(case_id)
+            try:
+                maps = self.predictor.to_original(scan, output)
+                reference = maps["reference"]
+                if self.postprocessing is not None:
+                    apply_postprocessing(maps["label"], reference.affine, self.postprocessing)
+                save_like(np.ascontiguousarray(maps["label"]), reference, paths["label"])
+                volumes = class_volumes(maps["label"], reference.affine, self.predictor.class_names)
+            except Exception as err:
+                return self.failed(case_id, scan.paths, as_write_error(err, paths["label"]),
+                                   seconds + time.perf_counter() - start)
+            written, problems = [paths["label"]], {}
+
+            def attempt(name: str, path: Path | None, write):
+                """`write()`, or the reason it failed in `problems` (and no older file of that name left)."""
+                try:
+                    value = write()
+                except Exception as err:
+                    problems[name] = describe(as_write_error(err, path) if path else err, path or scan.paths[0])
+                    if path is not None:
+                        remove_quietly(path)
+                    return None
+                if path is not None:
+                    written.append(path)
+                return value
+
             for name, path in paths.items():
-                if name not in maps:
-                    continue
-                array = maps[name]
-                if name == "probabilities":
-                    array = np.moveaxis(array, 0, -1)  # NIfTI keeps the components in the 4th dimension
-                save_like(np.ascontiguousarray(array), reference, path)
-                written.append(path)
-            volumes = class_volumes(maps["label"], reference.affine, self.predictor.class_names)
-            image = first_channel(reference)
-            modality = dicom.modality(scan.paths[0]) if scan.case_id in self.dicom_cases else None
-            case = case_report(maps["label"], image, reference.affine, self.predictor.class_names,
-                               self.predictor.preprocessing, maps.get("probabilities"), modality)
+                if name in maps and name != "label":
+                    # NIfTI keeps the components of the probabilities in the 4th dimension
+                    array = np.moveaxis(maps[name], 0, -1) if name == "probabilities" else maps[name]
+                    attempt(name, path, lambda: save_like(np.ascontiguousarray(array), reference, path))
+            image = attempt("report", None, lambda: first_channel(reference))
+            case = attempt("report", None, lambda: case_report(
+                maps["label"], image, reference.affine, self.predictor.class_names, self.predictor.preprocessing,
+                maps.get("probabilities"), dicom.modality(scan.paths[0]) if case_id in self.dicom_cases else None,
+            )) if image is not None else None
             if "preview" in paths:
-                self.write_preview(scan.case_id, image, maps["label"], reference.affine, paths["preview"])
-                written.append(paths["preview"])
+                attempt("preview", paths["preview"], lambda: self.write_preview(
+                    case_id, first_channel(reference) if image is None else image, maps["label"], reference.affine,
+                    paths["preview"]))
             if "dicom_seg" in paths:
-                dicom.write_segmentation(maps["label"], reference.affine, scan.paths, self.predictor.class_names,
-                                         paths["dicom_seg"], algorithm=self.algorithm())
-                written.append(paths["dicom_seg"])
-            del image
-        except Exception as err:
-            if isinstance(err, OSError) and not isinstance(err, SegError):
-                err = SegError(f"cannot write the prediction ({err.strerror or err})",
-                               self.paths(scan.case_id)["label"])
-            return self.failed(scan.case_id, scan.paths, err, seconds + time.perf_counter() - start)
+                attempt("dicom_seg", paths["dicom_seg"], lambda: dicom.write_segmentation(
+                    maps["label"], reference.affine, scan.paths, self.predictor.class_names, paths["dicom_seg"],
+                    algorithm=self.algorithm()))
+            del image, maps
         finally:
-            if scan.case_id in self.dicom_cases:
-                scan.reference.uncache()
-                (self.scratch / f"{scan.case_id}.nii").unlink(missing_ok=True)
-        return CaseResult(scan.case_id, "ok", scan.paths, "", seconds + time.perf_counter() - start, volumes, written,
-                          case)
+            if case_id in self.dicom_cases:
+                with contextlib.suppress(Exception):  # the scratch copy only: the case's outputs are written
+                    scan.reference.uncache()
+                    (self.scratch / f"{output_stem(case_id)}.nii").unlink(missing_ok=True)
+        message = ""
+        if problems:
+            message = one_line(f"{escape(str(paths['label']))}: written, but not " +
+                               "; not ".join(f"the {name.replace('_', ' ')}: {why}" for name, why in problems.items()))
+            self.report(message)
+        return CaseResult(case_id, "partial" if problems else "ok", scan.paths, message,
+                          seconds + time.perf_counter() - start, volumes, written, case or {})
 
     def write_preview(self, case_id: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray,
                       path: Path) -> None:
@@ -451,17 +517,65 @@ class _Run:
 
         return {"name": "seg", "version": __version__, "checkpoint": self.checkpoint_name}
 
-    def skipped(self, case_id: str, paths: list[Path]) -> CaseResult | None:
-        """A result for a case whose outputs are all there already, else None."""
+    def skipped(self, case_id: str, paths: list[Path], earlier: dict | None = None) -> CaseResult | None:
+        """A result for a case whose outputs are all there already, else None (predict it).
+
+        Its report is `earlier` (the case's entry in the earlier report.json), else computed again from the label
+        map, the scan and the probabilities when saved (a run killed before its report had the case).
+        """
         outputs = self.paths(case_id)
-        if not all(p.is_file() for p in outputs.values()):
-            return None
         try:
-            label = nib.load(outputs["label"])
-            volumes = class_volumes(np.asarray(label.dataobj), label.affine, self.predictor.class_names)
+            if not all(p.is_file() for p in outputs.values()):
+                return None
+            image = nib.load(outputs["label"])
+            label = np.asarray(image.dataobj)
+            volumes = class_volumes(label, image.affine, self.predictor.class_names)
+            report = earlier or self.report_from_files(case_id, paths, label, image.affine, outputs)
         except Exception:  # written atomically by us, so this is someone else's file: predict again
             return None
-        return CaseResult(case_id, "skipped", paths, "", 0.0, volumes, list(outputs.values()))
+        return CaseResult(case_id, "skipped", paths, "", 0.0, volumes, list(outputs.values()), report)
+
+    def report_from_files(self, case_id: str, paths: list[Path], label: np.ndarray, affine: np.ndarray,
+                          outputs: dict[str, Path]) -> dict:
+        """The report of a case predicted earlier, from its written label map (postprocessed), the scan (for the
+        intensities; none for a DICOM series) and its probabilities when they were saved (else no uncertainty)."""
+        image, modality, probabilities = None, None, None
+        if case_id in self.dicom_cases:
+            modality = dicom.modality(paths[0])
+        else:
+            image = first_channel(guard_file(paths[0]))
+            if image.shape != label.shape:
+                image = None
+        if "probabilities" in outputs:
+            probabilities = np.moveaxis(np.asarray(nib.load(outputs["probabilities"]).dataobj), -1, 0)
+        return case_report(label, image, affine, self.predictor.class_names, self.predictor.preprocessing,
+                           probabilities, modality)
+
+
+def as_write_error(err: BaseException, path: Path) -> BaseException:
+    """An OSError from writing `path` as the `SegError` naming it (disk full, a name the filesystem refuses)."""
+    if isinstance(err, OSError) and not isinstance(err, SegError):
+        return SegError(f"cannot write ({err.strerror or err})", path)
+    return err
+
+
+def describe(err: BaseException, path: Path) -> str:
+    """One line for a case's failure: a `SegError`'s own message, else the error and where it was raised."""
+    try:
+        if isinstance(err, SegError):
+            return one_line(str(err))
+        # a bug or an unforeseen file: keep the run going, and keep where it came from on the line
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f"; at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+        return one_line(f"{escape(str(path))}: unexpected error ({type(err).__name__}: {_first_line(err)}{where})")
+    except Exception:  # an exception whose str() raises
+        return one_line(f"{escape(str(path))}: unexpected error ({type(err).__name__})")
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove an older output; one the filesystem refuses (a folder, a name too long) is left as it is."""
+    with contextlib.suppress(OSError, ValueError):
+        path.unlink(missing_ok=True)
 
 
 def first_channel(reference: nib.Nifti1Image) -> np.ndarray:
@@ -584,6 +698,12 @@ def predict_folder(
         ignored = ignored if part_id == 0 else []
     for r in sorted(results, key=lambda r: r.case_id):
         report(r.message)
+    from seg import __version__
+
+    # one report per process: each part of a sharded run writes its own (report.part-I-of-N.json)
+    report_path = output / (REPORT if num_parts == 1 else REPORT.replace(".json", f".part-{part_id}-of-{num_parts}.json"))
+    meta = {"version": __version__, "checkpoint": run.checkpoint_name, "tta": predictor.tta,
+            "precision": predictor.precision}
     by_case: dict[str, CaseResult] = {}
     extra = []  # a failed input named like another case (a dangling `x.nii.gz` beside `x.nii`) keeps its own row
     for r in results:
@@ -591,16 +711,38 @@ def predict_folder(
             extra.append(r)
         else:
             by_case[r.case_id] = r
+    earlier = previous_reports(report_path, report) if skip_existing else {}
     todo = []
     for case_id, paths in cases.items():
-        done = run.skipped(case_id, paths) if skip_existing else None
+        # its outputs are the earlier run's, and so is its report
+        done = run.skipped(case_id, paths, earlier.get(case_id)) if skip_existing else None
         if done is not None:
             by_case[case_id] = done
         else:
             todo.append((case_id, paths))
 
+    def save_report(durable: bool) -> None:
+        write_report({c: by_case[c].report for c in sorted(by_case) if by_case[c].report}, report_path,
+                     predictor.preprocessing, meta, durable)
+
+    progress_write = {"at": time.monotonic(), "took": 0.0, "failed": False}
+
+    def record(case_id: str, result: CaseResult) -> None:
+        """A case is done: its row, and report.json rewritten when the last rewrite is old enough."""
+        by_case[case_id] = result
+        bar.advance(task)
+        now = time.monotonic()
+        if progress_write["failed"] or now - progress_write["at"] < max(REPORT_INTERVAL, 20 * progress_write["took"]):
+            return
+        try:  # not durable (fsync): a killed process's writes survive; the final report is durable
+            save_report(durable=False)
+        except (OSError, ValueError) as err:  # the final write says it once more, and stops the run there
+            progress_write["failed"] = True
+            report(one_line(f"{escape(str(report_path))}: cannot write the report so far ({err}); going on"))
+        progress_write["at"], progress_write["took"] = time.monotonic(), time.monotonic() - now
+
     columns = [TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}")]
+               TextColumn("{task.description}", markup=False)]  # a case named `[/x]` is not rich markup
     group_size = max(1, predictor.engine.sw_batch_size)
     scratch = tempfile.TemporaryDirectory(prefix="seg-dicom-") if run.dicom_cases else None
     run.scratch = Path(scratch.name) if scratch is not None else None
@@ -608,7 +750,7 @@ def predict_folder(
             ThreadPoolExecutor(1, thread_name_prefix="seg-load") as loader, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-write") as writer:
         task = bar.add_task("", total=len(todo))
-        writes: deque[tuple[str, Future]] = deque()
+        writes: deque[tuple[str, list[Path], Future]] = deque()
 
         def loaded():
             """(case_id, paths, scan or None, error or None) in order, loading ahead in the background."""
@@ -633,14 +775,17 @@ def predict_folder(
 
         def collect(block_until: int) -> None:
             while len(writes) > block_until:
-                case_id, future = writes.popleft()
-                by_case[case_id] = future.result()
-                bar.advance(task)
+                case_id, paths, future = writes.popleft()
+                try:
+                    result = future.result()
+                except Exception as err:  # raised outside `finish`'s own handling: still this case's alone
+                    result = run.failed(case_id, paths, err)
+                record(case_id, result)
 
         def predict(group: list[LoadedScan]) -> None:
             if not group:
                 return
-            bar.update(task, description=", ".join(scan.case_id for scan in group))
+            bar.update(task, description=one_line(", ".join(scan.case_id for scan in group)))
             try:
                 outputs, seconds = run.infer(group)
             except Exception as err:
@@ -648,21 +793,20 @@ def predict_folder(
                     for scan in group:
                         predict([scan])
                 else:
-                    by_case[group[0].case_id] = run.failed(group[0].case_id, group[0].paths, err)
-                    bar.advance(task)
+                    record(group[0].case_id, run.failed(group[0].case_id, group[0].paths, err))
                 group.clear()
                 return
             collect(WRITE_QUEUE - 1)
             for scan, out in zip(group, outputs):
-                writes.append((scan.case_id, writer.submit(run.finish, scan, out, scan.seconds + seconds)))
+                writes.append((scan.case_id, scan.paths,
+                               writer.submit(run.finish, scan, out, scan.seconds + seconds)))
             group.clear()
 
         group: list[LoadedScan] = []
         try:
             for case_id, paths, scan, error in loaded():
                 if error is not None:
-                    by_case[case_id] = run.failed(case_id, paths, error)
-                    bar.advance(task)
+                    record(case_id, run.failed(case_id, paths, error))
                 elif not predictor.fits_one_window(scan):
                     predict(group)
                     predict([scan])
@@ -683,22 +827,15 @@ def predict_folder(
                 scratch.cleanup()
 
     ordered = [by_case[c] for c in sorted(by_case)] + extra + ignored
-    earlier = previous_reports(output / REPORT) if skip_existing else {}
-    for r in ordered:
-        if r.status == "skipped" and isinstance(earlier.get(r.case_id), dict):
-            r.report = earlier[r.case_id]  # its outputs are the earlier run's, and so is its report
     if num_parts == 1:
         write_summary(ordered, output / SUMMARY, predictor.class_names)
     else:
         write_summary(ordered, part_summary(output, part_id, num_parts), predictor.class_names)
         merge_summaries(output, num_parts, required=False)
-    from seg import __version__
-
-    # one report per process: each part of a sharded run writes its own (report.part-I-of-N.json)
-    report_name = REPORT if num_parts == 1 else REPORT.replace(".json", f".part-{part_id}-of-{num_parts}.json")
-    write_report({r.case_id: r.report for r in ordered if r.report}, output / report_name, predictor.preprocessing,
-                 {"version": __version__, "checkpoint": run.checkpoint_name, "tta": predictor.tta,
-                  "precision": predictor.precision})
+    try:
+        save_report(durable=True)
+    except OSError as err:
+        raise SegError(f"cannot write the report ({err.strerror or err})", report_path) from None
     return ordered
 
 
@@ -825,8 +962,10 @@ def run(args: argparse.Namespace) -> int:
         part = part_summary(Path(args.output), args.part_id, args.num_parts)
         done = all(part_summary(Path(args.output), i, args.num_parts).is_file() for i in range(args.num_parts))
         summary = f"{part}" + (f"; every part done, merged: {summary}" if done else "")
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped", "ignored")}
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "partial", "failed", "skipped", "ignored")}
+    partial = f", {counts['partial']} with an output missing" if counts["partial"] else ""
     ignored = f", {counts['ignored']} other files ignored" if counts["ignored"] else ""
-    print(f"seg predict: {counts['ok']} predicted, {counts['failed']} failed, {counts['skipped']} skipped{ignored} in "
-          f"{time.perf_counter() - start:.1f} s; summary: {summary}", file=sys.stderr)
-    return 1 if counts["failed"] else 0
+    print(f"seg predict: {counts['ok'] + counts['partial']} predicted{partial}, {counts['failed']} failed, "
+          f"{counts['skipped']} skipped{ignored} in {time.perf_counter() - start:.1f} s; summary: {summary}",
+          file=sys.stderr)
+    return 1 if counts["failed"] or counts["partial"] else 0

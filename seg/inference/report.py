@@ -11,18 +11,26 @@ For each case, on the scan's own grid:
 - `uncertainty`: the mean normalised predictive entropy `-sum_c p_c log p_c / log C` in [0, 1] inside the
   predicted foreground, when the softmax was computed (`--uncertainty` or `--save-probabilities`). With
   `--tta` the softmax is the mean over mirrored passes, so disagreement between the passes raises it.
+
+Numbers are computed in float64. One that is still not finite (a mean over values near float64's limit), or an
+integer beyond 64 bits, is written as null, and the case's `nulls` says which and why (`json_ready`): report.json
+is strict JSON whatever the scan holds.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+import os
+import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from seg.errors import escape, one_line
 from seg.io import write_text
 
 REPORT = "report.json"
@@ -52,14 +60,17 @@ def class_statistics(label: np.ndarray, image: np.ndarray | None, affine: np.nda
     stats = {}
     for c, name in enumerate(class_names, start=1):
         mask = label == c
-        inside = image[mask] if image is not None and counts[c] else None
-        stats[name] = {
-            "volume_ml": float(counts[c]) * voxel_ml,
-            "voxels": int(counts[c]),
-            "intensity_mean": float(inside.mean()) if inside is not None else None,
-            "intensity_std": float(inside.std()) if inside is not None else None,
-            "components": int(ndimage.label(mask)[1]) if counts[c] else 0,
-        }
+        # float64: float32 sums and squares of a uint64 scan's values (up to 2^64) overflow to infinity
+        inside = image[mask].astype(np.float64) if image is not None and counts[c] else None
+        # an overflow left even so is written as null with the reason (`json_ready`), not warned about
+        with np.errstate(over="ignore", invalid="ignore"):
+            stats[name] = {
+                "volume_ml": float(counts[c]) * voxel_ml,
+                "voxels": int(counts[c]),
+                "intensity_mean": float(inside.mean()) if inside is not None else None,
+                "intensity_std": float(inside.std()) if inside is not None else None,
+                "components": int(ndimage.label(mask)[1]) if counts[c] else 0,
+            }
     return stats
 
 
@@ -161,13 +172,52 @@ def case_report(label: np.ndarray, image: np.ndarray | None, affine: np.ndarray,
     uncertainty = entropy_score(probabilities, label > 0) if probabilities is not None else None
     flags = quality_flags(stats, label, affine, preprocessing, uncertainty)
     mismatch = modality_flag(image, preprocessing, modality)
-    return {
+    return json_ready({
         "shape": [int(s) for s in label.shape],
         "spacing_mm": [round(float(s), 4) for s in nib.affines.voxel_sizes(affine)],
         "classes": stats,
         "uncertainty": uncertainty,
         "flags": flags + ([mismatch] if mismatch else []),
-    }
+    })
+
+
+# JSON readers (JavaScript, many C and Java parsers) hold numbers as float64 or int64: a larger integer is garbled.
+MAX_INTEGER = 2**63 - 1
+# A report is 3 levels deep; an earlier report.json's entry nested deeper is not one of ours.
+MAX_DEPTH = 16
+
+
+def json_ready(report: dict) -> dict:
+    """The case report with every non-finite float and every integer beyond 64 bits replaced by None, and
+    `nulls`: {where: why} for each (absent when there is none). Strict JSON (`allow_nan=False`) accepts the result.
+    """
+    earlier = report.get("nulls")
+    nulls = {str(k): one_line(str(v)) for k, v in earlier.items()} if isinstance(earlier, dict) else {}
+
+    def clean(value, where: str, depth: int):
+        if depth > MAX_DEPTH:
+            nulls[where] = f"nested deeper than {MAX_DEPTH} levels"
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if isinstance(value, (int, np.integer)):
+            if abs(int(value)) <= MAX_INTEGER:
+                return int(value)
+            nulls[where] = "an integer beyond 64 bits"
+            return None
+        if isinstance(value, (float, np.floating)):
+            if math.isfinite(value):
+                return float(value)
+            nulls[where] = f"{float(value)}: not a finite number (the scan's values overflow float64 here)"
+            return None
+        return value
+
+    cleaned = clean({k: v for k, v in report.items() if k != "nulls"}, "", 0)
+    return {**cleaned, "nulls": nulls} if nulls else cleaned
 
 
 def summary_columns(class_names: Sequence[str]) -> list[str]:
@@ -183,29 +233,61 @@ def summary_values(report: dict, class_names: Sequence[str]) -> list[str]:
     if not report:
         return [""] * len(summary_columns(class_names))
     values = []
+    classes = report.get("classes") if isinstance(report.get("classes"), dict) else {}
     for name in class_names:
-        s = report["classes"].get(name, {})
-        values += [str(s.get("voxels", "")), _number(s.get("intensity_mean")), _number(s.get("intensity_std")),
-                   str(s.get("components", ""))]
-    flags = sorted({flag.split(":", 1)[0] for flag in report["flags"]})
-    return values + [_number(report.get("uncertainty")), ";".join(flags)]
+        s = classes.get(name) if isinstance(classes.get(name), dict) else {}
+        values += [_integer(s.get("voxels")), _number(s.get("intensity_mean")), _number(s.get("intensity_std")),
+                   _integer(s.get("components"))]
+    flags = sorted({flag.split(":", 1)[0] for flag in report.get("flags") or [] if isinstance(flag, str)})
+    return values + [_number(report.get("uncertainty")), one_line(";".join(flags))]
 
 
 def _number(value) -> str:
-    return "" if value is None else f"{value:.4g}"
+    """A float for the summary, "" for None and for anything that is not a finite number (an earlier report's)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{value:.4g}" if is_number and math.isfinite(value) else ""
 
 
-def previous_reports(path: Path) -> dict[str, dict]:
-    """The case reports of an earlier `report.json` in the output folder (for cases `--skip-existing` keeps)."""
+def _integer(value) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else ""
+
+
+def previous_reports(path: Path, warn: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
+    """The case reports of an earlier `report.json` in the output folder (for cases `--skip-existing` keeps).
+
+    A missing file gives none. One that is not a regular file (never opened: a fifo would block), or that is not
+    the JSON `write_report` writes (half-written by another tool, corrupt, nested too deep), gives none with one
+    line to `warn`; the skipped cases' reports are then computed again from their files.
+    """
     try:
-        cases = json.loads(path.read_text()).get("cases")
-    except (OSError, ValueError, AttributeError):
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
         return {}
-    return cases if isinstance(cases, dict) else {}
+    except OSError as err:
+        warn(f"{escape(str(path))}: cannot read the earlier report ({err.strerror or err}); ignored")
+        return {}
+    if not stat.S_ISREG(mode):
+        warn(f"{escape(str(path))}: the earlier report is not a regular file; ignored")
+        return {}
+    try:
+        cases = json.loads(path.read_bytes()).get("cases")
+    except (OSError, ValueError, AttributeError, RecursionError, MemoryError) as err:
+        warn(one_line(f"{escape(str(path))}: the earlier report is not readable JSON "
+                      f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); ignored"))
+        return {}
+    if not isinstance(cases, dict):
+        warn(f"{escape(str(path))}: the earlier report has no 'cases'; ignored")
+        return {}
+    return {str(case): json_ready(report) for case, report in cases.items() if isinstance(report, dict)}
 
 
-def write_report(reports: dict[str, dict], path: Path, preprocessing: dict, meta: dict) -> None:
-    """`report.json`, atomically: `{"seg": meta, "intensity_check": ..., "cases": {case: report}}`."""
+def write_report(reports: dict[str, dict], path: Path, preprocessing: dict, meta: dict, durable: bool = True) -> None:
+    """`report.json`, atomically: `{"seg": meta, "intensity_check": ..., "cases": {case: report}}`.
+
+    Every case report goes through `json_ready`, so that a number an earlier report.json held (`1e400` reads
+    as infinity) cannot make this one invalid.
+    """
     document = {"seg": meta, "intensity_check": intensity_note(preprocessing),
-                "training_spacing_mm": preprocessing.get("spacing"), "cases": reports}
-    write_text(path, json.dumps(document, indent=1, allow_nan=False))
+                "training_spacing_mm": preprocessing.get("spacing"),
+                "cases": {case: json_ready(report) for case, report in reports.items()}}
+    write_text(path, json.dumps(document, indent=1, allow_nan=False), durable)

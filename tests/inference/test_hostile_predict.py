@@ -6,10 +6,15 @@ command line and checkpoint checks use the shared trained checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import json
 import math
 import os
+import struct
+import threading
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +26,7 @@ from hostile_files import gzip_bomb, header_bomb, rss_growth_mb
 from seg.cli import main
 from seg.errors import CheckpointError
 from seg.inference.checkpoint import load_trained_model
-from seg.inference.predict import predict_folder
+from seg.inference.predict import output_stem, predict_folder
 from test_predict import read_summary, stub_predictor
 
 SHAPE = (20, 20, 14)
@@ -171,22 +176,41 @@ def test_a_newline_in_a_file_name_is_escaped(tmp_path, capsys):
     assert len(text.splitlines()) == 2 and "a\\nseg predict: forged line" in text
 
 
-def test_nibabel_header_messages_name_the_file(tmp_path, caplog):
-    scans, out = tmp_path / "scans", tmp_path / "out"
-    scans.mkdir()
+def raw_nifti(path: Path, extensions: bytes) -> Path:
+    """A float32 .nii of SHAPE with `extensions` (their 4-byte flag included) between header and voxels."""
     header = nib.Nifti1Header()
     header.set_data_shape(SHAPE)
     header.set_data_dtype(np.float32)
     header.set_sform(np.eye(4), code=1)
-    header["vox_offset"] = 360  # nibabel: "not divisible by 16, not SPM compatible"
-    path = scans / "odd_offset.nii"
+    header["vox_offset"] = 348 + len(extensions)
     data = (100 + np.arange(math.prod(SHAPE)) % 7).astype("<f4")
-    path.write_bytes(header.binaryblock + b"\0" * 12 + data.tobytes())
+    path.write_bytes(header.binaryblock + extensions + data.tobytes())
+    return path
+
+
+def test_nibabel_header_messages_name_the_file(tmp_path, caplog):
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    path = raw_nifti(scans / "odd_offset.nii", b"\0" * 12)  # nibabel: "not divisible by 16, not SPM compatible"
     with caplog.at_level("WARNING", logger="nibabel.global"):
         [result] = predict_folder(stub_predictor(), scans, out, progress=False)
     assert result.status == "ok"
     messages = [r.getMessage() for r in caplog.records if "divisible by 16" in r.getMessage()]
     assert messages and all(m.startswith(f"{path}: ") for m in messages), messages
+
+
+def test_nibabel_python_warnings_are_one_line_naming_the_file(tmp_path, caplog):
+    """nibabel warns (Python `warnings`, printed on two lines without the file) on an extension whose size is not a
+    multiple of 16 bytes: it reaches the log as one line naming the file."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    extension = struct.pack("<ii", 24, 6) + b"sixteen bytes!!!"  # 24 bytes: not a multiple of 16
+    path = raw_nifti(scans / "odd_extension.nii", b"\1\0\0\0" + extension)
+    with caplog.at_level("WARNING", logger="nibabel.global"):
+        [result] = predict_folder(stub_predictor(), scans, out, progress=False)
+    assert result.status == "ok", result.message
+    [message] = [r.getMessage() for r in caplog.records if "multiple of 16 bytes" in r.getMessage()]
+    assert message.startswith(f"{path}: UserWarning: Extension size is not a multiple of 16 bytes") and "\n" not in message
 
 
 def test_complex_image_is_refused(tmp_path):
@@ -274,3 +298,125 @@ def test_broken_checkpoint_through_the_command_line(trained_checkpoint, tmp_path
     assert code == 1 and err == [f"seg predict: error: {path}: checkpoint's preprocessing has no 'orientation'; "
                                  "use a .ckpt written by `seg fit`"]
     assert not (tmp_path / "out").exists()
+
+
+# ---- a case is the unit of failure ---------------------------------------------------------------------------------
+def test_output_stems_are_short_safe_and_unique():
+    long_a, long_b = "a" * 300, "a" * 299 + "b"
+    ids = ["plain", "p_probabilities", long_a, long_b, "é" * 200, "x/../y", "..", "", "a\nb", "a_b", "\udcff"]
+    stems = {case: output_stem(case) for case in ids}
+    assert stems["plain"] == "plain" and stems["p_probabilities"] == "p_probabilities" and stems["a_b"] == "a_b"
+    assert len(set(stems.values())) == len(ids)
+    for case, stem in stems.items():
+        assert stem and stem.isprintable() and "/" not in stem and not stem.startswith("."), (case, stem)
+        assert len(f"{stem}_probabilities.nii.gz".encode()) <= 120
+        assert output_stem(case) == stem  # the same in every run and every part
+    assert stems[long_a].startswith("a" * 80) and stems["é" * 200].startswith("é" * 40)
+
+
+def test_a_name_too_long_for_the_filesystem_and_an_output_it_refuses_fail_one_case_each(tmp_path, capsys):
+    """A case id of 240 characters (its outputs would pass the 255-byte limit) gets a short output name; an output
+    name taken by a folder fails its case alone, with one line, and the others are predicted as if alone."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    long_a, long_b = "a" * 240, "a" * 239 + "b"
+    for name in (long_a, long_b, "blocked", "good"):
+        scan(scans / f"{name}.nii.gz")
+    (out / "blocked.nii.gz").mkdir(parents=True)  # the label map's name is a folder: it cannot be written
+    (out / "blocked.nii.gz" / "inside").write_text("not ours")
+    alone = predict_folder(stub_predictor(), scans / "good.nii.gz", tmp_path / "alone", save_probabilities=True,
+                           progress=False)
+    results = predict_folder(stub_predictor(), scans, out, save_probabilities=True, preview=True, progress=True)
+    err = capsys.readouterr().err
+    status = {r.case_id: r.status for r in results}
+    assert status == {long_a: "ok", long_b: "ok", "blocked": "failed", "good": "ok"}, err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "blocked" in line]
+    assert "blocked.nii.gz: cannot write" in line
+    assert (out / "blocked.nii.gz" / "inside").read_text() == "not ours"
+    names = {p.name for p in out.iterdir()}
+    assert all(len(name.encode()) <= 120 for name in names), names
+    for case in (long_a, long_b):
+        stem = output_stem(case)
+        assert {f"{stem}.nii.gz", f"{stem}_probabilities.nii.gz", f"{stem}_preview.png"} <= names
+    summary = {r["case"]: r for r in rows(out)}
+    assert summary[long_a]["outputs"].split(";")[0] == f"{output_stem(long_a)}.nii.gz"  # the original id, its file
+    assert set(json.loads((out / "report.json").read_text())["cases"]) == {long_a, long_b, "good"}
+    assert np.array_equal(np.asarray(nib.load(out / "good.nii.gz").dataobj),
+                          np.asarray(nib.load(tmp_path / "alone" / "good.nii.gz").dataobj))
+    assert alone[0].report == next(r.report for r in results if r.case_id == "good")
+
+
+def test_a_scan_beyond_the_memory_limit_is_one_failed_row(tmp_path, monkeypatch):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan(scans / "big.nii.gz", data=np.ones((64, 64, 64), np.float32))  # 1 MiB: 4 MiB with working copies
+    scan(scans / "small.nii.gz")
+    monkeypatch.setenv("SEG_MEMORY_LIMIT", "2M")
+    results = predict_folder(stub_predictor(), scans, tmp_path / "out", progress=False)
+    status = {r.case_id: r for r in results}
+    assert status["small"].status == "ok"
+    assert status["big"].status == "failed" and "more than the 2.0 MiB of memory available" in status["big"].message
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "small.nii.gz", "summary.csv"]
+
+
+@contextlib.contextmanager
+def unblocking(*fifos: Path, seconds: float = 30.0):
+    """Yields a list that names each fifo a reader was stuck on after `seconds`; opening its other end unblocks
+    the reader, so the test fails instead of hanging."""
+    hung: list[Path] = []
+    done = threading.Event()
+
+    def release():
+        if done.wait(seconds):
+            return
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only with a reader waiting
+                hung.append(fifo)
+            except OSError:
+                pass
+
+    threading.Thread(target=release, daemon=True).start()
+    try:
+        yield hung
+    finally:
+        done.set()
+
+
+def test_fifos_named_like_a_scan_or_the_earlier_report_are_never_opened(tmp_path, capsys):
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    out.mkdir()
+    scan(scans / "good.nii.gz")
+    os.mkfifo(scans / "x.nii.gz")
+    os.mkfifo(out / "report.json")
+    with unblocking(scans / "x.nii.gz", out / "report.json") as hung:
+        results = predict_folder(stub_predictor(), scans, out, skip_existing=True, progress=True)
+    assert not hung
+    err = capsys.readouterr().err
+    status = {r.case_id: r for r in results}
+    assert status["good"].status == "ok"
+    assert status["x"].status == "failed" and "not a regular file" in status["x"].message
+    assert "report.json: the earlier report is not a regular file; ignored" in err
+    assert set(json.loads((out / "report.json").read_text())["cases"]) == {"good"}  # the fifo replaced
+
+
+# ---- reports never fail on numbers -------------------------------------------------------------------------------------
+def test_scans_of_huge_values_are_predicted_with_a_strict_json_report(tmp_path):
+    """float32 values near its limit (3e38: float32 sums overflow) and a uint64 scan of 2^64 - 1 values."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    big = np.full(SHAPE, 100.0, np.float32)
+    big[5:10, 5:10, 5:9] = 3e38
+    scan(scans / "near_float32_max.nii.gz", data=big)
+    huge = np.full(SHAPE, 7, np.uint64)
+    huge[5:10, 5:10, 5:9] = 2**64 - 1
+    nib.save(nib.Nifti1Image(huge, np.eye(4), dtype=np.uint64), scans / "uint64.nii.gz")
+    results = predict_folder(stub_predictor(), scans, out, progress=False)
+    assert [r.status for r in results] == ["ok", "ok"], [r.message for r in results]
+    text = (out / "report.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
+    assert report["cases"]["near_float32_max"]["classes"]["target"]["intensity_mean"] == pytest.approx(3e38, rel=1e-6)
+    assert report["cases"]["uint64"]["classes"]["target"]["intensity_mean"] == pytest.approx(2.0**64, rel=1e-6)
+    assert rows(out)[0]["mean_target"] == "3e+38"

@@ -9,6 +9,7 @@ a real (barely trained) `seg fit` checkpoint.
 from __future__ import annotations
 
 import csv
+import json
 import gzip
 import os
 import shutil
@@ -352,6 +353,10 @@ def test_interrupted_run_leaves_no_broken_file_and_resumes(trained_checkpoint, t
     statuses = {c: r["status"] for c, r in read_summary(out).items()}
     assert {c for c, s in statuses.items() if s == "skipped"} == done_first
     assert {c for c, s in statuses.items() if s == "ok"} == {f"case_{i}" for i in range(8)} - done_first
+    # every case is in the report, the skipped ones too (its report was written as cases finished, or is computed
+    # again from the files)
+    assert set(json.loads((out / "report.json").read_text())["cases"]) == {f"case_{i}" for i in range(8)}
+    assert all(row["voxels_liver"] != "" for row in read_summary(out).values())
 
 
 def _dead_pid() -> int:
@@ -478,3 +483,139 @@ def test_any_unusable_checkpoint_is_a_checkpoint_error(tmp_path, trained_checkpo
             load_trained_model(tmp_path / name)
         assert name in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
     assert load_trained_model(trained_checkpoint).preprocessing == good[CHECKPOINT_KEY]["preprocessing"]
+
+
+# ---- a case is the unit of failure: one output failing leaves the others -------------------------------------------
+def _phantom_folder(folder: Path, names, shape=(45, 51, 33)) -> dict[str, np.ndarray]:
+    """Scans bigger than the stand-in's window (each predicted alone), and their target masks."""
+    folder.mkdir()
+    affine = centred_affine(np.diag([1.4, 1.3, 1.6]), shape)
+    image, target = phantom(shape, affine)
+    for name in names:
+        save(folder / f"{name}.nii.gz", image, affine)
+    return {name: target for name in names}
+
+
+def test_a_failing_preview_keeps_the_label_map_and_the_report_is_written_as_cases_finish(tmp_path, monkeypatch):
+    import seg.figure
+    import seg.inference.predict as predict
+
+    targets = _phantom_folder(tmp_path / "scans", ["a", "b", "c"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c_preview.png").write_bytes(b"an older preview: it would pass for this scan's")
+    seen = {}
+    render = seg.figure.render_overlay
+
+    def failing_for_c(path, *args, title="", **kwargs):
+        if title == "c":  # a renderer failure on one case (simulated), after a and b are done
+            seen.update(json.loads((out / "report.json").read_text())["cases"])
+            raise RuntimeError("renderer\nbroke")
+        return render(path, *args, title=title, **kwargs)
+
+    monkeypatch.setattr(seg.figure, "render_overlay", failing_for_c)
+    monkeypatch.setattr(predict, "REPORT_INTERVAL", 0.0)  # rewrite report.json after every case
+    results = predict_folder(stub_predictor(), tmp_path / "scans", out, preview=True, progress=False)
+
+    assert set(seen) == {"a", "b"}  # the report as it stood while c was written: a killed run keeps it
+    status = {r.case_id: r.status for r in results}
+    assert status == {"a": "ok", "b": "ok", "c": "partial"}
+    c = next(r for r in results if r.case_id == "c")
+    assert "\n" not in c.message and "c.nii.gz: written, but not the preview" in c.message
+    assert "c_preview.png: unexpected error (RuntimeError: renderer; at test_predict.py" in c.message
+    label = np.asarray(nib.load(out / "c.nii.gz").dataobj)
+    assert dice(label == 1, targets["c"]) > 0.85
+    assert np.array_equal(label, np.asarray(nib.load(out / "a.nii.gz").dataobj))  # same scan, same labels
+    assert not (out / "c_preview.png").exists() and (out / "a_preview.png").is_file()
+    rows = read_summary(out)
+    assert rows["c"]["status"] == "partial" and rows["c"]["outputs"] == "c.nii.gz"
+    assert rows["c"]["volume_ml_target"] == rows["a"]["volume_ml_target"] != ""
+    assert set(json.loads((out / "report.json").read_text())["cases"]) == {"a", "b", "c"}
+
+
+def test_a_failing_report_keeps_the_label_map_and_exits_1(trained_checkpoint, tmp_path, monkeypatch, capsys):
+    import seg.inference.predict as predict
+
+    source = trained_checkpoint.parents[2] / "data" / "imagesTr" / "synth_001.nii.gz"
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(source, scans / f"{name}.nii.gz")
+    report, calls = predict.case_report, []
+
+    def failing_for_b(*args):
+        calls.append(args)
+        if len(calls) == 2:  # b's report (written after a's) fails: simulated
+            raise ValueError("statistics broke")
+        return report(*args)
+
+    monkeypatch.setattr(predict, "case_report", failing_for_b)
+    code = main(["predict", "-c", str(trained_checkpoint), "-i", str(scans), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "1 with an output missing" in err
+    rows = read_summary(out)
+    assert rows["a"]["status"] == "ok" and rows["b"]["status"] == "partial"
+    assert "b.nii.gz: written, but not the report" in rows["b"]["message"] and "statistics broke" in rows["b"]["message"]
+    assert np.array_equal(np.asarray(nib.load(out / "a.nii.gz").dataobj), np.asarray(nib.load(out / "b.nii.gz").dataobj))
+    assert set(json.loads((out / "report.json").read_text())["cases"]) == {"a"}
+
+
+def test_a_resumed_run_reports_every_case(tmp_path, capsys):
+    """A run killed before its report.json (or with a torn one) is resumed: every case is in the report, the
+    skipped ones as they were predicted (computed again from their files)."""
+    _phantom_folder(tmp_path / "scans", ["a", "b", "c"])
+    out = tmp_path / "out"
+    first = predict_folder(stub_predictor(), tmp_path / "scans", out, save_probabilities=True, progress=False)
+    report = json.loads((out / "report.json").read_text())["cases"]
+    assert set(report) == {"a", "b", "c"} and report["a"]["uncertainty"] is not None
+    (out / "c.nii.gz").unlink()  # c was being written when the run was killed
+    text = (out / "report.json").read_text()
+    for torn, warnings in (("", 0), (text[: len(text) // 2], 1), ("[" * 100_000, 1), ("{}", 1),
+                           ('{"cases": {"a": 5, "b": [1]}}', 0)):
+        if torn:
+            (out / "report.json").write_text(torn)
+        else:
+            (out / "report.json").unlink()
+        again = predict_folder(stub_predictor(), tmp_path / "scans", out, skip_existing=True,
+                               save_probabilities=True, progress=True)
+        err = capsys.readouterr().err
+        assert {r.case_id: r.status for r in again} == {"a": "skipped", "b": "skipped", "c": "ok"}, torn[:20]
+        assert "Traceback" not in err
+        assert sum("earlier report" in line for line in err.splitlines()) == warnings, err
+        assert json.loads((out / "report.json").read_text())["cases"] == report
+        rows = read_summary(out)
+        assert rows["a"]["voxels_target"] == str(report["a"]["classes"]["target"]["voxels"])
+        assert [r.report for r in again] == [r.report for r in first]
+        (out / "c.nii.gz").unlink()
+
+
+def test_a_failing_dicom_seg_keeps_the_label_map(tmp_path, monkeypatch):
+    from seg.inference import dicom
+    from test_dicom import write_series
+
+    shape = (33, 31, 14)
+    affine = centred_affine(np.diag([2.0, 2.1, 4.0]), shape)
+    image, target = phantom(shape, affine)
+    for patient in ("P1", "P2"):
+        write_series(tmp_path / "scans" / patient, image, affine, patient=patient)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "P2_1_seg.dcm").write_bytes(b"an older SEG: it would pass for this series'")
+    write_segmentation = dicom.write_segmentation
+
+    def failing_for_p2(label, affine, sources, *args, **kwargs):
+        if sources[0].parent.name == "P2":  # as a series without FrameOfReferenceUID did (simulated)
+            raise AttributeError("'FileDataset' object has no attribute 'FrameOfReferenceUID'")
+        return write_segmentation(label, affine, sources, *args, **kwargs)
+
+    monkeypatch.setattr(dicom, "write_segmentation", failing_for_p2)
+    results = predict_folder(stub_predictor(), tmp_path / "scans", out, dicom_seg=True, progress=False)
+    assert {r.case_id: r.status for r in results} == {"P1_1": "ok", "P2_1": "partial"}
+    message = results[1].message
+    assert "P2_1.nii.gz: written, but not the dicom seg: " in message and "FrameOfReferenceUID" in message
+    label = np.asarray(nib.load(out / "P2_1.nii.gz").dataobj)
+    assert np.array_equal(label, np.asarray(nib.load(out / "P1_1.nii.gz").dataobj))
+    assert dice(label == 1, target) > 0.8
+    assert (out / "P1_1_seg.dcm").is_file() and not (out / "P2_1_seg.dcm").exists()
+    assert set(json.loads((out / "report.json").read_text())["cases"]) == {"P1_1", "P2_1"}

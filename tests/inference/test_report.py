@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from seg.inference.predict import predict_folder
-from seg.inference.report import case_report, entropy_score
+from seg.inference.report import case_report, entropy_score, previous_reports, summary_values, write_report
 from test_predict import centred_affine, phantom, read_summary, save, stub_predictor
 
 MR = {"spacing": [1.0, 1.0, 1.0], "normalization": [{"scheme": "zscore", "nonzero": True}], "modalities": ["T2"]}
@@ -91,3 +91,40 @@ def test_folder_report_flags_planted_cases(tmp_path):
     assert [r.status for r in again] == ["skipped"] * 3
     assert json.loads((out / "report.json").read_text())["cases"] == report["cases"]
     assert read_summary(out)["border"]["flags"] == "border"
+
+
+def test_statistics_of_uint64_values_stay_finite_and_overflow_is_null_with_the_reason():
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[:, :, :2] = 1
+    scan = np.zeros((4, 4, 4), np.uint64)
+    scan[0, 0, 0] = 2**64 - 1  # in float32 its deviation from the mean squares to infinity
+    image = scan.astype(np.float32)  # as `first_channel` gives it
+    report = case_report(label, image, np.eye(4), ["a"], MR)
+    assert report["classes"]["a"]["intensity_mean"] == pytest.approx(2.0**64 / 32)
+    assert report["classes"]["a"]["intensity_std"] == pytest.approx(np.float64(2.0**64) * np.sqrt(31) / 32)
+    assert "nulls" not in report
+    json.dumps(report, allow_nan=False)
+    beyond = np.full((4, 4, 4), 1e308)  # float64 sums overflow
+    report = case_report(label, beyond, np.eye(4), ["a"], MR)
+    assert report["classes"]["a"]["intensity_mean"] is None and report["classes"]["a"]["intensity_std"] is None
+    assert set(report["nulls"]) == {"classes.a.intensity_mean", "classes.a.intensity_std"}
+    assert "not a finite number" in report["nulls"]["classes.a.intensity_mean"]
+    json.dumps(report, allow_nan=False)
+
+
+def test_a_report_is_strict_json_whatever_an_earlier_one_held(tmp_path):
+    """An earlier report.json's entries (kept for skipped cases) may hold 1e400 (read as infinity), huge integers,
+    deep nesting or strings where numbers belong: the report and the summary are written all the same."""
+    earlier = tmp_path / "report.json"
+    nested = "[" * 50 + "]" * 50
+    earlier.write_text('{"cases": {"x": {"classes": {"a": {"voxels": 123456789012345678901234567890, '
+                       '"intensity_mean": 1e400, "intensity_std": "tall"}}, "flags": [7, "border: x"], '
+                       f'"uncertainty": -1e999, "deep": {nested}}}, "y": 3}}}}')
+    cases = previous_reports(earlier)
+    assert set(cases) == {"x"}
+    write_report(cases, tmp_path / "again.json", MR, {"version": "test"})
+    again = json.loads((tmp_path / "again.json").read_text())["cases"]["x"]
+    assert again["classes"]["a"]["voxels"] is None and again["classes"]["a"]["intensity_mean"] is None
+    assert again["uncertainty"] is None
+    assert set(again["nulls"]) >= {"classes.a.voxels", "classes.a.intensity_mean", "uncertainty"}
+    assert summary_values(cases["x"], ["a", "b"]) == ["", "", "", "", "", "", "", "", "", "border"]
