@@ -407,8 +407,8 @@ def sorted_slices(datasets: list, paths: list[Path], name: str = "", where: str 
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     spacings = {tuple(float(v) for v in np.round(_floats(ds.PixelSpacing, 2), 5)) for ds in datasets}
     if len(sizes) > 1 or len(spacings) > 1:
-        shown = ", ".join(" x ".join(f"{v:g}" for v in pair) for pair in sorted(sizes) + sorted(spacings))
-        raise DataError(f"has slices of different sizes or pixel spacings ({shown})", where)
+        shown = [", ".join(f"{a:g} x {b:g}" for a, b in sorted(values)) for values in (sizes, spacings)]
+        raise DataError(f"has slices of different sizes ({shown[0]}) or pixel spacings ({shown[1]} mm)", where)
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
     positions = np.stack([_floats(ds.ImagePositionPatient, 3) for ds in datasets])
