@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files in `folder` whose writer is gone (a killed run); returns them."""
+    """Delete the temporary files (and folders) in `folder` whose writer is gone (a killed run); returns them."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
@@ -49,7 +50,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         match = _TEMPORARY.match(path.name)
         if match and not pid_alive(int(match["pid"])):
             with contextlib.suppress(OSError):
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 removed.append(path)
     return removed
 

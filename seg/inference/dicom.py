@@ -11,15 +11,21 @@ and mixed orientations are refused before any voxel is read, since a reader woul
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
+import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from seg.data.guard import MAX_VOXELS, MEMORY_ENV, WORKING_COPIES, format_bytes, memory_limit
 from seg.errors import DataError, SegError, escape, one_line
-from seg.io import atomic_path
+from seg.io import atomic_path, temporary_path
 
 # Slice spacing may vary by this fraction of the median (or 0.01 mm) before a series is refused: scanners
 # write positions as decimal strings, rounded to a few micrometres.
@@ -28,6 +34,13 @@ SPACING_TOLERANCE = 0.01
 # of the distance along the normal, about 0.06 degrees): gantry tilt.
 TILT_TOLERANCE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-4
+# Folders below the input searched for DICOM files: exports nest a handful (patient/study/series); far more is
+# a loop of copies or a hostile tree, and the search refuses it in one line rather than recursing without end.
+MAX_DEPTH = 64
+# Case ids (output file names) are cut to this many characters, plus a hash of the whole id to keep them apart.
+MAX_NAME = 64
+# Secondary Capture and its multi-frame kinds: screenshots and scanned documents, no patient geometry.
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 @dataclass
@@ -40,24 +53,67 @@ class Skipped:
     message: str
 
 
-def is_dicom(path: Path) -> bool:
-    """True for a file with the DICOM preamble ("DICM" after 128 bytes)."""
+def special_file(path: Path) -> str | None:
+    """Why `path` must not be opened (a fifo, socket or device: reading could block or never end), or None."""
     try:
-        with open(path, "rb") as f:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # a dangling link: opening it fails at once
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "not a regular file (a fifo, socket or device)"
+
+
+def is_dicom(path: Path) -> bool:
+    """True for a regular file with the DICOM preamble ("DICM" after 128 bytes); never opens a special file."""
+    if special_file(path) is not None:
+        return False
+    try:  # O_NONBLOCK: a fifo swapped in after the check still cannot block the open
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
             head = f.read(132)
     except OSError:
         return False
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def dicom_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """The DICOM files under `folder` (recursively, hidden entries left out) and the other files, by path."""
-    found, others = [], []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            (found if is_dicom(Path(root) / name) else others).append(Path(root) / name)
-    return found, others
+class DicomTree(NamedTuple):
+    """The files under an input folder: DICOM files, other files, and entries refused without being opened."""
+
+    found: list[Path]
+    others: list[Path]
+    refused: list[Skipped]
+
+
+def dicom_files(folder: Path) -> DicomTree:
+    """The DICOM files under `folder` (recursively, hidden entries and links to folders left out), the other files,
+    and a "failed" entry for each special file (never opened) and each folder deeper than `MAX_DEPTH`."""
+    found, others, refused = [], [], []
+    stack = [(Path(folder), 0)]
+    while stack:  # depth first with a stack of our own: a deep tree cannot exhaust Python's recursion limit
+        root, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError as err:
+            refused.append(Skipped(root.name, "failed", [root], f"{escape(str(root))}: cannot list the folder "
+                                                               f"({err.strerror or err})"))
+            continue
+        folders = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(path)
+            elif entry.is_symlink() and path.is_dir():
+                continue  # as `os.walk`: links to folders are not followed (no loops)
+            elif (why := special_file(path)) is not None:
+                refused.append(Skipped(entry.name, "failed", [path], f"{escape(str(path))}: not read: {why}"))
+            else:
+                (found if is_dicom(path) else others).append(path)
+        if folders and depth >= MAX_DEPTH:
+            refused.append(Skipped(root.name, "failed", [root], f"{escape(str(root))}: folders nested more than "
+                                   f"{MAX_DEPTH} deep below the input; not searched below this one"))
+            continue
+        stack.extend((path, depth + 1) for path in reversed(folders))
+    return DicomTree(found, others, refused)
 
 
 def require(module: str):
@@ -79,6 +135,24 @@ def _floats(value, n: int) -> np.ndarray | None:
     return array if array.shape == (n,) and np.all(np.isfinite(array)) else None
 
 
+def _int(ds, keyword: str, default: int | None = None) -> int | None:
+    """An integer attribute, `default` when absent or empty, None when its value is not an integer."""
+    try:
+        value = ds.get(keyword)
+        return default if value is None or str(value).strip() == "" else int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _text(ds, keyword: str) -> str:
+    """An attribute as text ("" when absent or unreadable): pydicom may raise on a value it cannot decode."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a value in a character set or format pydicom cannot decode
+        return ""
+    return "" if value is None else str(value).strip()
+
+
 def _not_an_image(ds) -> str | None:
     """Why a DICOM dataset is not a slice of a volume that can be segmented, or None."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
@@ -86,46 +160,70 @@ def _not_an_image(ds) -> str | None:
         return f"no pixel data ({kind}): not an image"
     if any(str(v).upper() == "LOCALIZER" for v in (ds.get("ImageType") or [])):
         return "a localizer (ImageType LOCALIZER), not part of a volume"
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return f"a colour image ({ds.get('PhotometricInterpretation', '?')}), not a scan"
-    if _floats(ds.get("ImageOrientationPatient"), 6) is None or _floats(ds.get("ImagePositionPatient"), 3) is None:
-        return "no patient geometry (ImageOrientationPatient / ImagePositionPatient): a screenshot or report"
+    if _int(ds, "SamplesPerPixel", 1) not in (1, None):  # None: refused with the series' other checks
+        return f"a colour image ({_text(ds, 'PhotometricInterpretation') or '?'}), not a scan"
+    if _text(ds, "SOPClassUID").startswith(SECONDARY_CAPTURE) and not _has_geometry(ds):
+        return "a secondary capture without patient geometry (a screenshot or scanned document), not a scan"
     return None
+
+
+def _has_geometry(ds) -> bool:
+    return _floats(ds.get("ImageOrientationPatient"), 6) is not None and _floats(
+        ds.get("ImagePositionPatient"), 3) is not None
+
+
+def _multi_frame(ds) -> bool:
+    """An enhanced (functional groups) or multi-frame object: several slices, or their geometry, in one file."""
+    return _int(ds, "NumberOfFrames", 1) != 1 or "PerFrameFunctionalGroupsSequence" in ds
 
 
 def modality(path: Path) -> str | None:
     """The Modality of a DICOM file ("CT", "MR", ...), or None."""
     pydicom = require("pydicom")
 
-    return str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "")) or None
+    return _text(pydicom.dcmread(path, stop_before_pixels=True), "Modality") or None
 
 
-def safe_name(text: str) -> str:
-    """`text` usable as a file name: runs of other characters than letters, digits, `.`, `_`, `-` become `-`."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
-    return name or "series"
+def safe_name(text: str, limit: int = MAX_NAME) -> str:
+    """`text` usable as a file name: runs of other characters than letters, digits, `.`, `_`, `-` become `-`;
+    longer than `limit`, cut and ended by a hash of the whole text, so that two long names stay apart."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "series"
+    if len(name) > limit:
+        name = f"{name[:limit - 9].rstrip('-.')}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return name
 
 
-def find_series(folder: Path, files: tuple[list[Path], list[Path]] | None = None,
-                ) -> tuple[dict[str, list[Path]], list[Skipped]]:
-    """The image series under `folder`, each checked (`sorted_slices`) and named `<PatientID>_<SeriesNumber>`.
+def case_name(ds) -> str:
+    """A series' case id before it is made unique: `<PatientID>_<SeriesNumber>`, safe for file names."""
+    number = _int(ds, "SeriesNumber")
+    return safe_name(f"{_text(ds, 'PatientID') or 'anonymous'}_{number if number is not None else 'x'}")
+
+
+def find_series(folder: Path, files: DicomTree | None = None) -> tuple[dict[str, list[Path]], list[Skipped]]:
+    """The image series under `folder`, each checked (`check_series`, `sorted_slices`) and named
+    `<PatientID>_<SeriesNumber>`.
+
+    Files sharing a SeriesInstanceUID are one series; when they cannot be read as one, they are split by what
+    tells series apart (folder, patient, study, series number, frame of reference, image size) and each part
+    is checked on its own.
 
     Args:
         folder: searched recursively.
-        files: its DICOM and other files, when already listed (`dicom_files`).
+        files: its files, when already listed (`dicom_files`).
 
     Returns:
         series: case id -> the series' files sorted along the slice normal; ids made safe for file names and
             unique (`_2`, `_3`, ... for a repeat);
         skipped: one entry per file that is not an image slice ("ignored": SR, reports, localizers, no pixel
-            data, files that are not DICOM) or cannot be read, and one per series that cannot be used ("failed",
-            with the reason).
+            data, screenshots, files that are not DICOM) or cannot be read, one per special file or folder
+            too deep ("failed", `dicom_files`), and one per series that cannot be used ("failed", the reason).
     """
     pydicom = require("pydicom")
-    found, others = dicom_files(folder) if files is None else files
-    skipped = [Skipped(p.name, "ignored", [p], f"{escape(str(p))}: skipped: not a DICOM file") for p in others]
+    tree = dicom_files(folder) if files is None else files
+    skipped = [Skipped(p.name, "ignored", [p], f"{escape(str(p))}: skipped: not a DICOM file") for p in tree.others]
+    skipped += tree.refused
     groups: dict[str, list] = {}
-    for path in found:
+    for path in tree.found:
         try:
             ds = pydicom.dcmread(path, defer_size="1 KB")
         except Exception as err:  # pydicom raises several types for a truncated or corrupt file
@@ -137,33 +235,138 @@ def find_series(folder: Path, files: tuple[list[Path], list[Path]] | None = None
         if why is not None:
             skipped.append(Skipped(path.name, "ignored", [path], f"{escape(str(path))}: skipped: {why}"))
             continue
-        groups.setdefault(str(ds.get("SeriesInstanceUID", "") or f"no-uid:{path.parent}"), []).append((path, ds))
-    series: dict[str, list[Path]] = {}
-    keyed = []
+        groups.setdefault(_text(ds, "SeriesInstanceUID") or f"no-uid:{path.parent}", []).append((path, ds))
+    parts = []  # (uid, members, how many series share the uid)
     for uid, members in groups.items():
-        first = members[0][1]
-        base = safe_name(f"{first.get('PatientID', '') or 'anonymous'}_{first.get('SeriesNumber', '') or 'x'}")
-        keyed.append((base, uid, members))
+        split = _split_series(members) if len(members) > 1 and _problem(members, uid) else [members]
+        parts += [(uid, part, len(split)) for part in split]
     taken: set[str] = set()
-    for base, uid, members in sorted(keyed, key=lambda k: (k[0], k[1])):
-        case_id, n = base, 1
+    series: dict[str, list[Path]] = {}
+    for uid, members, shared in sorted(parts, key=lambda k: (case_name(k[1][0][1]), k[0], str(k[1][0][0]))):
+        base = case_id = case_name(members[0][1])
+        n = 1
         while case_id in taken:
             n += 1
             case_id = f"{base}_{n}"
         taken.add(case_id)
         paths = [p for p, _ in members]
-        if _is_multiplane_localizer([ds for _, ds in members]):
-            where = f"{escape(str(paths[0].parent))}: series {case_id}"
+        datasets = [ds for _, ds in members]
+        where = _where(datasets, paths, case_id, shared)
+        try:
+            check_series(datasets, paths, where)
+        except DataError as err:
+            skipped.append(Skipped(case_id, "failed", sorted(paths), str(err)))
+            continue
+        if _is_multiplane_localizer(datasets):
             skipped.append(Skipped(case_id, "ignored", sorted(paths), f"{where}: skipped: a localizer ({len(paths)} "
-                                   f"slices in {len(_orientation_groups([ds for _, ds in members]))} orientations)"))
+                                   f"slices in {len(_orientation_groups(datasets))} orientations)"))
             continue
         try:
-            order = sorted_slices([ds for _, ds in members], paths, case_id)
+            order = sorted_slices(datasets, paths, case_id, where)
         except DataError as err:
             skipped.append(Skipped(case_id, "failed", sorted(paths), str(err)))
             continue
         series[case_id] = [paths[i] for i in order]
     return series, skipped
+
+
+def _where(datasets: list, paths: list[Path], name: str, shared: int = 1) -> str:
+    """How messages name a series: its folder, case id, SeriesInstanceUID and file count."""
+    uid = _text(datasets[0], "SeriesInstanceUID") or "none"
+    also = f"; one of {shared} series sharing this UID" if shared > 1 else ""
+    return f"{escape(str(paths[0].parent))}: series {name} (SeriesInstanceUID {uid}{also}, {len(paths)} files)"
+
+
+def _problem(members: list, uid: str) -> str | None:
+    """Why the files of `members` cannot be read as one series, or None."""
+    paths, datasets = [p for p, _ in members], [ds for _, ds in members]
+    try:
+        check_series(datasets, paths, uid)
+        if not _is_multiplane_localizer(datasets):
+            sorted_slices(datasets, paths, where=uid)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def _split_series(members: list) -> list[list]:
+    """`members` (path, dataset) split by what tells two series apart when they share a SeriesInstanceUID."""
+    parts: dict[tuple, list] = {}
+    for path, ds in members:
+        key = (str(path.parent), *(_text(ds, k) for k in ("PatientID", "StudyInstanceUID", "SeriesNumber",
+                                                          "FrameOfReferenceUID", "Rows", "Columns")))
+        parts.setdefault(key, []).append((path, ds))
+    return list(parts.values())
+
+
+def check_series(datasets: list, paths: list[Path], where: str) -> None:
+    """Refuse a series whose tags cannot give a volume, from the tags alone, before any pixel is read.
+
+    Raises `DataError` (with `where`) for: an enhanced or multi-frame object; slices without patient geometry;
+    a missing, non-positive or non-finite PixelSpacing; Rows, Columns, BitsAllocated or SamplesPerPixel that are
+    not usable; a claimed size beyond `seg.data.guard`'s bounds (`MAX_VOXELS`, the memory); pixel data whose
+    length is not what Rows x Columns x SamplesPerPixel x BitsAllocated claim (it would decode to garbage).
+    """
+    multi = [ds for ds in datasets if _multi_frame(ds)]
+    if multi:
+        kinds = sorted({getattr(ds.get("SOPClassUID"), "name", "") or "?" for ds in multi})
+        frames = sum(_int(ds, "NumberOfFrames", 1) or 1 for ds in multi)
+        raise DataError(f"is enhanced multi-frame DICOM ({', '.join(kinds)}; {len(multi)} multi-frame files, "
+                        f"{frames} frames): not supported yet; convert it with dcm2niix and predict the NIfTI", where)
+    flat = [ds for ds in datasets if not _has_geometry(ds)]
+    if flat:
+        raise DataError(f"has no patient geometry (ImagePositionPatient / ImageOrientationPatient) in {len(flat)} "
+                        f"of {len(datasets)} files: the slices cannot be placed in a volume", where)
+    for ds in datasets:
+        if "PixelSpacing" not in ds:
+            raise DataError("has no PixelSpacing: the in-plane voxel size is unknown", where)
+        try:
+            spacing = [float(v) for v in ds.PixelSpacing]
+        except (TypeError, ValueError):
+            spacing = []
+        if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+            raise DataError(f"has a non-positive or non-finite PixelSpacing: {_text(ds, 'PixelSpacing')}", where)
+    first = datasets[0]
+    rows, columns, samples = _int(first, "Rows"), _int(first, "Columns"), _int(first, "SamplesPerPixel", 1)
+    bits = _int(first, "BitsAllocated")
+    if not (rows and rows > 0 and columns and columns > 0 and samples == 1 and bits in (1, 8, 16, 32, 64)):
+        raise DataError(f"has unusable pixel attributes (Rows {_text(first, 'Rows') or 'none'}, Columns "
+                        f"{_text(first, 'Columns') or 'none'}, SamplesPerPixel {_text(first, 'SamplesPerPixel')}, "
+                        f"BitsAllocated {_text(first, 'BitsAllocated') or 'none'})", where)
+    voxels = rows * columns * len(datasets)
+    claim = f"claims {len(datasets)} slices of {rows} x {columns} pixels ({voxels:,} voxels)"
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{claim}, more than the limit of {MAX_VOXELS:,}: a forged or broken header", where)
+    need, limit = voxels * 4 * WORKING_COPIES, memory_limit()
+    if need > limit:
+        raise DataError(f"{claim}; reading it as float32 takes about {format_bytes(need)}, more than the "
+                        f"{format_bytes(limit)} of memory available (set {MEMORY_ENV} to change the limit)", where)
+    expected = math.ceil(rows * columns * bits / 8)
+    for ds, path in zip(datasets, paths):
+        if (_int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")) != (rows, columns, bits):
+            raise DataError(f"has slices of different sizes or BitsAllocated ({escape(path.name)}: "
+                            f"{_text(ds, 'Rows')} x {_text(ds, 'Columns')}, {_text(ds, 'BitsAllocated')} bits; "
+                            f"{paths[0].name}: {rows} x {columns}, {bits} bits)", where)
+        length = _native_pixel_bytes(ds)
+        if length is not None and not expected <= length <= expected + 1:  # + 1: padding to an even length
+            raise DataError(f"{escape(path.name)} holds {length:,} bytes of pixel data where Rows x Columns x "
+                            f"BitsAllocated ({rows} x {columns} x {bits}) claim {expected:,}: it would decode to "
+                            "wrong values", where)
+
+
+def _native_pixel_bytes(ds) -> int | None:
+    """The length of uncompressed PixelData as stored (not read: `dcmread(defer_size=...)`), or None."""
+    if "PixelData" not in ds:
+        return None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and getattr(syntax, "is_encapsulated", False):
+        return None
+    element = ds.get_item("PixelData")
+    value = getattr(element, "value", None)
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    length = getattr(element, "length", None)
+    return None if length is None or length == 0xFFFFFFFF else int(length)
 
 
 # A series whose slices lie in several orientations, none holding more than this many, is a multi-plane
@@ -190,25 +393,22 @@ def _is_multiplane_localizer(datasets: list) -> bool:
     return len(groups) > 1 and max(groups) <= LOCALIZER_SLICES
 
 
-def sorted_slices(datasets: list, paths: list[Path], name: str = "") -> list[int]:
+def sorted_slices(datasets: list, paths: list[Path], name: str = "", where: str | None = None) -> list[int]:
     """The order of a series' slices along its slice normal, after checking they stack into one volume.
 
     Raises `DataError` naming the series for: slices of several orientations, sizes or pixel spacings; two
     slices at one position; a gap (missing slice) or spacing that varies beyond `SPACING_TOLERANCE`; positions
-    that drift in-plane along the stack (gantry tilt); a multi-frame object.
+    that drift in-plane along the stack (gantry tilt). The slices have passed `check_series`.
     """
-    uid = datasets[0].get("SeriesInstanceUID", "?")
-    where = f"{escape(str(paths[0].parent))}: series {name} (SeriesInstanceUID {uid}, {len(paths)} files)"
-    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
-        raise DataError("is a multi-frame (enhanced) DICOM object; seg reads one slice per file: convert it with "
-                        "e.g. `dcm2niix` and predict the NIfTI", where)
+    where = where or _where(datasets, paths, name)
     orientations = np.stack([_floats(ds.ImageOrientationPatient, 6) for ds in datasets])
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         raise DataError("has slices in mixed orientations (ImageOrientationPatient differs); split the series", where)
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
-    spacings = {tuple(np.round(_floats(ds.get("PixelSpacing", [1, 1]), 2), 5)) for ds in datasets}
+    spacings = {tuple(float(v) for v in np.round(_floats(ds.PixelSpacing, 2), 5)) for ds in datasets}
     if len(sizes) > 1 or len(spacings) > 1:
-        raise DataError(f"has slices of different sizes {sorted(sizes)} or pixel spacings {sorted(spacings)}", where)
+        shown = [", ".join(f"{a:g} x {b:g}" for a, b in sorted(values)) for values in (sizes, spacings)]
+        raise DataError(f"has slices of different sizes ({shown[0]}) or pixel spacings ({shown[1]} mm)", where)
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
     positions = np.stack([_floats(ds.ImagePositionPatient, 3) for ds in datasets])
@@ -320,6 +520,37 @@ def frames_on_source(label: np.ndarray, affine: np.ndarray, datasets: list) -> n
     return np.stack(frames)
 
 
+def missing_for_segmentation(datasets: list) -> list[str]:
+    """The attributes a DICOM SEG needs from its source images that the series lacks (empty: a SEG can be written).
+
+    A SEG shares its sources' FrameOfReferenceUID, study and series; a reader places it by them. Some exports
+    (SimpleITK's default writer among them) write no FrameOfReferenceUID: a SEG in a frame of reference of
+    its own would not overlay the images, so none is written for such a series.
+    """
+    needed = ("FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    return [k for k in needed if not all(_text(ds, k) for ds in datasets)]
+
+
+def segmentation_sources(files: list[Path]) -> list:
+    """The series' datasets (no pixel data) as highdicom takes them for a SEG; `DataError` naming what is missing.
+
+    A Specific Character Set whose first value is empty (the default repertoire, then code extensions, as
+    Japanese `\\ISO 2022 IR 87`) is written out as `ISO 2022 IR 6`, the name highdicom accepts for it.
+    """
+    pydicom = require("pydicom")
+
+    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    missing = missing_for_segmentation(datasets)
+    if missing:
+        raise DataError(f"no DICOM SEG written: the series has no {' or '.join(missing)}, which a SEG must share "
+                        "with its source images", files[0].parent)
+    for ds in datasets:
+        charset = ds.get("SpecificCharacterSet")
+        if charset is not None and not isinstance(charset, str) and len(charset) > 1 and not charset[0]:
+            ds.SpecificCharacterSet = ["ISO 2022 IR 6", *charset[1:]]
+    return datasets
+
+
 def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path], class_names: list[str],
                        path: Path, algorithm: dict) -> None:
     """Write the label map as a DICOM Segmentation (highdicom, BINARY) of the source series, atomically.
@@ -337,10 +568,9 @@ def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path],
         algorithm: {"name", "version", "checkpoint"}.
     """
     hd = require("highdicom")
-    pydicom = require("pydicom")
     from pydicom.sr.codedict import codes
 
-    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    datasets = segmentation_sources(files)
     frames = frames_on_source(label, affine, datasets).astype(np.uint8 if len(class_names) < 256 else np.uint16)
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm["name"], family=codes.cid7162.ArtificialIntelligence, version=str(algorithm["version"]),
@@ -352,7 +582,7 @@ def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path],
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=identification)
         for c, name in enumerate(class_names, start=1)
     ]
-    source_number = int(datasets[0].get("SeriesNumber") or 0)
+    source_number = _int(datasets[0], "SeriesNumber") or 0
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=source_number + 1000,
@@ -362,3 +592,24 @@ def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path],
         series_description=f"seg {algorithm['checkpoint']}"[:64], omit_empty_frames=bool(frames.any()))
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
+
+
+class Scratch:
+    """A hidden folder in the output folder for the converted series, `.tmp-<pid>-dicom/<n>.nii`.
+
+    Files are named by the case's index, never by its id (a PatientID), and stay beside the predictions rather
+    than in a shared /tmp. `cleanup` removes the folder; if the process is killed, the next run into the
+    output folder removes it (`seg.io.remove_stale_temporaries`: the pid is gone).
+    """
+
+    def __init__(self, output: Path, case_ids):
+        self.folder = temporary_path(Path(output) / "dicom")
+        self.folder.mkdir(exist_ok=True)
+        self._index = {case_id: n for n, case_id in enumerate(sorted(case_ids))}
+
+    def path(self, case_id: str) -> Path:
+        """Where the case's series is converted to."""
+        return self.folder / f"{self._index[case_id]}.nii"
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

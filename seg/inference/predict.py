@@ -62,7 +62,6 @@ import os
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections import deque
@@ -159,7 +158,7 @@ def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult
     failed, ignored = [], []
     if input_path.is_dir() and not any(strip_nifti_suffix(p.name) for p in input_path.iterdir()):
         tree = dicom.dicom_files(input_path)
-        if tree[0]:
+        if tree.found or tree.refused:
             return dicom_cases(input_path, tree)
     if input_path.is_dir():
         files = []
@@ -207,9 +206,9 @@ def find_cases(input_path: Path) -> tuple[dict[str, list[Path]], list[CaseResult
     return cases, failed, ignored
 
 
-def dicom_cases(folder: Path, tree: tuple[list[Path], list[Path]],
+def dicom_cases(folder: Path, tree: dicom.DicomTree,
                 ) -> tuple[dict[str, list[Path]], list[CaseResult], list[CaseResult]]:
-    """`find_cases` for a DICOM folder (its DICOM and other files): one case per usable image series."""
+    """`find_cases` for a DICOM folder (`dicom.dicom_files`): one case per usable image series."""
     series, skipped = dicom.find_series(folder, tree)
     failed = [CaseResult(s.name, s.status, s.paths, s.message) for s in skipped if s.status == "failed"]
     ignored = [CaseResult(s.name, s.status, s.paths, s.message) for s in skipped if s.status != "failed"]
@@ -389,7 +388,7 @@ class _Run:
         levels = predictor.model.gate_levels
         self.gate_names = [f"gate_{i}" for i in range(levels)] if save_gates else []
         self.dicom_cases: set[str] = set()  # cases that are DICOM series: converted in `load`, SEG in `finish`
-        self.scratch: Path | None = None  # a temporary folder for the converted series
+        self.scratch: dicom.Scratch | None = None  # where the series are converted
         self.checkpoint_name = "in-memory model"  # the DICOM SEG's algorithm identification names it
 
     def paths(self, case_id: str) -> dict[str, Path]:
@@ -417,7 +416,7 @@ class _Run:
                 raise DataError(f"cannot read: {why}", path)
         if case_id not in self.dicom_cases:
             return self.predictor.load(paths, case_id)
-        nifti = dicom.series_to_nifti(paths, self.scratch / f"{output_stem(case_id)}.nii")
+        nifti = dicom.series_to_nifti(paths, self.scratch.path(case_id))
         try:
             scan = self.predictor.load([nifti], case_id)
         except SegError as err:  # name the series, not the temporary file
@@ -494,7 +493,7 @@ class _Run:
             if case_id in self.dicom_cases:
                 with contextlib.suppress(Exception):  # the scratch copy only: the case's outputs are written
                     scan.reference.uncache()
-                    (self.scratch / f"{output_stem(case_id)}.nii").unlink(missing_ok=True)
+                    self.scratch.path(case_id).unlink(missing_ok=True)
         message = ""
         if problems:
             message = one_line(f"{escape(str(paths['label']))}: written, but not " +
@@ -744,8 +743,8 @@ def predict_folder(
     columns = [TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}", markup=False)]  # a case named `[/x]` is not rich markup
     group_size = max(1, predictor.engine.sw_batch_size)
-    scratch = tempfile.TemporaryDirectory(prefix="seg-dicom-") if run.dicom_cases else None
-    run.scratch = Path(scratch.name) if scratch is not None else None
+    # under the output folder, not /tmp: removed below, or by the next run if this one is killed
+    scratch = run.scratch = dicom.Scratch(output, run.dicom_cases) if run.dicom_cases else None
     with Progress(*columns, console=console, transient=False) as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-load") as loader, \
             ThreadPoolExecutor(1, thread_name_prefix="seg-write") as writer:

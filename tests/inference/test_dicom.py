@@ -8,13 +8,16 @@ reason while the others run; the DICOM SEG read back lands frame for frame on th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
@@ -303,3 +306,254 @@ def test_trained_checkpoint_on_a_dicom_series(tmp_path, trained_checkpoint, caps
     assert report["seg"]["checkpoint"] == trained_checkpoint.name
     assert 0.0 <= report["cases"]["P1_1"]["uncertainty"] <= 1.0
     assert read_summary(out)["P1_1"]["uncertainty"] != ""
+
+
+# ---- hostile and unlucky series (issue 31) ---------------------------------------------------------------------------
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def set_raw(ds: Dataset, keyword: str, vr: str, value: bytes) -> None:
+    """Store `value` as written in a file, unchecked: pydicom refuses to set an IS of `..` or a DS of `NaN`."""
+    tag = Tag(keyword)
+    ds._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+
+def rewrite(files: list[Path], change) -> list[Path]:
+    for path in files:
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(path, enforce_file_format=False)
+    return files
+
+
+def small_series(folder: Path, patient: str, series_number: int = 1, shape=(12, 10, 6)) -> list[Path]:
+    affine = centred_affine(np.diag([-2.0, -2.0, 3.0]), shape)
+    image = np.full(shape, 100.0, np.float32)
+    image[3:8, 3:7, 2:4] = 1000.0  # the stand-in's target: something to find
+    return write_series(folder, image, affine, patient=patient, series_number=series_number)
+
+
+def write_multiframe(path: Path, series: tuple[str, str, str] | None = None, frames: int = 3) -> Path:
+    """An Enhanced MR object: all slices in one file, their geometry in the functional groups only.
+
+    `series`: its StudyInstanceUID, SeriesInstanceUID and FrameOfReferenceUID (default: new ones).
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ENHANCED_MR, generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.PatientID, ds.Modality, ds.SeriesNumber = "MF", "MR", 4
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = series or [generate_uid() for _ in "123"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, 8, 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    measures, orientation, shared = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = ["1", "1"], "2"
+    orientation.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for k in range(frames):
+        position, item = Dataset(), Dataset()
+        position.ImagePositionPatient = ["0", "0", str(2 * k)]
+        item.PlanePositionSequence = [position]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = np.zeros((frames, 8, 8), np.int16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def remove_deep(top: Path) -> None:
+    """Remove a deep chain of folders bottom up (`shutil.rmtree` recurses, and 1,100 levels exceed the limit)."""
+    chain = [top]
+    while (below := [p for p in chain[-1].iterdir() if p.is_dir()]):
+        chain.append(below[0])
+    for folder in reversed(chain):
+        for entry in folder.iterdir():
+            if not entry.is_dir():
+                entry.unlink()
+        folder.rmdir()
+
+
+def test_odd_values_are_predicted_or_refused_in_one_line(tmp_path):
+    scans = tmp_path / "scans"
+    rewrite(small_series(scans / "dots", "dots"), lambda ds: set_raw(ds, "SeriesNumber", "IS", b".."))
+
+    def japanese(ds):  # the default repertoire, then Kanji: the standard Japanese setting
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = "Yamada^Tarou=\033$B;3ED\033(B^\033$BB@O:\033(B"
+    rewrite(small_series(scans / "jp", "jp"), japanese)
+    no_frame = rewrite(small_series(scans / "noframe", "noframe"), lambda ds: delattr(ds, "FrameOfReferenceUID"))
+    rewrite(small_series(scans / "nospacing", "nospacing"), lambda ds: delattr(ds, "PixelSpacing"))
+
+    results = {r.case_id: r for r in predict_folder(stub_predictor(), scans, tmp_path / "out", progress=False)}
+    assert {c: r.status for c, r in results.items()} == {
+        "dots_x": "ok", "jp_1": "ok", "noframe_1": "ok", "nospacing_1": "failed"}, results
+    assert "has no PixelSpacing" in results["nospacing_1"].message and "nospacing" in results["nospacing_1"].message
+
+    # a DICOM SEG: written for the Japanese series, and for a series without a frame of reference refused by name
+    results = {r.case_id: r for r in predict_folder(stub_predictor(), scans, tmp_path / "seg", dicom_seg=True,
+                                                    progress=False)}
+    assert results["jp_1"].status == "ok" and results["dots_x"].status == "ok", results
+    written = pydicom.dcmread(tmp_path / "seg" / "jp_1_seg.dcm")
+    assert written.Modality == "SEG" and list(written.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    assert str(written.PatientName) == str(pydicom.dcmread(scans / "jp" / "S1_0000.dcm").PatientName)
+    assert dicom.missing_for_segmentation([pydicom.dcmread(f) for f in no_frame]) == ["FrameOfReferenceUID"]
+    message = results["noframe_1"].message
+    assert "no DICOM SEG written" in message and "FrameOfReferenceUID" in message and "unexpected" not in message
+    assert not (tmp_path / "seg" / "noframe_1_seg.dcm").exists()
+    assert all("\n" not in r.message for r in results.values())
+
+
+def test_one_bad_series_never_ends_the_run(tmp_path):
+    scans = tmp_path / "scans"
+    small_series(scans / "good", "good")
+    for name, value in {"nan": b"NaN\\NaN ", "zero": b"0\\0 ", "negative": b"-2\\-2 "}.items():
+        rewrite(small_series(scans / name, name), lambda ds, v=value: set_raw(ds, "PixelSpacing", "DS", v))
+    long_a, long_b = "A" * 299 + "1", "A" * 299 + "2"  # 300 characters, the same for 299 of them
+    small_series(scans / "long_a", long_a)
+    small_series(scans / "long_b", long_b)
+    os.mkfifo(scans / "pipe.dcm")  # opening it for reading would block until a writer comes
+    (scans / "null.dcm").symlink_to("/dev/null")  # a character device
+    deep = folder = scans / "deep"
+    for _ in range(1101):  # one at a time: `mkdir(parents=True)` recurses
+        folder.mkdir()
+        folder = folder / "d"
+    try:
+        results = predict_folder(stub_predictor(), scans, tmp_path / "out", progress=False)
+    finally:
+        remove_deep(deep)
+    by_id = {r.case_id: r for r in results}
+    assert by_id["good_1"].status == "ok"
+    for name in ("nan", "zero", "negative"):
+        assert by_id[f"{name}_1"].status == "failed", by_id[f"{name}_1"]
+        assert "non-positive or non-finite PixelSpacing" in by_id[f"{name}_1"].message
+    long_ids = [c for c in by_id if c.startswith("AAAA")]
+    assert len(long_ids) == 2 and all(len(c) <= dicom.MAX_NAME for c in long_ids)
+    assert all(by_id[c].status == "ok" and (tmp_path / "out" / f"{c}.nii.gz").is_file() for c in long_ids)
+    for name in ("pipe.dcm", "null.dcm"):
+        assert by_id[name].status == "failed" and "not a regular file" in by_id[name].message
+    too_deep = [r for r in results if "nested more than 64" in r.message]
+    assert len(too_deep) == 1 and too_deep[0].status == "failed"
+    assert too_deep[0].message.count("/d") == 64, too_deep[0].message  # names the folder it stopped at
+    assert all("\n" not in r.message for r in results)
+    rows = read_summary(tmp_path / "out")
+    assert rows["good_1"]["status"] == "ok" and rows["nan_1"]["status"] == "failed"
+
+
+def test_sizes_are_checked_before_reading(tmp_path, monkeypatch):
+    from hostile_files import rss_growth_mb
+
+    # one 65 KB file declaring 65,535 x 65,535 pixels: refused from its tags, the process stays small
+    bomb = small_series(tmp_path / "bomb", "bomb", shape=(12, 10, 1))[0]
+    ds = pydicom.dcmread(bomb)
+    ds.Rows, ds.Columns, ds.PixelData = 65535, 65535, bytes(65000)
+    ds.save_as(bomb, enforce_file_format=True)
+    setup = ("import sys; sys.path[:0] = [" + repr(str(Path(__file__).parent)) + "]\n"
+             "from test_predict import stub_predictor\nfrom seg.inference.predict import predict_folder")
+    code = (f"results = predict_folder(stub_predictor(), {str(tmp_path / 'bomb')!r}, {str(tmp_path / 'out')!r}, "
+            "progress=False)\nprint('RESULT', results[0].status, results[0].message)")
+    growth, out = rss_growth_mb(code, setup)
+    assert growth < 200, out
+    assert "RESULT failed" in out and "65535 x 65535 pixels" in out and "more than the limit" in out, out
+
+    # a series within the voxel limit but beyond the memory: the guard's limit, before SimpleITK reads
+    small_series(tmp_path / "big", "big")
+    monkeypatch.setenv("SEG_MEMORY_LIMIT", "4K")
+    series, skipped = dicom.find_series(tmp_path / "big")
+    assert series == {} and "of memory available (set SEG_MEMORY_LIMIT" in skipped[0].message
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+def test_pixel_data_that_disagrees_with_its_attributes_is_refused(tmp_path, bits):
+    def claim(ds):  # 16-bit pixel data said to be 8 or 32 bits: read as it says, garbage
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    rewrite(small_series(tmp_path / "scans" / "bad", "bad"), claim)
+    small_series(tmp_path / "scans" / "good", "good")
+    results = {r.case_id: r for r in predict_folder(stub_predictor(), tmp_path / "scans", tmp_path / "out",
+                                                    progress=False)}
+    assert results["good_1"].status == "ok" and results["bad_1"].status == "failed"
+    assert f"holds 240 bytes of pixel data where Rows x Columns x BitsAllocated (10 x 12 x {bits}) claim " \
+           f"{120 * bits // 8}" in results["bad_1"].message
+
+
+def test_multiframe_and_geometry_less_series_are_one_failed_row_each(tmp_path):
+    scans = tmp_path / "scans"
+    write_multiframe(scans / "enhanced" / "mr.dcm")
+    shared = generate_uid(), generate_uid(), generate_uid()  # one series in two files
+    write_multiframe(scans / "two" / "a.dcm", shared)
+    write_multiframe(scans / "two" / "b.dcm", shared)
+
+    def flat(ds):
+        del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    rewrite(small_series(scans / "flat", "flat", shape=(12, 10, 35)), flat)
+    small_series(scans / "good", "good")
+    results = predict_folder(stub_predictor(), scans, tmp_path / "out", progress=False)
+    assert {r.case_id: r.status for r in results} == {"MF_4": "failed", "MF_4_2": "failed", "flat_1": "failed",
+                                                      "good_1": "ok"}, [r.message for r in results]
+    for r in results[:2]:
+        assert "enhanced multi-frame DICOM (Enhanced MR Image Storage" in r.message and "dcm2niix" in r.message
+    assert "2 multi-frame files" in " ".join(r.message for r in results[:2])
+    flat_row = next(r for r in results if r.case_id == "flat_1")
+    assert "no patient geometry" in flat_row.message and "35 of 35 files" in flat_row.message
+    assert len(flat_row.inputs) == 35 and all("\n" not in r.message for r in results)
+
+
+def test_series_sharing_a_series_instance_uid(tmp_path):
+    uid = generate_uid()
+
+    def same_uid(ds):
+        ds.SeriesInstanceUID = uid
+    rewrite(small_series(tmp_path / "a" / "one", "P1"), same_uid)
+    rewrite(small_series(tmp_path / "a" / "two", "P2"), same_uid)  # another patient, another folder
+    series, skipped = dicom.find_series(tmp_path / "a")
+    assert sorted(series) == ["P1_1", "P2_1"] and skipped == []  # told apart, both kept
+
+    # one folder, one patient, two pixel spacings: cannot be told apart; the reason in plain numbers
+    first = pydicom.dcmread(rewrite(small_series(tmp_path / "b", "P3", series_number=1), same_uid)[0])
+    extra = small_series(tmp_path / "other", "P3", series_number=1, shape=(12, 10, 7))[6]  # one more slice
+
+    def same_series(ds):
+        same_uid(ds)
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = first.StudyInstanceUID, first.FrameOfReferenceUID
+        ds.PixelSpacing = ["2.5", "2.5"]
+    rewrite([extra.rename(tmp_path / "b" / "extra.dcm")], same_series)
+    series, skipped = dicom.find_series(tmp_path / "b")
+    assert series == {} and len(skipped) == 1
+    message = skipped[0].message
+    assert "np." not in message and "different sizes (10 x 12) or pixel spacings (2 x 2, 2.5 x 2.5 mm)" in message
+
+
+def test_scratch_files_stay_in_the_output_folder(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    small_series(tmp_path / "scans", "Doe^Jane")
+    empty = tmp_path / "tmpdir"
+    empty.mkdir()
+    monkeypatch.setenv("TMPDIR", str(empty))
+    monkeypatch.setattr(tempfile, "tempdir", str(empty))
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".tmp-{int(dead.stdout)}-dicom"  # left by a run killed with kill -9
+    stale.mkdir()
+    (stale / "0.nii").write_bytes(b"a patient's scan")
+    converted = []
+    real = dicom.series_to_nifti
+
+    def convert(files, target):
+        converted.append(target)
+        return real(files, target)
+    monkeypatch.setattr(dicom, "series_to_nifti", convert)
+
+    results = predict_folder(stub_predictor(), tmp_path / "scans", out, progress=False)
+    assert [r.status for r in results] == ["ok"], results[0].message
+    assert converted == [out / f".tmp-{os.getpid()}-dicom" / "0.nii"]  # by index, not PatientID
+    assert sorted(p.name for p in out.iterdir()) == ["Doe-Jane_1.nii.gz", "report.json", "summary.csv"]
+    assert list(empty.iterdir()) == []
