@@ -3,8 +3,8 @@
 For each scan: `gate_<level>.nii.gz` (float32 in [0, 1], the scan's own grid and affine; coarsest level
 first; `cbam_<level>.nii.gz` for CBAM's spatial maps, finest first), `overlay.png` (`seg.figure`) and,
 with a ground truth, the attention concentration of every map (`seg.explain.concentration`) and the Dice of
-every class, collected in `concentration.csv`. Used by the training callback (`GateOverlays`) and by
-`seg overlays` (`seg.explain.command`).
+every class, collected in `concentration.csv` (in training also `table.json`, `overlay_table`). Used by the
+training callback (`GateOverlays`) and by `seg overlays` (`seg.explain.command`).
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ class GateOverlays(Callback):
 
     The maps come from the validation step's own sliding window (the module's `export_gates` flag makes
     `validation_step` return them), are taken back to each scan's grid with `Invertd` and the datamodule's
-    `val_transforms`, written under `<default_root_dir>/overlays/epoch=<E>/`, and, with a W&B logger, logged
-    under stable keys ("overlays/<case_id>", "overlays/table") at the trainer's global step. The mean
+    `val_transforms`, written under `<default_root_dir>/overlays/epoch=<E>/` with the epoch's `table.json`, and, with
+    a W&B logger, logged under stable keys ("overlays/<case_id>", "overlays/table") at the trainer's global step,
+    with an MLflow logger as artifacts under the same paths as on disk (`SegMLFlowLogger.log_overlays`). The mean
     concentration per map is logged as `overlays/concentration_<map>` to every logger. Volumes are handled one at
     a time; only a small axial slice per volume is kept until the epoch ends. With several processes, each
     exports the volumes it validates and rank zero writes the CSV and logs.
