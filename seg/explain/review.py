@@ -313,7 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=None, help=f"the page to write (default FOLDER/{REVIEW}); "
                         "its images go to <name>_files/ beside it")
     parser.add_argument("--embed", action="store_true",
-                        help="put the images inside the page: one file, larger and slower to open")
+                        help="put the images inside the page: one file, but about twice the size and much slower "
+                             "to open (a 20-volume run of 3 exported epochs: 47 MB, 20 s in Chromium instead of 0.3 s)")
 
 
 def run(args: argparse.Namespace) -> int:

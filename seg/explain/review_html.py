@@ -217,6 +217,7 @@ def curves_png(metrics: Sequence[Mapping[str, float]]) -> bytes | None:
     if not panels:
         return None
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure manager
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5 * len(panels), 3.4))
     for ax, (title, x, names) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -227,6 +228,7 @@ def curves_png(metrics: Sequence[Mapping[str, float]]) -> bytes | None:
                         linewidth=2 if name.endswith(("_mean", "_epoch")) else 1)
         ax.set_title(title)
         ax.set_xlabel(x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

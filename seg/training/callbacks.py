@@ -340,11 +340,15 @@ class ReviewPage(Callback):
     """Writes `<default_root_dir>/review.html` (`seg review`) when `fit` ends: the run's settings, learning curves
     and every validation volume's overlays in one page that needs no server.
 
-    The page is a convenience: any failure to write it is one warning line, never a failed run.
+    The page is a convenience: any failure to write it is one warning line, never a failed run. A run whose overlays
+    are turned off (`--overlays.every_n_epochs 0`) has no page, and no warning.
     """
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        from seg.training.overlays import GateOverlays  # here: overlays.py imports this module
+
+        overlays = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, GateOverlays)]
+        if not trainer.is_global_zero or any(c.every_n_epochs == 0 for c in overlays):
             return
         from seg.explain.review import write_review
 

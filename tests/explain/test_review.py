@@ -195,6 +195,7 @@ def test_the_fit_callback_warns_in_one_line_and_writes_nothing(tmp_path, caplog)
     from types import SimpleNamespace
 
     from seg.training.callbacks import ReviewPage
+    from seg.training.overlays import GateOverlays
 
     trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path))
     (tmp_path / "checkpoints").mkdir()  # a run without overlays (--overlays.every_n_epochs 0)
@@ -202,6 +203,10 @@ def test_the_fit_callback_warns_in_one_line_and_writes_nothing(tmp_path, caplog)
     (record,) = caplog.records
     assert record.levelname == "WARNING" and record.getMessage().startswith("review page not written: ")
     assert "holds no overlays" in record.getMessage() and listing(tmp_path) == ["checkpoints"]
+    caplog.clear()
+    trainer.callbacks = [GateOverlays(every_n_epochs=0)]  # overlays turned off: no page, and nothing to say
+    ReviewPage().on_fit_end(trainer, None)
+    assert not caplog.records and listing(tmp_path) == ["checkpoints"]
 
 
 # ---- in a real browser ---------------------------------------------------------------------------------------------
@@ -210,8 +215,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def chromium(*args: str) -> str:
     result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                             "--virtual-time-budget=5000", *args], capture_output=True, text=True, timeout=120)
+                             "--virtual-time-budget=5000", "--enable-logging=stderr", *args], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+    # the page's console: a script error or a resource the page's policy refused would show here
+    assert "Uncaught" not in result.stderr and "Content Security Policy" not in result.stderr, result.stderr[-2000:]
     return result.stdout
 
 
