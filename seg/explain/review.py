@@ -250,7 +250,7 @@ def read_predictions(folder: Path) -> Review:
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
-def _place(source: Path, target: Path) -> None:
+def _link_or_copy(source: Path, target: Path) -> None:
     """`source` at `target`: a hard link (no copy) where the file system allows, else a copy."""
     try:
         os.link(source, target)
@@ -278,7 +278,7 @@ def write_review(folder: str | os.PathLike, output: str | os.PathLike | None = N
         if data is not None:
             (staging / name).write_bytes(data)
         else:
-            _place(path, staging / name)
+            _link_or_copy(path, staging / name)
         return f"{images.name}/{name}"
 
     try:
