@@ -308,7 +308,8 @@ def write_review(folder: str | os.PathLike, output: str | os.PathLike | None = N
 
 # ---- seg review --------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n", 1)[0].split(": ", 1)[1]
+    text = __doc__.split("\n\n", 1)[0].split(": ", 1)[1]
+    parser.description = text[0].upper() + text[1:]
     parser.add_argument("folder", type=Path, help="a `seg fit` run folder or a `seg predict` output folder")
     parser.add_argument("--output", type=Path, default=None, help=f"the page to write (default FOLDER/{REVIEW}); "
                         "its images go to <name>_files/ beside it")
