@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cv": ("seg.training.cv", "k-fold cross-validation: train the folds, score them out of fold, pick postprocessing"),
     "export": ("seg.inference.export", "write a checkpoint's network as an ONNX model (seg's settings in its metadata)"),
     "overlays": ("seg.explain.command", "write attention-gate overlays for scans, without training"),
+    "review": ("seg.explain.review", "write one HTML page to review a run's overlays or a predict folder's flags"),
     "plan": ("seg.data.plan", "write a training config derived from a dataset, with the reason for each value"),
     "check-data": ("seg.data.checks", "check every case of a dataset before training on it"),
     "synth": ("seg.data.synthetic", "write a synthetic MRI-like dataset in MSD layout (demo and tests)"),

@@ -3,8 +3,8 @@
 For each scan: `gate_<level>.nii.gz` (float32 in [0, 1], the scan's own grid and affine; coarsest level
 first; `cbam_<level>.nii.gz` for CBAM's spatial maps, finest first), `overlay.png` (`seg.figure`) and,
 with a ground truth, the attention concentration of every map (`seg.explain.concentration`) and the Dice of
-every class, collected in `concentration.csv`. Used by the training callback (`GateOverlays`) and by
-`seg overlays` (`seg.explain.command`).
+every class, collected in `concentration.csv` (in training also `table.json`, `overlay_table`). Used by the
+training callback (`GateOverlays`) and by `seg overlays` (`seg.explain.command`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from seg.explain.concentration import attention_concentration
 from seg.figure import figure_masks, render_overlay
 from seg.io import save_nifti, write_text
 from seg.metrics import confusion, dice_from_confusion
+
+TABLE = "table.json"  # per exported epoch of a run: the volumes' scores, the table W&B and MLflow get too
 
 
 @dataclass
@@ -191,3 +193,23 @@ def mean_concentration(results: Sequence[CaseOverlay]) -> dict[str, float]:
             if not math.isnan(value):
                 values.setdefault(level, []).append(value)
     return {level: float(np.mean(v)) for level, v in values.items()}
+
+
+def overlay_table(epoch: int, class_names: Sequence[str], results: Sequence[CaseOverlay],
+                  failed: Sequence[str] = ()) -> dict:
+    """The volumes of one exported epoch as a JSON-ready table, W&B's and MLflow's column layout.
+
+    `{"epoch", "class_names", "levels", "columns": [case_id, dice_<class>..., concentration_<map>..., missing,
+    overlay], "data": [one row per volume], "failed": [case ids whose export failed]}`; `overlay` is the figure's
+    path relative to the epoch's folder (None when it was not written), NaN scores are None (JSON has no NaN).
+    """
+    levels = sorted({level for r in results for level in r.concentration})
+    columns = ["case_id", *[f"dice_{c}" for c in class_names], *[f"concentration_{lv}" for lv in levels],
+               "missing", "overlay"]
+    number = lambda v: None if v is None or math.isnan(v) else float(v)  # noqa: E731
+    data = [[r.case_id, *[number(r.dice.get(c)) for c in class_names],
+             *[number(r.concentration.get(lv)) for lv in levels],
+             "; ".join(f"{name}: {why}" for name, why in r.missing.items()),
+             f"{r.folder.name}/{r.png.name}" if r.png.exists() else None] for r in results]
+    return {"epoch": int(epoch), "class_names": list(class_names), "levels": levels, "columns": columns,
+            "data": data, "failed": sorted(set(failed))}

@@ -3,12 +3,14 @@
 Everything is reachable from a YAML config and from `--section.key value` on the command line. What we add
 to Lightning's defaults: the data's channels, classes and patch size are linked into the model; checkpoints
 go to `<default_root_dir>/checkpoints/{best,last}.ckpt` (best = highest mean validation Dice), saved
-atomically; W&B logging with an offline fallback (or CSV only); a rich progress bar on a terminal and plain
-progress lines in logs (`seg.training.callbacks.LogProgress`, `--progress.every_n_seconds`); a validation of
+atomically; W&B logging with an offline fallback, or MLflow (`seg.training.mlflow_logger`), or CSV only, and
+a metrics CSV under `<default_root_dir>/csv/` in every case (the learning curves of `seg review`); a rich
+progress bar on a terminal and plain progress lines in logs (`seg.training.callbacks.LogProgress`, `--progress.every_n_seconds`); a validation of
 the last epoch whatever the schedule, and at most a tenth of a time-bounded run (`ValidationSchedule`,
 `--validation.max_share`); gate-activation overlays of every validation volume
 (`seg.training.overlays.GateOverlays`, options under `--overlays.*`); optimiser steps with NaN or inf gradients
-skipped (`SkipNonFiniteSteps`, `--nonfinite.max_consecutive`).
+skipped (`SkipNonFiniteSteps`, `--nonfinite.max_consecutive`); the review page `review.html` at the end
+(`ReviewPage`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from seg.data import NiftiDataModule
 from seg.errors import SegError
-from seg.training.callbacks import LogProgress, ModelLine, SkipNonFiniteSteps, ValidationSchedule, progress_bar
+from seg.training.callbacks import (LogProgress, ModelLine, ReviewPage, SkipNonFiniteSteps, ValidationSchedule,
+                                    progress_bar)
 from seg.training.checkpoint_io import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, describe_os_error,
                                        load_weights_only)
+from seg.training.mlflow_logger import MLflowSettings, SegMLFlowLogger
 from seg.training.module import SegmentationModule
 from seg.training.overlays import GateOverlays
 
@@ -62,8 +66,9 @@ class SegCLI(LightningCLI):
         parser.add_lightning_class_args(SkipNonFiniteSteps, "nonfinite")
         # Used when the output is not a terminal; on a terminal Lightning's Rich bar draws instead.
         parser.add_class_arguments(LogProgress, "progress", instantiate=False)
-        parser.add_argument("--logging", choices=["wandb", "csv"], default="wandb",
-                            help="wandb (offline when no credentials are found) or csv only")
+        parser.add_argument("--logging", choices=["wandb", "mlflow", "csv"], default="wandb",
+                            help="wandb (offline when no credentials are found), mlflow (--mlflow.*) or csv only")
+        parser.add_class_arguments(MLflowSettings, "mlflow", instantiate=False)
         parser.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "seg"),
                             help="W&B project (env WANDB_PROJECT)")
         parser.add_argument("--wandb_name", default=os.environ.get("WANDB_NAME"),
@@ -115,8 +120,14 @@ class SegCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _make_logger(self, config, root: Path):
+        csv = CSVLogger(save_dir=root, name="csv")  # always: the metrics on disk, for `seg review`
         if config["logging"] == "csv":
-            return CSVLogger(save_dir=root, name="csv")
+            return csv
+        if config["logging"] == "mlflow":
+            return [SegMLFlowLogger(config.as_dict(), root, MLflowSettings(**config["mlflow"])), csv]
+        return [self._wandb_logger(config, root), csv]
+
+    def _wandb_logger(self, config, root: Path) -> WandbLogger:
         root.mkdir(parents=True, exist_ok=True)
         mode = os.environ.get("WANDB_MODE")
         offline = mode in ("offline", "dryrun") or (mode is None and not wandb_credentials_available())
@@ -213,7 +224,7 @@ def quiet_library_notices() -> None:
 # end and before each validation, so a failing or killed validation never costs the epoch.
 DECLARED = {
     "trainer.callbacks": [{"class_path": f"{c.__module__}.{c.__name__}"}
-                          for c in (BestCheckpoint, LastCheckpoint)],
+                          for c in (BestCheckpoint, LastCheckpoint, ReviewPage)],
     "trainer.plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
 }
 TRAINER_DEFAULTS = {"default_root_dir": "runs/latest", "log_every_n_steps": 10}

@@ -1,14 +1,16 @@
 """`GateOverlays`: the training callback that exports where the gates look for every validation volume.
 
 At validation time: `OUT/overlays/epoch=<E>/<case_id>/...` with OUT the trainer's `default_root_dir` (the files of
-`seg.explain.export`), plus W&B images and a table when the logger is W&B. The maps come from the validation
-step's own sliding window; `seg overlays` (`seg.explain.command`) does the same for any scan.
+`seg.explain.export`) and `OUT/overlays/epoch=<E>/table.json` (`TABLE`: one row per volume, written last, so its
+presence marks the epoch's overlays complete), plus images and the table in W&B or MLflow when the run logs there.
+The maps come from the validation step's own sliding window; `seg overlays` (`seg.explain.command`) does the same
+for any scan.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,8 +21,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from seg.explain.export import (CaseOverlay, _fmt, channel_title, display_background, export_case, map_order,
-                                mean_concentration, write_concentration_csv)
+from seg.explain.export import (TABLE, CaseOverlay, _fmt, channel_title, display_background, export_case, map_order,
+                                mean_concentration, overlay_table, write_concentration_csv)
+from seg.io import write_text
 from seg.training.callbacks import is_final_validation
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,9 @@ class GateOverlays(Callback):
 
     The maps come from the validation step's own sliding window (the module's `export_gates` flag makes
     `validation_step` return them), are taken back to each scan's grid with `Invertd` and the datamodule's
-    `val_transforms`, written under `<default_root_dir>/overlays/epoch=<E>/`, and, with a W&B logger, logged
-    under stable keys ("overlays/<case_id>", "overlays/table") at the trainer's global step. The mean
+    `val_transforms`, written under `<default_root_dir>/overlays/epoch=<E>/` with the epoch's `table.json`, and, with
+    a W&B logger, logged under stable keys ("overlays/<case_id>", "overlays/table") at the trainer's global step,
+    with an MLflow logger as artifacts under the same paths as on disk (`SegMLFlowLogger.log_overlays`). The mean
     concentration per map is logged as `overlays/concentration_<map>` to every logger. Volumes are handled one at
     a time; only a small axial slice per volume is kept until the epoch ends. With several processes, each
     exports the volumes it validates and rank zero writes the CSV and logs.
@@ -174,11 +178,18 @@ class GateOverlays(Callback):
         for level, value in mean_concentration(results).items():
             # Every process holds the gathered results, so all log the same number (no sync needed).
             pl_module.log(f"overlays/concentration_{level}", value, on_step=False, on_epoch=True)
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        table = overlay_table(trainer.current_epoch, pl_module.class_names, results, self.failed)
+        try:
+            write_text(folder / TABLE, json.dumps(table, indent=1, allow_nan=False))
+        except OSError as err:  # the figures are written; a full disk here must not stop training
+            log.error("overlays: %s not written: %s", folder / TABLE, _first_line(err))
+        for name, send in (("W&B", self._log_wandb), ("MLflow", log_overlays_mlflow)):
             try:
-                self._log_wandb(trainer, pl_module.class_names, results)
+                send(trainer, folder, table, results)
             except Exception as err:  # noqa: BLE001 - the files are written; a logger problem must not stop training
-                log.error("overlays: logging to W&B failed (the overlay files are written): %s: %s",
+                log.error("overlays: logging to %s failed (the overlay files are written): %s: %s", name,
                           type(err).__name__, _first_line(err))
 
     @staticmethod
@@ -194,7 +205,7 @@ class GateOverlays(Callback):
         return [unique[k] for k in sorted(unique)]
 
     @staticmethod
-    def _log_wandb(trainer, class_names: Sequence[str], results: Sequence[CaseOverlay]) -> None:
+    def _log_wandb(trainer, folder: Path, table: dict, results: Sequence[CaseOverlay]) -> None:
         """Per volume the overlay PNG with ground truth and prediction as W&B masks, and the table of all volumes.
 
         W&B stages a logged table (and its images) as an artifact under `WANDB_DATA_DIR`, beside the run folder by
@@ -207,23 +218,17 @@ class GateOverlays(Callback):
             return
         import wandb
 
-        class_labels = {0: "background", **{i: name for i, name in enumerate(class_names, start=1)}}
-        levels = sorted({level for r in results for level in r.concentration})
-        columns = ["case_id", *[f"dice_{c}" for c in class_names], *[f"concentration_{lv}" for lv in levels],
-                   "missing", "overlay"]
+        class_labels = {0: "background", **{i: name for i, name in enumerate(table["class_names"], start=1)}}
         rows, payload = [], {"epoch": trainer.current_epoch}
-        number = lambda v: None if v is None or math.isnan(v) else float(v)  # noqa: E731 - JSON has no NaN
-        for r in results:
-            missing = "; ".join(f"{name}: {why}" for name, why in r.missing.items())
+        for r, row in zip(results, table["data"]):
+            missing = row[-2]
             if r.png.exists():
                 masks = {k: {"mask_data": v, "class_labels": class_labels} for k, v in r.figure_masks.items()}
                 caption = f"{r.case_id}, epoch {trainer.current_epoch}: Dice " + ", ".join(
                     f"{k} {_fmt(v)}" for k, v in r.dice.items()) + (f"; {missing}" if missing else "")
                 payload[f"overlays/{r.case_id}"] = wandb.Image(str(r.png), masks=masks, caption=caption)
-            rows.append([r.case_id, *[number(r.dice.get(c)) for c in class_names],
-                         *[number(r.concentration.get(lv)) for lv in levels], missing,
-                         wandb.Image(str(r.png), caption=r.case_id) if r.png.exists() else None])
-        payload["overlays/table"] = wandb.Table(columns=columns, data=rows)
+            rows.append([*row[:-1], wandb.Image(str(r.png), caption=r.case_id) if r.png.exists() else None])
+        payload["overlays/table"] = wandb.Table(columns=table["columns"], data=rows)
         run_folder = Path(logger.experiment.dir).parent  # offline-run-<id>/ (files/ is the run's own)
         previous = os.environ.get("WANDB_DATA_DIR")
         os.environ["WANDB_DATA_DIR"] = str(run_folder)  # read when the table is staged, during the log call
@@ -234,3 +239,13 @@ class GateOverlays(Callback):
                 os.environ.pop("WANDB_DATA_DIR", None)
             else:
                 os.environ["WANDB_DATA_DIR"] = previous
+
+
+def log_overlays_mlflow(trainer, folder: Path, table: dict, results: Sequence[CaseOverlay]) -> None:
+    """With an MLflow logger: each volume's figure as `overlays/epoch=<E>/<case_id>/overlay.png`, and the epoch's
+    table (`table.json`) and `concentration.csv` under `overlays/epoch=<E>/`."""
+    from seg.training.mlflow_logger import SegMLFlowLogger
+
+    logger = next((lg for lg in trainer.loggers if isinstance(lg, SegMLFlowLogger)), None)
+    if logger is not None and results:
+        logger.log_overlays(folder, table, [r.png for r in results if r.png.exists()])
