@@ -66,10 +66,26 @@ def test_export_has_dynamic_axes_seg_metadata_and_gate_outputs(exported, trained
 
 
 def test_export_above_the_tolerance_is_one_line_and_writes_nothing(trained_checkpoint, tmp_path, capsys):
-    code = main(["export", "-c", str(trained_checkpoint), "-o", str(tmp_path / "m.onnx"), "--tolerance", "-1"])
+    code = main(["export", "-c", str(trained_checkpoint), "-o", str(tmp_path / "m.onnx"), "--tolerance", "1e-30"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "ONNX Runtime and PyTorch differ by" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "x"])
+def test_a_tolerance_that_is_no_distance_is_refused_by_argparse(trained_checkpoint, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "-c", str(trained_checkpoint), "-o", str(tmp_path / "m.onnx"), "--tolerance", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--tolerance: must be a number >= 0" in err and "differ by" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exporting_an_onnx_model_says_so(exported, tmp_path, capsys):
+    code = main(["export", "-c", str(exported), "-o", str(tmp_path / "again.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"{exported}: is an ONNX model, not a checkpoint" in err and "weights_only" not in err
 
 
 # ---- the ONNX Runtime backend --------------------------------------------------------------------------------------
