@@ -84,11 +84,11 @@ class TrainedModel:
 
     def inference(self, sw_batch_size: int | None = None, overlap: float | None = None,
                   mirror: bool = False) -> WindowInference:
-        """The window engine for this network; None keeps the trained model's own settings."""
+        """The window engine for this network, refusing non-finite logits; None keeps the model's own settings."""
         return WindowInference(self.network, self.roi_size, self.num_classes, self.spatial_dims,
                                sw_batch_size=sw_batch_size or int(self.hparams.get("sw_batch_size", 4)),
                                overlap=float(self.hparams.get("sw_overlap", 0.5)) if overlap is None else overlap,
-                               mirror=mirror)
+                               mirror=mirror, finite=True)
 
     def to(self, device) -> TrainedModel:
         self.network.to(device)

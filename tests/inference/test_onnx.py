@@ -238,6 +238,30 @@ def test_a_hostile_onnx_model_is_refused_once_before_any_scan(kind, exported, tr
     assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
+def test_nan_logits_fail_the_case_in_one_line_on_both_backends(exported, trained_checkpoint, scans, tmp_path,
+                                                                capsys):
+    proto = onnx.load(str(exported))
+    weight = _first_weight(proto)
+    weight.raw_data = np.full(len(weight.raw_data) // 4, np.nan, np.float32).tobytes()
+    path = tmp_path / "nan.onnx"
+    onnx.save(proto, str(path))
+    code = main(["predict", "-c", str(path), "-i", str(scans), "-o", str(tmp_path / "out"), "--backend",
+                 "onnxruntime", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    failures = [line for line in err if ".nii.gz: the network produced non-finite outputs" in line]
+    assert code == 1 and len(failures) == 5 and "5 failed" in err[-1], err  # one line a case, and the count
+    assert [r["status"] for r in read_rows(tmp_path / "out" / "summary.csv")] == ["failed"] * 5
+    assert not list((tmp_path / "out").glob("*.nii.gz"))  # not five all-background label maps
+
+    model = load_trained_model(trained_checkpoint)
+    with torch.no_grad():
+        next(model.network.parameters()).fill_(float("nan"))
+    predictor = Predictor(model, device="cpu", precision="fp32")
+    scan = predictor.load([next(scans.iterdir())])
+    with pytest.raises(SegError, match="the network produced non-finite outputs"):
+        predictor.infer(scan)
+
+
 # ---- sharding ------------------------------------------------------------------------------------------------------
 def test_shard_is_nnunets_split():
     ids = [f"c{i}" for i in (5, 1, 3, 0, 2, 4, 6)]
