@@ -30,9 +30,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from seg.data.layout import parse_labels, strip_nifti_suffix
+from seg.data.guard import guard_file
+from seg.data.layout import MAX_LABEL, parse_labels, strip_nifti_suffix
 from seg.errors import DataError, SegError, escape, one_line
-from seg.io import write_text
+from seg.io import read_json, write_text
 from seg.metrics import ClassScores, score_case, spacing_of, summarise
 
 PER_CASE, SUMMARY = "per_case.csv", "summary.json"
@@ -71,19 +72,23 @@ def declared_labels(dataset: str | os.PathLike) -> dict[int, str]:
     """Label value -> name from a dataset.json (MSD or nnU-Net v2), or from the dataset.json of a dataset folder."""
     path = Path(dataset)
     path = path / "dataset.json" if path.is_dir() else path
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise DataError(f"cannot read dataset.json: {one_line(str(err))}", path) from None
+    meta = read_json(path, "dataset.json")
     if not isinstance(meta, dict) or "labels" not in meta:
         raise DataError("dataset.json has no 'labels'", path)
     return parse_labels(meta["labels"], path)
 
 
 def read_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(integer array, affine) of a label map; `DataError` naming the file when it is not one."""
+    """(integer array, affine) of a label map; `DataError` naming the file when it is not one.
+
+    The header is checked before any voxel is read (`guard_file`), and the values before they are scored: every
+    value up to the largest costs a row and a column of the confusion matrix, and every value found a surface
+    distance transform, so a value above `MAX_LABEL` (as dataset.json allows) is refused, not computed for hours.
+    """
+    image = guard_file(path)
+    if not np.all(np.isfinite(image.affine)):
+        raise DataError("affine is not finite (NaN or infinite entries); fix its sform/qform", path)
     try:
-        image = nib.load(path)
         array = np.asanyarray(image.dataobj)
     except Exception as err:  # nibabel raises many types for a broken file
         raise DataError(f"cannot read: {type(err).__name__}: {one_line(str(err))[:200]}", path) from None
@@ -94,10 +99,12 @@ def read_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.rint(array)):
             raise DataError("holds non-integer values; a label map holds class indices", path)
-        array = array.astype(np.int64)
     if array.size and array.min() < 0:
         raise DataError(f"holds negative values ({int(array.min())}); a label map holds class indices", path)
-    return array, image.affine
+    if array.size and array.max() > MAX_LABEL:
+        raise DataError(f"holds label value {int(array.max())}, above {MAX_LABEL}; a label map holds class "
+                        "indices", path)
+    return array.astype(np.int64, copy=False) if array.dtype.kind == "f" else array, image.affine
 
 
 def evaluate_case(case_id: str, prediction: Path, label: Path, classes: Sequence[int] | None,
@@ -190,7 +197,10 @@ def write_results(results: Sequence[CaseEvaluation], class_names: dict[int, str]
                                                           s.missing or ""]
         writer.writerow([escape(r.case_id), "ok" if r.ok else "failed", *cells,
                          escape(r.prediction.name) if r.prediction else "", escape(r.label.name), one_line(r.message)])
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SegError(f"cannot make the output folder ({err.strerror or err})", output) from None
     for name, text in ((PER_CASE, buffer.getvalue()), (SUMMARY, json.dumps(summary, indent=1, allow_nan=False))):
         atomic_write_text(output / name, text)
     return summary
@@ -228,6 +238,9 @@ def evaluate_folders(predictions: str | os.PathLike, labels: str | os.PathLike,
     predictions, labels = Path(predictions), Path(labels)
     if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise SegError(f"--tolerance must be a distance in mm >= 0, got {tolerance_mm}")
+    output = Path(output or predictions)
+    if output.exists() and not output.is_dir():
+        raise SegError("--output is a file, not a folder: give a folder for per_case.csv and summary.json", output)
     label_files, prediction_files = nifti_files(labels), nifti_files(predictions)
     if not label_files:
         raise DataError("no .nii/.nii.gz label maps found", labels)
@@ -236,7 +249,7 @@ def evaluate_folders(predictions: str | os.PathLike, labels: str | os.PathLike,
     declared = declared_labels(dataset) if dataset is not None else None
     pairs = [(case_id, prediction_files.get(case_id), path) for case_id, path in label_files.items()]
     results = evaluate_pairs(pairs, None if declared is None else [v for v in declared if v], tolerance_mm, report)
-    summary = write_results(results, class_names_for(results, declared), Path(output or predictions), tolerance_mm,
+    summary = write_results(results, class_names_for(results, declared), output, tolerance_mm,
                             {"predictions": str(predictions), "labels": str(labels),
                              "dataset": None if dataset is None else str(dataset)})
     return results, summary

@@ -4,20 +4,32 @@ A reader (or a run that resumes) sees the old file or the new one, never a torn 
 Temporary names are `.tmp-<pid>-<final name>`: hidden, they end like the final name (nibabel and matplotlib pick
 the format from the suffix), and the pid tells a later run whether their writer is still alive
 (`remove_stale_temporaries`).
+
+And one way to read a small JSON file that came from elsewhere (`read_json`): a regular file of bounded size, nested
+to a bounded depth, with finite numbers only, or one line naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from seg.errors import DataError, SegError, one_line
+
 _TEMPORARY = re.compile(r"^\.tmp-(?P<pid>\d+)-")
+# The JSON seg reads (postprocessing plans, cv.json, ONNX metadata, dataset.json) is a few KiB nested 3-5 deep;
+# the bounds stop a file that would take the memory, or the stack (`RecursionError`), before it does.
+MAX_JSON_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 32
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -110,6 +122,69 @@ def write_text(path: str | os.PathLike, text: str, durable: bool = True) -> Path
     return write_bytes(path, text.encode("utf-8"), durable)
 
 
+def _json_depth(value) -> int:
+    """How deep lists and dicts nest in a parsed JSON value (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is beyond a float")
+    return value
+
+
+def parse_json(text: str | bytes, path: str | os.PathLike, what: str, max_depth: int = MAX_JSON_DEPTH,
+               error: type[SegError] = DataError):
+    """`text` as JSON, refused in one line (`error` naming `path` and `what`) when it is not JSON, holds NaN,
+    Infinity or a number beyond a float, or nests deeper than `max_depth`."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        value, depth = None, math.inf
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError; so is int()'s digit limit
+        raise error(f"cannot read {what}: not valid JSON ({one_line(str(err))[:200]})", path) from None
+    else:
+        depth = _json_depth(value)
+    if depth > max_depth:
+        raise error(f"cannot read {what}: nested deeper than {max_depth} levels", path)
+    return value
+
+
+def read_json(path: str | os.PathLike, what: str, max_depth: int = MAX_JSON_DEPTH, max_bytes: int = MAX_JSON_BYTES,
+              error: type[SegError] = DataError):
+    """The JSON in file `path` (see `parse_json`); a FIFO, device or folder is refused without being opened, and
+    a file above `max_bytes` without being read."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise error(f"cannot read {what} ({err.strerror or err})", path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"cannot read {what}: not a regular file (a folder, FIFO or device)", path)
+    if info.st_size > max_bytes:
+        raise error(f"cannot read {what}: {info.st_size:,} bytes, more than the {max_bytes:,} such a file can "
+                    "take", path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since the stat
+    except OSError as err:
+        raise error(f"cannot read {what} ({err.strerror or err})", path) from None
+    if len(data) > max_bytes:
+        raise error(f"cannot read {what}: more than the {max_bytes:,} bytes such a file can take", path)
+    return parse_json(data, path, what, max_depth, error)
+
+
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, reference=None) -> Path:
     """Write a NIfTI atomically: on `reference`'s header when given, else a new one with the affine in both forms.
 
@@ -142,5 +217,5 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, r
     return Path(path)
 
 
-__all__ = ["atomic_path", "pid_alive", "remove_stale_temporaries", "save_nifti", "temporary_path", "write_bytes",
-           "write_text"]
+__all__ = ["atomic_path", "parse_json", "pid_alive", "read_json", "remove_stale_temporaries", "save_nifti",
+           "temporary_path", "write_bytes", "write_text"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,17 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from seg.errors import DataError
-from seg.io import write_text
+from seg.errors import DataError, one_line
+from seg.io import read_json, write_text
 
 FORMAT = 1
 STEPS = ("largest_component", "remove_small")
 # Volumes tried by "remove_small", as fractions of the class's median labelled volume over the cases.
 SMALL_FRACTIONS = (0.01, 0.05, 0.1, 0.25)
+# 1e6 ml is a cubic metre, beyond any body: a `min_ml` above it erases the class on every scan, a typo or a forged
+# file rather than a choice.
+MAX_MIN_ML = 1e6
+CLASS_KEY = re.compile(r"[0-9]{1,5}")  # ASCII digits: "²".isdigit() is true, and int() of 5,000 digits raises
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -147,23 +152,24 @@ def load_postprocessing(path: str | os.PathLike, class_values: Sequence[int] | N
         class_values: the model's foreground values; a plan for another class is refused.
     """
     path = Path(path)
-    try:
-        plan = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise DataError(f"cannot read postprocessing file: {err}", path) from None
+    plan = read_json(path, "postprocessing file")
     if not isinstance(plan, dict) or plan.get("format") != FORMAT or not isinstance(plan.get("classes"), dict):
         raise DataError(f"not a postprocessing file (format {FORMAT} with 'classes'); use the postprocessing.json "
                         "that `seg cv` writes", path)
     for key, choice in plan["classes"].items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) > 0) or not isinstance(choice, dict):
-            raise DataError(f"class entry {key!r} must be a foreground label value with a step", path)
+        if not (CLASS_KEY.fullmatch(key) and int(key) > 0) or not isinstance(choice, dict):
+            raise DataError(f"class entry {one_line(repr(key)[:40])} must be a foreground label value (1 to 99999) "
+                            "with a step", path)
         step = choice.get("step")
         if step not in (None, *STEPS):
-            raise DataError(f"class {key}: unknown step {step!r}; expected one of {list(STEPS)} or null", path)
+            raise DataError(f"class {key}: unknown step {one_line(repr(step)[:40])}; expected one of {list(STEPS)} "
+                            "or null", path)
         min_ml = choice.get("min_ml")
+        # comparisons, not math.isfinite: an int of 400 digits overflows a float; NaN fails both comparisons
         if step == "remove_small" and not (isinstance(min_ml, (int, float)) and not isinstance(min_ml, bool)
-                                           and math.isfinite(min_ml) and min_ml >= 0):
-            raise DataError(f"class {key}: remove_small needs 'min_ml', a volume in ml >= 0; got {min_ml!r}", path)
+                                           and 0 <= min_ml <= MAX_MIN_ML):
+            raise DataError(f"class {key}: remove_small needs 'min_ml', a volume in ml from 0 to {MAX_MIN_ML:g}; "
+                            f"got {one_line(repr(min_ml)[:40])}", path)
         if class_values is not None and int(key) not in class_values:
             raise DataError(f"is for class {key}, which the model does not predict (classes "
                             f"{sorted(class_values)})", path)

@@ -138,6 +138,50 @@ def test_undeclared_label_value_is_one_line(tmp_path, capsys):
     assert code == 1 and "x.nii.gz: holds label values [3]" in err[0]
 
 
+def _pair(tmp_path, name, prediction, label=None, affine=None):
+    """Write `name` into tmp_path/pred and tmp_path/labels (the label defaults to the prediction)."""
+    for folder, array in (("pred", prediction), ("labels", prediction if label is None else label)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None or folder == "labels" else affine),
+                 tmp_path / folder / f"{name}.nii.gz")
+
+
+def _evaluate(tmp_path, capsys, *extra) -> tuple[int, list[str]]:
+    code = main(["evaluate", "-p", str(tmp_path / "pred"), "-l", str(tmp_path / "labels"), *extra])
+    return code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("values, expected", [
+    (np.full(8, 2**32 - 1, np.uint32), "holds label value 4294967295, above 1000"),
+    (np.arange(5000, dtype=np.uint16), "holds label value 4999, above 1000"),  # 5,000 surface distances: hours
+])
+def test_label_values_beyond_the_bound_are_one_line_before_scoring(tmp_path, capsys, values, expected):
+    _pair(tmp_path, "good", cube(size=4).astype(np.uint8))
+    hostile = np.zeros((20, 20, 20), values.dtype)
+    hostile.ravel()[:values.size] = values
+    _pair(tmp_path, "hostile", hostile)
+    code, err = _evaluate(tmp_path, capsys)
+    assert code == 1 and len(err) == 2 and f"hostile.nii.gz: {expected}" in err[0], err
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert summary["cases"] == 1 and summary["classes"]["class_1"]["dice"]["mean"] == 1.0  # the good case scored
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    _pair(tmp_path, "x", cube(size=4).astype(np.uint8))
+    (tmp_path / "out").write_text("a file")
+    code, err = _evaluate(tmp_path, capsys, "--output", str(tmp_path / "out"))
+    assert code == 1 and len(err) == 1 and "out: --output is a file, not a folder" in err[0], err
+    assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_a_nan_affine_is_not_finite_not_a_difference_of_nan(tmp_path, capsys):
+    affine = np.eye(4)
+    affine[0, 3] = np.nan
+    _pair(tmp_path, "x", cube(size=4).astype(np.uint8), affine=affine)
+    code, err = _evaluate(tmp_path, capsys)
+    assert code == 1 and "pred/x.nii.gz: affine is not finite" in err[0] and "differs" not in err[0], err
+
+
 def test_evaluate_needs_no_lightning():
     code = "import sys, seg.evaluate, seg.postprocessing; print(any(m.startswith('lightning') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

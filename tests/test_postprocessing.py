@@ -67,3 +67,44 @@ def test_bad_postprocessing_files_are_one_line(tmp_path):
         assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
     path.write_text(json.dumps({"format": 1, "classes": {"1": {"step": "largest_component"}}}))
     assert load_postprocessing(path, [1, 2])["classes"]["1"]["step"] == "largest_component"
+
+
+@pytest.mark.parametrize("classes, expected", [
+    ('{"²": {"step": null}}', "class entry '²'"),
+    ('{"1' + "0" * 5000 + '": {"step": null}}', "class entry '10000"),
+    ('{"1": {"step": "remove_small", "min_ml": 1e308}}', "from 0 to 1e+06; got 1e+308"),
+    ('{"1": {"step": "remove_small", "min_ml": 1' + "0" * 400 + '}}', "from 0 to 1e+06; got 10000"),
+    ('{"1": {"step": "remove_small", "min_ml": -1}}', "got -1"),
+    ('{"1": {"step": "remove_small", "min_ml": NaN}}', "NaN is not a JSON number"),
+    ('{"1": {"step": "remove_small", "min_ml": 1e400}}', "beyond a float"),
+    ('{"1": {"step": "remove_small", "min_ml": ' + "[" * 2000 + "]" * 2000 + '}}', "nested deeper than"),
+])
+def test_hostile_postprocessing_values_are_one_line_naming_the_file(tmp_path, classes, expected):
+    path = tmp_path / "pp.json"
+    path.write_text('{"format": 1, "classes": ' + classes + "}")
+    with pytest.raises(DataError) as err:
+        load_postprocessing(path, [1, 2])
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message and len(message) < 300
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "pp.json"
+    os.mkfifo(fifo)  # opening it for reading waits for a writer forever
+
+    def unblock():  # a reader that opened it anyway gets an empty file after 5 s, not a hung suite
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: the FIFO was never opened
+            pass
+
+    timer = threading.Timer(5, unblock)
+    timer.start()
+    try:
+        with pytest.raises(DataError, match="not a regular file"):
+            load_postprocessing(fifo, [1, 2])
+    finally:
+        timer.cancel()

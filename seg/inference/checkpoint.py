@@ -24,6 +24,8 @@ CHECKPOINT_FORMAT = 1
 # Voxel sizes a checkpoint may resample to: below 0.01 mm (10 micrometres, beyond any CT or MR) a scan of a few
 # cm would be resampled to billions of voxels; above `MAX_SPACING_MM`, as check-data, the header's units are off.
 MIN_SPACING_MM = 0.01
+# Above this windows step by a few voxels: at 0.999 a 128^3 window steps by one, 57 million windows on a 512^3 CT.
+MAX_OVERLAP = 0.95
 # SegmentationModule's network settings and their defaults: what `build_network` reads from hyper-parameters.
 NETWORK_DEFAULTS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": (16, 32, 64, 128),
                     "strides": (2, 2, 2), "cbam": True, "gates": True, "deep_supervision": False,
@@ -82,11 +84,11 @@ class TrainedModel:
 
     def inference(self, sw_batch_size: int | None = None, overlap: float | None = None,
                   mirror: bool = False) -> WindowInference:
-        """The window engine for this network; None keeps the trained model's own settings."""
+        """The window engine for this network, refusing non-finite logits; None keeps the model's own settings."""
         return WindowInference(self.network, self.roi_size, self.num_classes, self.spatial_dims,
                                sw_batch_size=sw_batch_size or int(self.hparams.get("sw_batch_size", 4)),
                                overlap=float(self.hparams.get("sw_overlap", 0.5)) if overlap is None else overlap,
-                               mirror=mirror)
+                               mirror=mirror, finite=True)
 
     def to(self, device) -> TrainedModel:
         self.network.to(device)
@@ -167,7 +169,7 @@ def check_hyper_parameters(hparams: dict, path: Path) -> None:
         "out_channels": (lambda v: _is_int(v, 2), "an integer >= 2"),
         "channels": (lambda v: isinstance(v, (list, tuple)) and len(v) >= 2 and all(_is_int(c) for c in v),
                      "a list of at least 2 positive integers"),
-        "sw_overlap": (lambda v: _is_number(v, 0.0) and v < 1.0, "a number in [0, 1)"),
+        "sw_overlap": (lambda v: _is_number(v, 0.0, MAX_OVERLAP), f"a number in [0, {MAX_OVERLAP}]"),
         "sw_batch_size": (_is_int, "a positive integer"),
         "gates": (lambda v: isinstance(v, bool), "true or false"),
         "roi_size": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_int(c) for c in v)),

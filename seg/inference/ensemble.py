@@ -10,7 +10,6 @@ predicts.)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from seg.errors import CheckpointError, SegError
+from seg.io import read_json
 
 CV_MANIFEST = "cv.json"  # written by `seg cv` in its output folder: the folds and their run folders
 # Preprocessing entries that must agree for models to be averaged; `plan` (the reasons of `seg plan`) need not.
@@ -99,11 +99,12 @@ def cv_checkpoints(folder: Path) -> tuple[list[Path], Path | None]:
     if not manifest.is_file():
         raise CheckpointError(f"is a folder but not a `seg cv` run (no {CV_MANIFEST}); give checkpoint files or the "
                               "--output folder of `seg cv`", folder)
-    try:
-        folds = json.loads(manifest.read_text())["folds"]
-        folds = [int(k) for k in folds]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"cannot read the fold list: {err}", manifest) from None
+    content = read_json(manifest, "the fold list", error=CheckpointError)
+    folds = content.get("folds") if isinstance(content, dict) else None
+    if not (isinstance(folds, list) and folds
+            and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < 1000 for k in folds)):
+        raise CheckpointError("cannot read the fold list: no 'folds' list of fold numbers; use the --output folder "
+                              "of `seg cv`", manifest)
     checkpoints = []
     for k in folds:
         path = folder / f"fold_{k}" / "checkpoints" / "best.ckpt"

@@ -21,9 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from seg.errors import CheckpointError, SegError
+from seg.data.guard import format_bytes, memory_limit
+from seg.errors import CheckpointError, SegError, one_line
 from seg.inference.checkpoint import (NETWORK_DEFAULTS, TrainedModel, check_hyper_parameters, check_preprocessing,
                                       load_trained_model)
+from seg.inference.onnx_guard import check_onnx_model
+from seg.io import parse_json
 
 METADATA_FORMAT = 1
 # The hyper-parameters a TrainedModel reads; the rest of a checkpoint's (lr, loss, ...) is training's business.
@@ -230,10 +233,8 @@ def read_metadata(proto, path: Path) -> dict:
     props = {p.key: p.value for p in proto.metadata_props}
     if "seg.preprocessing" not in props:
         raise CheckpointError("not a seg ONNX model (no seg metadata); export one with `seg export`", path)
-    try:
-        meta = {k: json.loads(v) for k, v in props.items() if k.startswith("seg.")}
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"the ONNX model's seg metadata is not JSON ({err.msg}); export it again", path) from None
+    meta = {k: parse_json(v, path, f"the ONNX model's {one_line(k[:40])} metadata (export it again)",
+                          error=CheckpointError) for k, v in props.items() if k.startswith("seg.")}
     if meta.get("seg.format") != METADATA_FORMAT:
         raise CheckpointError(f"ONNX metadata format {meta.get('seg.format')!r}; this seg reads {METADATA_FORMAT}: "
                               "export it again with this version", path)
@@ -244,8 +245,9 @@ def load_onnx_model(path: str | os.PathLike) -> TrainedModel:
     """A `TrainedModel` whose network is an `OnnxNetwork`: from a `.onnx` written by `seg export`, or from a
     `seg fit` checkpoint exported in memory (with gate outputs, checked against PyTorch as `seg export` does).
 
-    Raises `CheckpointError` for a missing or unreadable file, or one without seg's metadata or with malformed
-    settings; `SegError` when onnx or onnxruntime is missing.
+    Raises `CheckpointError` for a missing or unreadable file, one without seg's metadata or with malformed
+    settings, or one that `seg.inference.onnx_guard` refuses (a network that disagrees with its metadata, weights
+    beyond the file or the memory, a window beyond the memory); `SegError` when onnx or onnxruntime is missing.
     """
     path = Path(path)
     onnx = require("onnx")
@@ -255,8 +257,13 @@ def load_onnx_model(path: str | os.PathLike) -> TrainedModel:
         data, _ = export_onnx(trained, None, gates=True)
         names = [o.name for o in onnx.load_from_string(data).graph.output]
         return TrainedModel(OnnxNetwork(data, names), trained.preprocessing, trained.hparams)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError("ONNX model not found", path)
+    if not path.is_file():
+        raise CheckpointError("not a regular file (a folder, FIFO or device); give the .onnx from `seg export`", path)
+    if path.stat().st_size > memory_limit():
+        raise CheckpointError(f"the ONNX model is {format_bytes(path.stat().st_size)}, more than the memory "
+                              "available", path)
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends
@@ -269,11 +276,9 @@ def load_onnx_model(path: str | os.PathLike) -> TrainedModel:
                               path)
     check_hyper_parameters(hparams, path)
     check_preprocessing(preprocessing, hparams, path)
-    names = [o.name for o in proto.graph.output]
-    if not names or names[0] != "logits" or [i.name for i in proto.graph.input] != ["image"]:
-        raise CheckpointError("the ONNX model's inputs/outputs are not seg's (image -> logits); export it with "
-                              "`seg export`", path)
-    return TrainedModel(OnnxNetwork(path, names), preprocessing, hparams)
+    model = TrainedModel(OnnxNetwork(path, [o.name for o in proto.graph.output]), preprocessing, hparams)
+    check_onnx_model(proto, model, path)  # once, before any scan: interface, window, weights, one probe run
+    return model
 
 
 __all__ = ["OnnxNetwork", "export_onnx", "load_onnx_model", "onnx_device", "require"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +112,17 @@ class NetworkOutput:
     label: torch.Tensor
     probabilities: torch.Tensor | None = None
     gates: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def _naming(scans: Sequence[LoadedScan]):
+    """The engine's refusals (non-finite logits) name the scan, when there is one to name."""
+    try:
+        yield
+    except SegError as err:
+        if err.path is not None or len(scans) != 1:
+            raise
+        raise type(err)(str(err), scans[0].paths[0]) from None
 
 
 def _reason(err: BaseException) -> str:
@@ -294,10 +305,10 @@ class Predictor:
         del images
         if not (with_gates or probabilities or with_cbam):
             # labels alone (mirrored or not): no full-size maps kept, slabs when they would outgrow the input
-            with self._autocast():
+            with self._autocast(), _naming(scans):
                 labels = self.engine.labels(batch, max_buffer_bytes=stitch_budget(batch))
             return [NetworkOutput(label=labels[i][crop].cpu()) for i, crop in enumerate(crops)]
-        with self._autocast():
+        with self._autocast(), _naming(scans):
             out = self.engine.predict(batch, gates=with_gates or with_cbam, cbam=with_cbam, softmax=probabilities)
         scores = out.pop("scores")
         outputs = []

@@ -21,6 +21,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from seg.errors import SegError
 from seg.inference.slabs import class_indices, sliding_window_labels
 
 
@@ -42,12 +43,15 @@ class WindowInference:
         overlap: overlap of neighbouring windows.
         mirror: average the softmax over every flip of the window's spatial axes (8 in 3D, 4 in 2D).
         memory_format: e.g. `torch.channels_last_3d` for the windows (faster convolutions on recent GPUs).
+        finite: refuse (`SegError`) logits with NaN or infinite values, which would otherwise become class 0
+            everywhere without a word; off for validation, where a diverged network is training's business.
     """
 
     def __init__(self, network: nn.Module, roi_size: Sequence[int], num_classes: int, spatial_dims: int = 3,
                  sw_batch_size: int = 4, overlap: float = 0.5, mirror: bool = False,
-                 memory_format: torch.memory_format | None = None):
+                 memory_format: torch.memory_format | None = None, finite: bool = False):
         self.network = network
+        self.finite = finite
         self.spatial_dims = int(spatial_dims)
         self.roi_size = tuple(int(r) for r in roi_size)[: self.spatial_dims]
         self.num_classes = int(num_classes)
@@ -67,14 +71,20 @@ class WindowInference:
             x = x.contiguous(memory_format=self.memory_format)
         # .float(): under autocast (bf16 on a CPU, fp16 on a GPU) the stitching buffers stay float32
         if not gates:
-            return self.network(x).float(), []
+            return self._checked(self.network(x).float()), []
         logits, gate_maps, *cbam_maps = self.network.forward_with_gates(x, return_cbam=cbam)
-        logits = logits.float()
+        logits = self._checked(logits.float())
         maps = [(f"gate_{level}", m) for level, m in enumerate(gate_maps)]
         maps += [(f"cbam_{level}", m) for level, m in enumerate(cbam_maps[0] if cbam_maps else [])]
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         return logits, [(k, nn.functional.interpolate(m, size=x.shape[2:], mode=mode, align_corners=False))
                         for k, m in maps]
+
+    def _checked(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.finite and not bool(torch.isfinite(logits).all()):
+            raise SegError("the network produced non-finite outputs (NaN or infinite logits): a broken model, or "
+                           "one that overflows in reduced precision (try --precision fp32)")
+        return logits
 
     def window_function(self, gates: bool = False, cbam: bool = False, softmax: bool = False):
         """The function MONAI calls on each batch of windows `(n, C, *window)`.

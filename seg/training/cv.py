@@ -34,6 +34,7 @@ from seg.errors import SegError
 from seg.evaluate import DEFAULT_TOLERANCE_MM, atomic_write_text, evaluate_pairs, format_summary, read_label_map, \
     write_results
 from seg.inference.ensemble import CV_MANIFEST
+from seg.io import read_json
 from seg.postprocessing import choose_postprocessing, measure, save_postprocessing
 
 FIT_DONE = "fit_done.json"
@@ -66,11 +67,11 @@ def fold_state(folder: Path, arguments: list[str]) -> str:
     """"done" (its fit returned), "resume" (a `last.ckpt` of an interrupted fit) or "new"."""
     marker = folder / FIT_DONE
     if marker.is_file():
-        try:
-            recorded = json.loads(marker.read_text())["arguments"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise SegError("cannot read this fold's completion marker; remove it to train the fold again",
-                           marker) from None
+        what = "this fold's completion marker; remove it to train the fold again"
+        recorded = read_json(marker, what, error=SegError)
+        recorded = recorded.get("arguments") if isinstance(recorded, dict) else None
+        if not (isinstance(recorded, list) and all(isinstance(a, str) for a in recorded)):
+            raise SegError(f"cannot read {what}", marker)
         if recorded != arguments:
             raise SegError(f"this fold was trained with other options ({shlex.join(recorded)}); give the same "
                            "options, another --output, or remove the fold's folder", marker)
@@ -99,11 +100,9 @@ def train_fold(fold: int, arguments: list[str], folder: Path, resume: bool) -> N
 def write_manifest(parent: Path, config: Path, folds: int, extra: list[str]) -> None:
     manifest = parent / CV_MANIFEST
     content = {"config": str(config), "num_folds": folds, "folds": list(range(folds)), "fit_arguments": extra}
-    if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            old = None
+    if manifest.exists():
+        old = read_json(manifest, f"the {CV_MANIFEST} of an earlier run (remove it, or choose another --output)",
+                        error=SegError)
         if isinstance(old, dict) and (old.get("num_folds"), old.get("config")) != (folds, str(config)):
             raise SegError(f"holds a {old.get('num_folds')}-fold run of {old.get('config')}; choose another --output "
                            "for this one", manifest)

@@ -66,10 +66,26 @@ def test_export_has_dynamic_axes_seg_metadata_and_gate_outputs(exported, trained
 
 
 def test_export_above_the_tolerance_is_one_line_and_writes_nothing(trained_checkpoint, tmp_path, capsys):
-    code = main(["export", "-c", str(trained_checkpoint), "-o", str(tmp_path / "m.onnx"), "--tolerance", "-1"])
+    code = main(["export", "-c", str(trained_checkpoint), "-o", str(tmp_path / "m.onnx"), "--tolerance", "1e-30"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "ONNX Runtime and PyTorch differ by" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "x"])
+def test_a_tolerance_that_is_no_distance_is_refused_by_argparse(trained_checkpoint, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "-c", str(trained_checkpoint), "-o", str(tmp_path / "m.onnx"), "--tolerance", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--tolerance: must be a number >= 0" in err and "differ by" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exporting_an_onnx_model_says_so(exported, tmp_path, capsys):
+    code = main(["export", "-c", str(exported), "-o", str(tmp_path / "again.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"{exported}: is an ONNX model, not a checkpoint" in err and "weights_only" not in err
 
 
 # ---- the ONNX Runtime backend --------------------------------------------------------------------------------------
@@ -117,6 +133,133 @@ def test_unusable_onnx_files_are_checkpoint_errors(trained_checkpoint, exported,
         load_onnx_model(foreign)
     with pytest.raises(CheckpointError, match="runs with --backend onnxruntime"):
         Predictor.from_checkpoint(exported, device="cpu")
+
+
+# ---- hostile ONNX models: refused once, before any scan -------------------------------------------------------
+def _foreign_network(exported: Path, trained_checkpoint: Path, keep_shapes: bool = True, **network) -> onnx.ModelProto:
+    """An untrained network with `network`'s settings, exported, under `exported`'s seg metadata."""
+    trained = load_trained_model(trained_checkpoint)
+    hparams = {**trained.hparams, **network}
+    if hparams["spatial_dims"] == 2:
+        hparams["roi_size"] = list(trained.roi_size)[:2]
+    model = TrainedModel(build_network(hparams).eval(), {"patch_size": hparams["roi_size"]}, hparams)
+    proto = onnx.load_from_string(export_onnx(model, None)[0])
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(onnx.load(str(exported)).metadata_props)
+    if not keep_shapes:  # only the probe run can tell then
+        for value in (*proto.graph.input, *proto.graph.output):
+            value.type.tensor_type.ClearField("shape")
+    return proto
+
+
+def _with_metadata(exported: Path, key: str, edit) -> onnx.ModelProto:
+    proto = onnx.load(str(exported))
+    entry = next(p for p in proto.metadata_props if p.key == key)
+    entry.value = json.dumps(edit(json.loads(entry.value))) if callable(edit) else edit
+    return proto
+
+
+def _first_weight(proto: onnx.ModelProto) -> onnx.TensorProto:
+    return next(t for t in proto.graph.initializer if len(t.dims) == 5)
+
+
+def _external(proto: onnx.ModelProto, location: str, dims=None) -> onnx.ModelProto:
+    weight = _first_weight(proto)
+    if dims is not None:
+        weight.ClearField("dims")
+        weight.dims.extend(dims)
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value=location)
+    return proto
+
+
+def _claiming(proto: onnx.ModelProto, dims) -> onnx.ModelProto:
+    weight = _first_weight(proto)
+    weight.ClearField("dims")
+    weight.dims.extend(dims)
+    return proto
+
+
+HOSTILE = {
+    "7 output channels": (lambda e, c, d: _foreign_network(e, c, out_channels=7),
+                          "'logits' has 7 channels, but the metadata says 3 classes"),
+    "7 output channels, shapes undeclared": (lambda e, c, d: _foreign_network(e, c, keep_shapes=False, out_channels=7),
+                                             "have shape (1, 7, 4, 4, 4), not (1, 3, 4, 4, 4)"),
+    "one output channel": (lambda e, c, d: _foreign_network(e, c, out_channels=1),
+                           "'logits' has 1 channels, but the metadata says 3 classes"),
+    "a 2D network": (lambda e, c, d: _foreign_network(e, c, spatial_dims=2),
+                     "'image' has 4 axes, but the metadata says a 3D network"),
+    "a 2D network, shapes undeclared": (lambda e, c, d: _foreign_network(e, c, keep_shapes=False, spatial_dims=2),
+                                        "ONNX Runtime cannot run it on a 4 x 4 x 4 window of 1 channel(s)"),
+    "two input channels": (lambda e, c, d: _foreign_network(e, c, in_channels=2),
+                           "'image' has 2 channels, but the metadata says 1 input channels"),
+    "overlap 0.999": (lambda e, c, d: _with_metadata(e, "seg.hparams", lambda h: {**h, "sw_overlap": 0.999}),
+                      "hyper-parameter 'sw_overlap' is 0.999; expected a number in [0, 0.95]"),
+    "a 1024^3 window": (lambda e, c, d: _with_metadata(e, "seg.hparams", lambda h: {**h, "roi_size": [1024] * 3}),
+                        "window 1024 x 1024 x 1024 takes about"),
+    "a NaN overlap": (lambda e, c, d: _with_metadata(e, "seg.hparams", '{"sw_overlap": NaN}'),
+                      "seg.hparams metadata (export it again): not valid JSON (NaN is not a JSON number)"),
+    "deep metadata": (lambda e, c, d: _with_metadata(e, "seg.class_names", "[" * 5000 + "]" * 5000),
+                      "seg.class_names metadata (export it again): nested deeper than 32 levels"),
+    "16 M filters": (lambda e, c, d: _claiming(onnx.load(str(e)), [16_000_000, 1, 3, 3, 3]),
+                     "claims 1.6 GiB (dims [16000000, 1, 3, 3, 3]) but holds 864 B: truncated or forged"),
+    "external /dev/zero": (lambda e, c, d: _external(onnx.load(str(e)), "/dev/zero"),
+                           "from external data '/dev/zero', outside the model's folder"),
+    "external outside the folder": (lambda e, c, d: _external(onnx.load(str(e)), "../outside.bin"),
+                                    "from external data '../outside.bin', outside the model's folder"),
+    "external FIFO": (lambda e, c, d: _external(onnx.load(str(e)), "weights.fifo"), "not a regular file"),
+    "external sparse 64 GiB": (lambda e, c, d: _external(onnx.load(str(e)), "sparse.bin", [2**34]),
+                               "takes the weights to 64.0 GiB, more than the 8.0 GiB of memory available"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_a_hostile_onnx_model_is_refused_once_before_any_scan(kind, exported, trained_checkpoint, scans, tmp_path,
+                                                              monkeypatch, capsys):
+    import os
+
+    monkeypatch.setenv("SEG_MEMORY_LIMIT", "8G")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(bytes(4 * 8 * 27))  # the right size for the first weight, outside
+    os.mkfifo(folder / "weights.fifo")
+    with open(folder / "sparse.bin", "wb") as f:
+        f.truncate(2**36)  # 64 GiB of holes
+    make, expected = HOSTILE[kind]
+    path = folder / "hostile.onnx"
+    onnx.save(make(exported, trained_checkpoint, folder), str(path))
+    capsys.readouterr()
+    code = main(["predict", "-c", str(path), "-i", str(scans), "-o", str(tmp_path / "out"), "--backend",
+                 "onnxruntime", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"{path}: " in err and expected in err, err
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_nan_logits_fail_the_case_in_one_line_on_both_backends(exported, trained_checkpoint, scans, tmp_path,
+                                                                capsys):
+    proto = onnx.load(str(exported))
+    weight = _first_weight(proto)
+    weight.raw_data = np.full(len(weight.raw_data) // 4, np.nan, np.float32).tobytes()
+    path = tmp_path / "nan.onnx"
+    onnx.save(proto, str(path))
+    code = main(["predict", "-c", str(path), "-i", str(scans), "-o", str(tmp_path / "out"), "--backend",
+                 "onnxruntime", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    failures = [line for line in err if ".nii.gz: the network produced non-finite outputs" in line]
+    assert code == 1 and len(failures) == 5 and "5 failed" in err[-1], err  # one line a case, and the count
+    assert [r["status"] for r in read_rows(tmp_path / "out" / "summary.csv")] == ["failed"] * 5
+    assert not list((tmp_path / "out").glob("*.nii.gz"))  # not five all-background label maps
+
+    model = load_trained_model(trained_checkpoint)
+    with torch.no_grad():
+        next(model.network.parameters()).fill_(float("nan"))
+    predictor = Predictor(model, device="cpu", precision="fp32")
+    scan = predictor.load([next(scans.iterdir())])
+    with pytest.raises(SegError, match="the network produced non-finite outputs"):
+        predictor.infer(scan)
 
 
 # ---- sharding ------------------------------------------------------------------------------------------------------

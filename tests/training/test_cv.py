@@ -109,3 +109,17 @@ def test_changed_options_are_refused_not_mixed(config, tmp_path):
     assert fold_state(folder, arguments) == "done"
     with pytest.raises(SegError, match="trained with other options"):
         fold_state(folder, fit_arguments(config, 0, 3, tmp_path, ["--trainer.max_epochs", "3"]))
+
+
+def test_a_deeply_nested_manifest_is_one_line(config, tmp_path, capsys):
+    scans = config.parent / "synth" / "imagesTr"
+    (tmp_path / "cv.json").write_text('{"folds": ' + "[" * 5000 + "]" * 5000 + "}")
+    # seg cv finds it before training anything; seg predict before loading any checkpoint
+    assert main(["cv", "--config", str(config), "--folds", "3", "--output", str(tmp_path), *FIT]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cv.json: cannot read" in err and "nested deeper than" in err, err
+    assert not (tmp_path / "fold_0").exists()
+    assert main(["predict", "--checkpoint", str(tmp_path), "--input", str(scans), "--output",
+                 str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cv.json: cannot read the fold list: nested deeper than" in err, err
