@@ -159,7 +159,7 @@ class NiftiDataModule(LightningDataModule):
         plan: dict[str, str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # `seg fit` logs the whole nested config instead
         self.info = load_dataset(root)
         config = Path(root)
         if spatial_dims not in (2, 3):
@@ -183,6 +183,7 @@ class NiftiDataModule(LightningDataModule):
             raise DataError(f"flip_axes {bad_axes} must be spatial axes 0..{spatial_dims - 1}", config)
         self._preprocessing: dict | None = None
         self.split: Split | None = None
+        self._checked = False
         self.train_transforms = self.val_transforms = None
         self.train_dataset = self.val_dataset = self.test_dataset = None
         self._eval_samplers: dict[str, torch.utils.data.DistributedSampler] = {}
@@ -227,27 +228,43 @@ class NiftiDataModule(LightningDataModule):
                   for shape, spacing, t in zip(fingerprint["shape"], fingerprint["spacing"], target)]
         return extent[: self.hparams.spatial_dims]
 
-    # -- Lightning hooks --
-    def prepare_data(self) -> None:
-        """Check the dataset and measure its fingerprint once, before any other process reads it."""
-        if self.hparams.check:
-            try:
-                from seg.data.checks import check_or_raise
-            except ModuleNotFoundError as err:
-                if err.name != "seg.data.checks":
-                    raise
-                rank_zero_warn("seg.data.checks is not available: the dataset is used unchecked")
-            else:
-                check_or_raise(self.hparams.root, workers=max(1, self.hparams.num_workers))
-        self.preprocessing  # noqa: B018 - measures and caches the fingerprint
+    def check(self) -> None:
+        """`seg check-data`'s checks, and that the split can train (`check_or_raise`), once; `DataError` if not.
 
-    def setup(self, stage: str | None = None) -> None:
-        """Split the cases (and write `split.json` beside the run), build the transforms and cached datasets."""
+        `seg fit` calls it before it makes a logger or a run folder; `prepare_data` calls it otherwise.
+        """
+        if not self.hparams.check or self._checked:
+            return
+        try:
+            from seg.data.checks import check_or_raise
+        except ModuleNotFoundError as err:
+            if err.name != "seg.data.checks":
+                raise
+            rank_zero_warn("seg.data.checks is not available: the dataset is used unchecked")
+        else:
+            check_or_raise(self.hparams.root, workers=max(1, self.hparams.num_workers), split=lambda _: self.make_split())
+        self._checked = True
+
+    def make_split(self) -> Split:
+        """The train / validation split of these settings (made once)."""
         h = self.hparams
         if self.split is None:
             self.split = split_cases([c.case_id for c in self.info.cases], val_fraction=h.val_fraction,
                                      val_cases=h.val_cases, fold=h.fold, num_folds=h.num_folds, seed=h.seed,
                                      source=self.info.root, group_pattern=h.group_pattern)
+        return self.split
+
+    # -- Lightning hooks --
+    def prepare_data(self) -> None:
+        """Check the dataset and measure its fingerprint once, before any other process reads it."""
+        self.check()
+        self.preprocessing  # noqa: B018 - measures and caches the fingerprint
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split the cases (and write `split.json` beside the run), build the transforms and cached datasets."""
+        h = self.hparams
+        if self.train_transforms is None:
+            self.make_split()
             self.train_transforms = train_transforms(
                 self.preprocessing, samples_per_volume=h.samples_per_volume, foreground_ratio=h.foreground_ratio,
                 sampling=h.sampling, class_ratios=h.class_ratios, flip_axes=h.flip_axes, augment=h.augment,
