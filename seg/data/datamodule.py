@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 
-from seg.data.fingerprint import load_fingerprint
+from seg.data.fingerprint import load_fingerprint, training_summary
 from seg.data.layout import NIFTI_SUFFIXES, Case, group_channel_files, load_dataset
 from seg.data.split import Split, save_split, split_cases
 from seg.data.transforms import channel_schemes, make_preprocessing, train_transforms, val_transforms
@@ -211,6 +211,7 @@ class NiftiDataModule(LightningDataModule):
             self._preprocessing = make_preprocessing(
                 self.info, fingerprint, spatial_dims=h.spatial_dims, patch_size=h.patch_size, spacing=h.spacing,
                 normalization=h.normalization, ct_window=h.ct_window, crop_foreground=h.crop_foreground)
+            self._preprocessing["fingerprint"] = training_summary(fingerprint)  # what predictions are compared with
             if h.plan:
                 self._preprocessing["plan"] = {str(k): str(v) for k, v in h.plan.items()}
         return self._preprocessing
