@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("seg.training.cli", "score a checkpoint on the validation split"),
     "test": ("seg.training.cli", "score a checkpoint on the test split"),
     "cv": ("seg.training.cv", "k-fold cross-validation: train the folds, score them out of fold, pick postprocessing"),
-    "export": ("seg.inference.export", "write a checkpoint's network as an ONNX model (seg's settings in its metadata)"),
+    "export": ("seg.inference.export",
+               "write a checkpoint's network as an ONNX model (seg's settings in its metadata)"),
     "synth": ("seg.data.synthetic", "write a synthetic MRI-like dataset in MSD layout (demo and tests)"),
     "download": ("seg.data.download", "download a Medical Segmentation Decathlon task (with checksum)"),
 }

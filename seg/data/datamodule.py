@@ -230,9 +230,8 @@ class NiftiDataModule(LightningDataModule):
         return extent[: self.hparams.spatial_dims]
 
     def check(self) -> None:
-        """`seg check-data`'s checks, and that the split can train (`check_or_raise`), once; `DataError` if not.
-
-        `seg fit` calls it before it makes a logger or a run folder; `prepare_data` calls it otherwise.
+        """`seg check-data`'s checks, and, for training, that the split can train (`check_or_raise`), once;
+        `DataError` if not. `seg fit` calls it before it makes a logger or a run folder; `prepare_data` otherwise.
         """
         if not self.hparams.check or self._checked:
             return
@@ -243,7 +242,10 @@ class NiftiDataModule(LightningDataModule):
                 raise
             rank_zero_warn("seg.data.checks is not available: the dataset is used unchecked")
         else:
-            check_or_raise(self.hparams.root, workers=max(1, self.hparams.num_workers), split=lambda _: self.make_split())
+            # the split is checked for training only: scoring a checkpoint needs no class in the training cases
+            fitting = self.trainer is None or self.trainer.state.fn == "fit"
+            check_or_raise(self.hparams.root, workers=max(1, self.hparams.num_workers),
+                           split=(lambda _: self.make_split()) if fitting else None)
         self._checked = True
 
     def make_split(self) -> Split:
