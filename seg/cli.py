@@ -13,19 +13,21 @@ import importlib.util
 import sys
 
 # name -> (module, one-line help). Modules are imported only when their command runs, so `seg --help`
-# stays fast. A module provides `add_arguments(parser)` and `run(args) -> int`.
+# stays fast. A module provides `add_arguments(parser)` and `run(args) -> int`. `seg --help` lists them in this
+# order, a first session's on one's own data: check, plan, train, predict, look, score; then the rest.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("seg.training.cli", "train a model from a YAML config (Lightning CLI)"),
+    "check-data": ("seg.data.checks", "check every case of a dataset before training on it"),
+    "plan": ("seg.data.plan", "write a training config derived from a dataset, with the reason for each value"),
+    "fit": ("seg.training.cli", "train a model from a plan or a YAML config (Lightning CLI)"),
+    "predict": ("seg.inference.predict", "segment every scan in a folder, in each scan's own geometry"),
+    "overlays": ("seg.explain.command", "write attention-gate overlays for scans, without training"),
+    "evaluate": ("seg.evaluate", "score predicted label maps against labels: Dice, HD95, surface Dice per case"),
+    "review": ("seg.explain.review", "write one HTML page to review a run's overlays or a predict folder's flags"),
     "validate": ("seg.training.cli", "score a checkpoint on the validation split"),
     "test": ("seg.training.cli", "score a checkpoint on the test split"),
-    "predict": ("seg.inference.predict", "segment every scan in a folder, in each scan's own geometry"),
-    "evaluate": ("seg.evaluate", "score predicted label maps against labels: Dice, HD95, surface Dice per case"),
     "cv": ("seg.training.cv", "k-fold cross-validation: train the folds, score them out of fold, pick postprocessing"),
-    "export": ("seg.inference.export", "write a checkpoint's network as an ONNX model (seg's settings in its metadata)"),
-    "overlays": ("seg.explain.command", "write attention-gate overlays for scans, without training"),
-    "review": ("seg.explain.review", "write one HTML page to review a run's overlays or a predict folder's flags"),
-    "plan": ("seg.data.plan", "write a training config derived from a dataset, with the reason for each value"),
-    "check-data": ("seg.data.checks", "check every case of a dataset before training on it"),
+    "export": ("seg.inference.export",
+               "write a checkpoint's network as an ONNX model (seg's settings in its metadata)"),
     "synth": ("seg.data.synthetic", "write a synthetic MRI-like dataset in MSD layout (demo and tests)"),
     "download": ("seg.data.download", "download a Medical Segmentation Decathlon task (with checksum)"),
 }
@@ -36,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seg",
         description="Attention U-Net segmentation of NIfTI scans: train, predict, and see where the network looks.",
-        epilog="Run `seg <command> --help` for the options of one command.",
+        epilog="Start here: `seg check-data DATASET`, then `seg fit --data.root DATASET` (plans, then trains for an "
+               "hour on a CPU), then `seg predict --checkpoint runs/latest/checkpoints/best.ckpt --input SCANS "
+               "--output OUT`. No data yet: `seg synth --output data/synth`. Run `seg <command> --help` for the "
+               "options of one command.",
     )
     from seg import __version__
 

@@ -49,3 +49,16 @@ def history(run_dir: str | Path) -> list[dict]:
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def config(run_dir: str | Path) -> dict:
+    """The run's config as the logger set it (every update applied in order), top-level key -> value."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    out: dict = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            for item in record.config.remove:
+                out.pop(item.key or "/".join(item.nested_key), None)
+    return out

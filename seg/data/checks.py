@@ -14,6 +14,9 @@ What is checked, per case (the integrity check nnU-Net runs before planning, in 
   than `SPACING_FACTOR` times off the dataset's median along an axis.
 A malformed file or dataset.json entry is one problem line; the check goes on with the rest.
 Extreme anisotropy and an all-background label are notes, not problems: the data can still be used.
+What makes a dataset untrainable is a problem too (`trainability_problems`): fewer than `MIN_CASES` labelled
+cases, no foreground in any label, a class labelled in one case only (it is then missing from training or from
+validation), and, for `seg fit`, a split that leaves no case for validation or a class in no training case.
 
     seg check-data data/Task04_Hippocampus
 """
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import sys
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,7 @@ import numpy as np
 from seg.data.fingerprint import ras_geometry
 from seg.data.guard import GZIP_MAX_RATIO, format_bytes, guard_file, named_warnings, ras_spacing_shape
 from seg.data.layout import Case, DatasetInfo, load_dataset, strip_nifti_suffix
+from seg.data.split import Split
 from seg.errors import DataError, escape, one_line
 
 AFFINE_TOLERANCE_MM = 1e-4
@@ -46,6 +52,8 @@ SHOWN_IN_ERROR = 3  # problems quoted by `check_or_raise`
 # 45^3, 22 GB for 48 x 48 x 32 voxels). MSD's most varied task (Liver, 0.7 to 5 mm slices) stays under 8.
 SPACING_FACTOR = 10.0
 GZIP_SLACK = 1 << 20  # bytes a gzip stream may hold past the image it describes before the check stops reading
+MAX_CHANNELS_4D = 4  # channels in one 4D file beyond which a time axis is suspected (BraTS has 4 contrasts)
+MIN_CASES = 2  # labelled cases a training run needs: one to train on, one to validate on
 
 
 @dataclass
@@ -66,6 +74,7 @@ class _Report:
     cases: int = 0
     problems: list[Problem] = field(default_factory=list)
     notes: list[Problem] = field(default_factory=list)
+    case_labels: dict[str, set[int]] = field(default_factory=dict)  # labelled case -> label values it holds
 
 
 def check_dataset(root, progress: bool = False, workers: int = 1, notes: list[Problem] | None = None) -> list[Problem]:
@@ -87,9 +96,18 @@ def check_dataset(root, progress: bool = False, workers: int = 1, notes: list[Pr
     return report.problems
 
 
-def check_or_raise(root, workers: int = 1) -> DatasetInfo:
-    """Check a dataset and return its layout, or raise one `DataError` quoting the first few problems."""
+def check_or_raise(root, workers: int = 1, split: Callable[[DatasetInfo], Split] | None = None) -> DatasetInfo:
+    """Check a dataset and return its layout, or raise one `DataError` quoting the first few problems.
+
+    Args:
+        root: the dataset folder.
+        workers: cases read at the same time.
+        split: when given, makes the training run's split of the checked dataset, which is then checked too
+            (`trainability_problems`): `seg fit` refuses a split it cannot train on before anything is written.
+    """
     report = _run(Path(root), progress=False, workers=workers)
+    if split is not None and not report.problems:
+        report.problems += trainability_problems(report.info, report.case_labels, split(report.info))
     if report.problems:
         shown = "; ".join(str(p) for p in report.problems[:SHOWN_IN_ERROR])
         more = len(report.problems) - SHOWN_IN_ERROR
@@ -119,15 +137,60 @@ def _run(root: Path, progress: bool, workers: int) -> _Report:
             return [Problem(case.case_id, path, f"could not be checked: {_one_line(err)}")], [], set()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for problems, notes, labels in _progress(pool.map(one, cases), len(cases), progress):
+        results = _progress(pool.map(one, cases), len(cases), progress)
+        for (case, labelled), (problems, notes, labels) in zip(cases, results):
             report.problems += problems
             report.notes += notes
             seen_labels |= labels
+            if labelled:
+                report.case_labels[case.case_id] = labels
+    if not report.problems:  # the label values are known for every case: can these data train at all?
+        report.problems += trainability_problems(info, report.case_labels)
     if info.cases and not report.problems:
         for value in sorted(set(info.labels) - seen_labels - {0}):
             report.notes.append(Problem("dataset", str(root / "dataset.json"),
                                         f"label {value} ({info.labels[value]}) appears in no case"))
     return report
+
+
+def trainability_problems(info: DatasetInfo, case_labels: dict[str, set[int]],
+                          split: Split | None = None) -> list[Problem]:
+    """Why these cases cannot train a model, one problem each; empty when they can.
+
+    Args:
+        info: the dataset.
+        case_labels: every labelled case's label values.
+        split: the run's train / validation split, when known (`seg fit`).
+    """
+    def problem(message: str) -> Problem:
+        return Problem("dataset", str(info.root), message)
+
+    if len(info.cases) < MIN_CASES:
+        return [problem(f"{_plural(len(info.cases), 'labelled case')}: training needs at least {MIN_CASES}, one to "
+                        "train on and one to validate on; add labelled cases to imagesTr/ and labelsTr/")]
+    holders: dict[int, list[str]] = {}  # foreground label value -> the cases holding it
+    for case_id, values in sorted(case_labels.items()):
+        for value in values - {0}:
+            holders.setdefault(value, []).append(case_id)
+    if not holders:
+        return [problem("no label map holds any foreground (every label is all background): there is nothing to "
+                        "learn; check that labelsTr/ holds the segmentations, not empty masks")]
+    problems = []
+    for value, cases in sorted(holders.items()):
+        name = f"label {value} ({info.labels.get(value, '?')})"
+        if len(cases) == 1:
+            problems.append(problem(f"{name} is in one case only ({cases[0]}): it would be missing from training or "
+                                    "from validation; label it in at least one more case, or merge it into another "
+                                    "label"))
+        elif split is not None and not set(cases) & set(split.train):
+            problems.append(problem(f"{name} is only in validation cases {cases[:5]}: the network would never see it "
+                                    "in training; choose data.val_cases (or another data.seed) to keep one in "
+                                    "training"))
+    if split is not None and not split.val:
+        problems.append(problem("no case is left for validation (data.val_fraction 0, no data.val_cases): `seg fit` "
+                                "keeps the checkpoint with the best validation Dice; hold out at least one case "
+                                "(data.val_fraction 0.2)"))
+    return problems
 
 
 def _dataset_problem(err: DataError, root: Path) -> Problem:
@@ -186,7 +249,8 @@ def _check_images(case: Case, info: DatasetInfo, problem, notes: list[Problem], 
         elif not single and data.ndim != 3:
             problem(path, f"channel file is {data.ndim}D {shape}; each channel file must be 3D")
         elif single and found != channels:
-            problem(path, f"image has {_plural(found, 'channel')} (shape {shape}) but {declared}")
+            series = time_series(nib.load(path).header) if data.ndim == 4 else None
+            problem(path, series or f"image has {_plural(found, 'channel')} (shape {shape}) but {declared}")
         _check_values(data, "image", path, problem)
         del data
         if _check_spacing(affine, path, problem, notes, case.case_id, spacing) and len(shape) >= 3:
@@ -196,6 +260,24 @@ def _check_images(case: Case, info: DatasetInfo, problem, notes: list[Problem], 
     for grid in grids[1:]:
         _compare(grids[0], grid, "channel file", problem)
     return grids[0] if grids else None
+
+
+def time_series(header) -> str | None:
+    """Why a 4D image is a time series (fMRI, DCE, cine) and not channels of one scan, or None.
+
+    More than `MAX_CHANNELS_4D` volumes along the 4th axis with a time unit or a time step (pixdim[4]) in the
+    header: channels of one scan (BraTS's 4 MR contrasts) have neither so many nor a time step between them.
+    """
+    shape = header.get_data_shape()
+    if len(shape) != 4 or shape[3] <= MAX_CHANNELS_4D:
+        return None
+    unit = header.get_xyzt_units()[1] if hasattr(header, "get_xyzt_units") else "unknown"
+    step = float(header["pixdim"][4]) if "pixdim" in header else 0.0
+    if unit in ("unknown", None) and not step > 0:
+        return None
+    timing = f", {step:g}{'' if unit in ('unknown', None) else ' ' + unit} apart" if step > 0 else ""
+    return (f"a 4D time series ({shape[3]} volumes{timing}) is not a multi-channel scan: split it (e.g. "
+            "`fslsplit`) or give one volume")
 
 
 def _check_label(case: Case, info: DatasetInfo, grid, problem, notes: list[Problem],
@@ -212,7 +294,12 @@ def _check_label(case: Case, info: DatasetInfo, grid, problem, notes: list[Probl
     if _check_values(data, "label", path, problem) and _whole_numbers(data, path, problem):
         values = _label_values(data)
         undeclared = sorted(values - set(info.labels)) if info.labels_valid else []
-        if undeclared:
+        if undeclared and not info.has_dataset_json:
+            labels = {str(v): "background" if v == 0 else "<name>" for v in range(max(values) + 1)}
+            problem(path, f"label values {undeclared} found but no dataset.json (without one only 0 background and 1 "
+                          f"foreground are assumed): write {info.root / 'dataset.json'} with labels: "
+                          f"{{\"labels\": {json.dumps(labels)}}}")
+        elif undeclared:
             declared = ", ".join(f"{k} {v}" for k, v in info.labels.items())
             problem(path, f"label values {undeclared} are not declared in dataset.json labels ({declared})")
         elif values <= {0}:
@@ -394,7 +481,7 @@ def _summary(report: _Report) -> str:
     if not report.problems:
         return f"checked {_plural(report.cases, 'case')}: all good"
     cases = {p.case_id for p in report.problems} - {"dataset"}
-    where = f"in {_plural(len(cases), 'case')}" if cases else "in the dataset layout"
+    where = f"in {_plural(len(cases), 'case')}" if cases else "in the dataset as a whole"
     return f"checked {_plural(report.cases, 'case')}: {_plural(len(report.problems), 'problem')} {where}"
 
 

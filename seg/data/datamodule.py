@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 
-from seg.data.fingerprint import load_fingerprint
+from seg.data.fingerprint import load_fingerprint, training_summary
 from seg.data.layout import NIFTI_SUFFIXES, Case, group_channel_files, load_dataset
 from seg.data.split import Split, save_split, split_cases
 from seg.data.transforms import channel_schemes, make_preprocessing, train_transforms, val_transforms
@@ -159,7 +159,7 @@ class NiftiDataModule(LightningDataModule):
         plan: dict[str, str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # `seg fit` logs the whole nested config instead
         self.info = load_dataset(root)
         config = Path(root)
         if spatial_dims not in (2, 3):
@@ -183,6 +183,7 @@ class NiftiDataModule(LightningDataModule):
             raise DataError(f"flip_axes {bad_axes} must be spatial axes 0..{spatial_dims - 1}", config)
         self._preprocessing: dict | None = None
         self.split: Split | None = None
+        self._checked = False
         self.train_transforms = self.val_transforms = None
         self.train_dataset = self.val_dataset = self.test_dataset = None
         self._eval_samplers: dict[str, torch.utils.data.DistributedSampler] = {}
@@ -210,6 +211,7 @@ class NiftiDataModule(LightningDataModule):
             self._preprocessing = make_preprocessing(
                 self.info, fingerprint, spatial_dims=h.spatial_dims, patch_size=h.patch_size, spacing=h.spacing,
                 normalization=h.normalization, ct_window=h.ct_window, crop_foreground=h.crop_foreground)
+            self._preprocessing["fingerprint"] = training_summary(fingerprint)  # what predictions are compared with
             if h.plan:
                 self._preprocessing["plan"] = {str(k): str(v) for k, v in h.plan.items()}
         return self._preprocessing
@@ -227,27 +229,45 @@ class NiftiDataModule(LightningDataModule):
                   for shape, spacing, t in zip(fingerprint["shape"], fingerprint["spacing"], target)]
         return extent[: self.hparams.spatial_dims]
 
-    # -- Lightning hooks --
-    def prepare_data(self) -> None:
-        """Check the dataset and measure its fingerprint once, before any other process reads it."""
-        if self.hparams.check:
-            try:
-                from seg.data.checks import check_or_raise
-            except ModuleNotFoundError as err:
-                if err.name != "seg.data.checks":
-                    raise
-                rank_zero_warn("seg.data.checks is not available: the dataset is used unchecked")
-            else:
-                check_or_raise(self.hparams.root, workers=max(1, self.hparams.num_workers))
-        self.preprocessing  # noqa: B018 - measures and caches the fingerprint
+    def check(self) -> None:
+        """`seg check-data`'s checks, and, for training, that the split can train (`check_or_raise`), once;
+        `DataError` if not. `seg fit` calls it before it makes a logger or a run folder; `prepare_data` otherwise.
+        """
+        if not self.hparams.check or self._checked:
+            return
+        try:
+            from seg.data.checks import check_or_raise
+        except ModuleNotFoundError as err:
+            if err.name != "seg.data.checks":
+                raise
+            rank_zero_warn("seg.data.checks is not available: the dataset is used unchecked")
+        else:
+            # the split is checked for training only: scoring a checkpoint needs no class in the training cases
+            fitting = self.trainer is None or self.trainer.state.fn == "fit"
+            check_or_raise(self.hparams.root, workers=max(1, self.hparams.num_workers),
+                           split=(lambda _: self.make_split()) if fitting else None)
+        self._checked = True
 
-    def setup(self, stage: str | None = None) -> None:
-        """Split the cases (and write `split.json` beside the run), build the transforms and cached datasets."""
+    def make_split(self) -> Split:
+        """The train / validation split of these settings (made once)."""
         h = self.hparams
         if self.split is None:
             self.split = split_cases([c.case_id for c in self.info.cases], val_fraction=h.val_fraction,
                                      val_cases=h.val_cases, fold=h.fold, num_folds=h.num_folds, seed=h.seed,
                                      source=self.info.root, group_pattern=h.group_pattern)
+        return self.split
+
+    # -- Lightning hooks --
+    def prepare_data(self) -> None:
+        """Check the dataset and measure its fingerprint once, before any other process reads it."""
+        self.check()
+        self.preprocessing  # noqa: B018 - measures and caches the fingerprint
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split the cases (and write `split.json` beside the run), build the transforms and cached datasets."""
+        h = self.hparams
+        if self.train_transforms is None:
+            self.make_split()
             self.train_transforms = train_transforms(
                 self.preprocessing, samples_per_volume=h.samples_per_volume, foreground_ratio=h.foreground_ratio,
                 sampling=h.sampling, class_ratios=h.class_ratios, flip_axes=h.flip_axes, augment=h.augment,

@@ -127,6 +127,16 @@ def compute_fingerprint(info: DatasetInfo, intensities: bool = False) -> dict:
     }
 
 
+def training_summary(fingerprint: dict) -> dict:
+    """What a model keeps of its training data's fingerprint (preprocessing["fingerprint"]), so that `seg predict`
+    can say when a scan is unlike them: the range of voxel spacings (mm, R A S) and, when measured (CT), the
+    foreground intensity statistics per channel."""
+    spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
+    return {"spacing_min": [round(float(v), 5) for v in spacings.min(axis=0)],
+            "spacing_max": [round(float(v), 5) for v in spacings.max(axis=0)],
+            "intensity": fingerprint.get("intensity")}
+
+
 def load_fingerprint(info: DatasetInfo, cache_dir: str | os.PathLike | None = None,
                      intensities: bool = False) -> dict:
     """The cached fingerprint of `info`, measured and written first when missing (or lacking intensities).

@@ -26,6 +26,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # The largest label value dataset.json may declare (TotalSegmentator, among the largest label sets, has 117).
 MAX_LABEL = 1000
+NO_JSON_LABELS = {0: "background", 1: "foreground"}  # what a folder without dataset.json is taken to hold
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class DatasetInfo:
         test_images: unlabelled `imagesTs` cases, if any.
         labels_valid: False when dataset.json's labels could not be read (`load_dataset` with `problems`):
             `labels` is then a stand-in and label values are not checked against it.
+        has_dataset_json: False for a plain imagesTr/ + labelsTr/ folder: `labels` and `modalities` are then
+            the stand-ins `NO_JSON_LABELS` and ["unknown"], and a message about them says to write a dataset.json.
     """
 
     root: Path
@@ -59,6 +62,7 @@ class DatasetInfo:
     name: str = ""
     test_images: list[Case] = field(default_factory=list)
     labels_valid: bool = True
+    has_dataset_json: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -241,8 +245,8 @@ def load_dataset(root: str | os.PathLike, problems: list[DataError] | None = Non
         cases = _cases_from_folders(root)
         if not cases:
             raise DataError("no dataset.json and no NIfTI files in imagesTr/; see data/README.md for the layouts", root)
-        return DatasetInfo(root, cases, labels={0: "background", 1: "foreground"}, modalities=["unknown"],
-                           name=root.name, test_images=_cases_from_folders(root, "imagesTs", None))
+        return DatasetInfo(root, cases, labels=dict(NO_JSON_LABELS), modalities=["unknown"], name=root.name,
+                           test_images=_cases_from_folders(root, "imagesTs", None), has_dataset_json=False)
 
     def bad(err: DataError) -> None:
         if problems is None:

@@ -154,7 +154,7 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
 
     Args:
         root: the dataset folder (any layout `seg.data.layout` reads).
-        device: "cpu" or "gpu": sets the patch budget, widths, optimiser and precision.
+        device: "cpu", "gpu" or "auto" (`resolve_device`): sets the patch budget, widths, optimiser and precision.
         gpu_memory: GB of GPU memory to plan for (device "gpu").
         minutes: training time; None: 60 minutes on a CPU, 1000 epochs on a GPU.
         dims: "auto" (the rule above), "2d" or "3d".
@@ -163,8 +163,9 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
     Raises:
         DataError: the dataset cannot be read, or `seg check-data` finds problems (all of them, one line each).
     """
-    if device not in ("cpu", "gpu"):
-        raise DataError(f"--device must be cpu or gpu, got '{device}'")
+    if device not in ("auto", "cpu", "gpu"):
+        raise DataError(f"--device must be auto, cpu or gpu, got '{device}'")
+    device, device_why = resolve_device(device)
     if dims not in ("auto", "2d", "3d"):
         raise DataError(f"--dims must be auto, 2d or 3d, got '{dims}'")
     if device == "gpu" and not gpu_memory > 0:
@@ -262,7 +263,7 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
         decide("model.lr", 0.01, "nnU-Net's initial learning rate for SGD")
         decide("model.deep_supervision", True, "auxiliary losses on coarser levels (nnU-Net)")
         decide("trainer.precision", "bf16-mixed", "bf16 mixed precision on the GPU")
-        decide("trainer.accelerator", "gpu", "--device gpu")
+        decide("trainer.accelerator", "gpu", device_why)
     else:
         decide("model.optimizer", "adamw", "AdamW converges in fewer steps than SGD, and a CPU run has few")
         decide("model.lr", 0.003, "the learning rate that trained the hippocampus model best here (BENCHMARKS.md)")
@@ -311,6 +312,22 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
            "gate overlays at the validations (and always at the last)")
     decide("trainer.log_every_n_steps", max(1, min(50, math.ceil(n_train / 2) // 2)), "twice an epoch, at most every 50")
     return decisions
+
+
+def resolve_device(device: str) -> tuple[str, str]:
+    """"cpu" or "gpu" for `--device` (auto: the GPU when PyTorch sees one, as `seg fit`'s accelerator "auto"), and why."""
+    if device != "auto":
+        return device, f"--device {device}"
+    import torch
+
+    return ("gpu", "--device auto: PyTorch sees a GPU") if torch.cuda.is_available() else ("cpu", "--device auto: no GPU")
+
+
+def help_text() -> str:
+    """The module docstring's rules as `seg plan --help` shows them: constants as their values, no markdown."""
+    rules = __doc__.split("\n\n", 1)[1].split("\n\nEvery")[0]
+    rules = re.sub(r"`([A-Z][A-Z0-9_]+)`", lambda m: f"{globals()[m[1]]:g}", rules)
+    return rules.replace("**", "").replace("`", "")
 
 
 def _duration(minutes: float) -> str:
@@ -378,18 +395,20 @@ def write_plan(path: str | os.PathLike, text: str) -> Path:
 
 # ---- seg plan -----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Write a complete `seg fit` config for a dataset, derived from its fingerprint, with the "
-                          "reason for every value as a comment. " + __doc__.split("\n\n", 1)[1].split("\n\nEvery")[0])
+    parser.description = ("Write a complete seg fit config for a dataset, derived from its fingerprint, with the "
+                          "reason for every value as a comment. " + help_text())
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("root", type=Path, help="the dataset folder (MSD, nnU-Net v2 or imagesTr/ + labelsTr/)")
     parser.add_argument("--output", type=Path, default=None, help="the YAML to write (default: print it)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="plan for a CPU (default) or a GPU")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="plan for a CPU or a GPU; auto (default): a GPU when PyTorch sees one, else this CPU")
     parser.add_argument("--gpu-memory", type=float, default=10.0, help="GB of GPU memory to fill (default 10)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="training time; default 60 on a CPU, 1000 epochs on a GPU")
     parser.add_argument("--dims", choices=("auto", "2d", "3d"), default="auto",
-                        help="2D slices or 3D patches; auto: 2D when the thick axis has under 12 voxels, or on a "
-                             "CPU when the slices are more than 3x thicker than the in-plane spacing")
+                        help=f"2D slices or 3D patches; auto: 2D when the thick axis has under {MIN_3D_SLICES} "
+                             f"voxels, or on a CPU when the slices are more than {ANISOTROPY:g}x thicker than the "
+                             "in-plane spacing")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +18,7 @@ import numpy as np
 
 from seg.errors import DataError, SegError
 from seg.explain.export import CaseOverlay, _fmt, channel_title, export_case, map_order, write_concentration_csv
+from seg.inference.report import case_report, console_lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +79,12 @@ def overlay_scan(predictor, paths: Sequence[Path], case_id: str, folder: Path, l
     image = np.asarray(reference.dataobj, dtype=np.float32)
     image = image[..., 0] if image.ndim == 4 else image
     maps = {k: result[k] for k in map_order(result)}
-    return export_case(folder, case_id, image, maps, reference.affine, result["label"], label,
-                       predictor.class_names, dilation_mm,
-                       image_title=channel_title(predictor.in_channels, predictor.preprocessing.get("modalities") or ()))
+    title = channel_title(predictor.in_channels, predictor.preprocessing.get("modalities") or ())
+    overlay = export_case(folder, case_id, image, maps, reference.affine, result["label"], label,
+                          predictor.class_names, dilation_mm, image_title=title)
+    # the report `seg predict` writes, for the out-of-distribution lines `run` ends with
+    return replace(overlay, report=case_report(result["label"], image, reference.affine, predictor.class_names,
+                                               predictor.preprocessing))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,4 +120,6 @@ def run(args: argparse.Namespace) -> int:
             f", concentration {k} {_fmt(v, 1)}" for k, v in results[-1].concentration.items()))
     if any(r.concentration for r in results):
         write_concentration_csv(args.output / "concentration.csv", results, predictor.class_names)
+    for line in console_lines({r.case_id: r.report for r in results}):
+        print(f"seg overlays: {line}", file=sys.stderr)
     return 1 if failed else 0

@@ -40,6 +40,7 @@ class CaseOverlay:
         concentration: map name ("gate_0", ...) -> attention concentration; empty without ground truth.
         figure_masks: "ground_truth" / "prediction" -> `(H, W)` uint8 class indices drawn like the overlay PNG
             (every view and column), for W&B's masks over it; about 1.5 MB each at the default size.
+        report: `seg overlays`: the case's report as `seg predict` writes it (`seg.inference.report.case_report`).
     """
 
     case_id: str
@@ -48,6 +49,7 @@ class CaseOverlay:
     missing: dict[str, str] = field(default_factory=dict)
     concentration: dict[str, float] = field(default_factory=dict)
     figure_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
 
     @property
     def png(self) -> Path:

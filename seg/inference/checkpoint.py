@@ -221,6 +221,10 @@ def check_preprocessing(pre: dict, hparams: dict, path: Path) -> None:
     need("patch_size", lambda v: isinstance(v, (list, tuple)) and len(v) == dims and all(_is_int(p) for p in v),
          f"{dims} positive integers")
     need("crop_foreground", lambda v: isinstance(v, bool), "true or false")
+    if "fingerprint" in pre:  # the training scans' spacing range, since fit-time fingerprints; older: none
+        need("fingerprint", lambda v: isinstance(v, dict) and all(
+            isinstance(v.get(k), (list, tuple)) and len(v[k]) == 3 and all(_is_number(s, 0.0) for s in v[k])
+            for k in ("spacing_min", "spacing_max")), "{'spacing_min': [3 mm], 'spacing_max': [3 mm], ...}")
     if "crop_threshold" in pre:  # added with the CT body crop; older checkpoints crop to nonzero voxels
         need("crop_threshold", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == channels and all(
             t is None or _is_number(t) for t in v)), f"{channels} thresholds (a number, or null for nonzero)")

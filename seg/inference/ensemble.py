@@ -22,7 +22,7 @@ from seg.io import read_json
 
 CV_MANIFEST = "cv.json"  # written by `seg cv` in its output folder: the folds and their run folders
 # Preprocessing entries that must agree for models to be averaged; `plan` (the reasons of `seg plan`) need not.
-_IGNORED = {"plan"}
+_IGNORED = {"plan", "fingerprint"}  # where the settings came from, and what the report compares scans with
 
 
 class EnsembleNetwork(nn.Module):

@@ -79,8 +79,8 @@ from seg.inference import dicom
 from seg.io import remove_stale_temporaries, save_nifti, write_bytes
 from seg.inference.ensemble import EnsembleNetwork, load_ensemble, resolve_checkpoints
 from seg.inference.predictor import PRECISIONS, LoadedScan, NetworkOutput, Predictor
-from seg.inference.report import (REPORT, case_report, previous_reports, summary_columns, summary_values,
-                                  write_report)
+from seg.inference.report import (REPORT, case_report, console_lines, previous_reports, summary_columns,
+                                  summary_values, write_report)
 from seg.postprocessing import apply_postprocessing, load_postprocessing
 
 SUMMARY = "summary.csv"
@@ -835,14 +835,18 @@ def predict_folder(
         save_report(durable=True)
     except OSError as err:
         raise SegError(f"cannot write the report ({err.strerror or err})", report_path) from None
+    for line in console_lines({c: by_case[c].report for c in sorted(by_case) if by_case[c].report}, report_path):
+        report(line)  # out-of-distribution input and empty or fragmented predictions, where the user looks
     return ordered
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Report (summary.csv columns and OUT/report.json): per class volume_ml, voxels, mean and std "
-                     "of the input intensity inside it, connected components; flags: empty, border, spacing, "
-                     "intensity (CT only), uncertain.")
+                     "of the input intensity inside it, connected components; flags: empty, fragmented, border, "
+                     "spacing, intensity (CT only), modality (a CT through a model trained on MR, or the reverse), "
+                     "uncertain. The run ends with one line per case flagged for modality, spacing, intensity, "
+                     "fragmented or an empty prediction (a count and report.json's path beyond 10 cases).")
     parser.add_argument("--checkpoint", "-c", nargs="+",
                         help="a checkpoint written by `seg fit`; several: their ensemble (softmax averaged); the "
                              "--output folder of `seg cv`: every fold's best.ckpt and its postprocessing.json; or "

@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from seg import hardware
+from seg.data.checks import time_series
 from seg.data.guard import guard_file, load_header
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
@@ -219,6 +220,9 @@ class Predictor:
             # the header's claim against the file and the memory, and the size once resampled: no voxel read yet
             images.append(guard_file(path, self.preprocessing["spacing"], image=image))
         channels = sum(im.shape[3] if len(im.shape) == 4 else 1 for im in images)
+        series = time_series(images[0].header) if len(images) == 1 else None
+        if channels != self.in_channels and series:
+            raise DataError(series, paths[0])
         if channels != self.in_channels:
             modalities = ", ".join(self.preprocessing.get("modalities") or [])
             raise DataError(f"scan has {channels} channel(s); the model expects {self.in_channels} ({modalities}): "

@@ -3,11 +3,12 @@
 For each case, on the scan's own grid:
 - per foreground class: volume (ml), voxel count, mean and std of the input intensity inside it (first
   channel, in the scan's units: HU for CT), and the number of connected components (face-connected);
-- quality flags, each one line: a class predicted nowhere ("empty"), a class touching the scan's border
-  ("border": the structure may be cut off), a voxel spacing far from the training spacing ("spacing"), CT
-  intensities far from the training foreground ("intensity"), a CT scan through a model trained on another
-  modality or the reverse ("modality": from the DICOM Modality, else from the intensities: CT has air near
-  -1000 HU, MR no negative values), and a high predictive entropy ("uncertain");
+- quality flags, each one line: a class predicted nowhere ("empty"), a class in more than `FRAGMENTS` pieces
+  ("fragmented"), a class touching the scan's border ("border": the structure may be cut off), a voxel spacing
+  far outside the training scans' range ("spacing"; checkpoints without that range: far from the training
+  spacing), CT intensities far from the training foreground ("intensity"), a CT scan through a model trained on
+  another modality or the reverse ("modality": from the DICOM Modality, else from the intensities: CT has air
+  near -1000 HU, MR no negative values), and a high predictive entropy ("uncertain");
 - `uncertainty`: the mean normalised predictive entropy `-sum_c p_c log p_c / log C` in [0, 1] inside the
   predicted foreground, when the softmax was computed (`--uncertainty` or `--save-probabilities`). With
   `--tta` the softmax is the mean over mirrored passes, so disagreement between the passes raises it.
@@ -15,6 +16,9 @@ For each case, on the scan's own grid:
 Numbers are computed in float64. One that is still not finite (a mean over values near float64's limit), or an
 integer beyond 64 bits, is written as null, and the case's `nulls` says which and why (`json_ready`): report.json
 is strict JSON whatever the scan holds.
+
+`seg predict` and `seg overlays` end with `console_lines`: one line per case whose input is unlike the training
+data (modality, spacing, intensity) or whose prediction is empty or fragmented, or a count when there are many.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import json
 import math
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -42,6 +47,14 @@ SPACING_RATIO = 2.0
 INTENSITY_STDS = 3.0
 # Mean normalised entropy inside the foreground above this is flagged for review.
 UNCERTAINTY_FLAG = 0.3
+# A class predicted in more pieces than this is flagged: a model that learned an organ (or a handful of lesions)
+# and returns hundreds of specks is segmenting noise or a scan unlike its training data (a CT through an MR
+# model: 893 pieces of "liver").
+FRAGMENTS = 20
+# The flags `seg predict` and `seg overlays` print at the end of a run (the rest stay in report.json), and the
+# cases printed one line each before a count and the report's path are printed instead.
+CONSOLE_FLAGS = ("modality", "spacing", "intensity", "fragmented", "empty")
+CONSOLE_CASES = 10
 
 
 def ras_spacing(affine: np.ndarray) -> np.ndarray:
@@ -103,14 +116,24 @@ def quality_flags(stats: dict[str, dict], label: np.ndarray, affine: np.ndarray,
     for c, (name, s) in enumerate(stats.items(), start=1):
         if s["voxels"] == 0:
             flags.append(f"empty: no voxel predicted as '{name}'")
-        elif touches_border(label == c):
+            continue
+        if s["components"] > FRAGMENTS:
+            flags.append(f"fragmented: '{name}' is predicted in {s['components']} pieces (more than {FRAGMENTS})")
+        if touches_border(label == c):
             flags.append(f"border: '{name}' touches the scan's border; it may extend beyond the scan")
-    target = np.asarray(preprocessing.get("spacing") or [0, 0, 0], dtype=float)
     spacing = ras_spacing(affine)
-    for axis, (have, want) in enumerate(zip(spacing, target)):
-        if want > 0 and label.shape[axis] > 1 and not 1 / SPACING_RATIO <= have / want <= SPACING_RATIO:
-            flags.append(f"spacing: {'RAS'[axis]} spacing {have:.3g} mm is {have / want:.2g}x the training "
-                         f"spacing {want:.3g} mm")
+    trained = training_spacing_range(preprocessing)
+    if trained is not None:  # the training scans' own spacings, kept in checkpoints since fit-time fingerprints
+        for axis, (have, low, high) in enumerate(zip(spacing, *trained)):
+            if label.shape[axis] > 1 and not low / SPACING_RATIO <= have <= high * SPACING_RATIO:
+                flags.append(f"spacing: {'RAS'[axis]} spacing {have:.3g} mm is more than {SPACING_RATIO:g}x outside "
+                             f"the training scans' {low:.3g}-{high:.3g} mm")
+    else:  # an older checkpoint: the spacing it resamples to
+        target = np.asarray(preprocessing.get("spacing") or [0, 0, 0], dtype=float)
+        for axis, (have, want) in enumerate(zip(spacing, target)):
+            if want > 0 and label.shape[axis] > 1 and not 1 / SPACING_RATIO <= have / want <= SPACING_RATIO:
+                flags.append(f"spacing: {'RAS'[axis]} spacing {have:.3g} mm is {have / want:.2g}x the training "
+                             f"spacing {want:.3g} mm")
     scheme = (preprocessing.get("normalization") or [{}])[0]
     if scheme.get("scheme") == "ct":
         mean, std = float(scheme["mean"]), float(scheme["std"])
@@ -123,6 +146,13 @@ def quality_flags(stats: dict[str, dict], label: np.ndarray, affine: np.ndarray,
         flags.append(f"uncertain: mean predictive entropy {uncertainty:.2f} inside the foreground "
                      f"(above {UNCERTAINTY_FLAG})")
     return flags
+
+
+def training_spacing_range(preprocessing: Mapping) -> tuple[list[float], list[float]] | None:
+    """The smallest and largest voxel spacing (mm, R A S) of the training scans, or None (older checkpoints)."""
+    fingerprint = preprocessing.get("fingerprint") or {}
+    low, high = fingerprint.get("spacing_min"), fingerprint.get("spacing_max")
+    return (list(low), list(high)) if low and high else None
 
 
 def modality_flag(image: np.ndarray | None, preprocessing: dict, modality: str | None = None) -> str | None:
@@ -291,3 +321,26 @@ def write_report(reports: dict[str, dict], path: Path, preprocessing: dict, meta
                 "training_spacing_mm": preprocessing.get("spacing"),
                 "cases": {case: json_ready(report) for case, report in reports.items()}}
     write_text(path, json.dumps(document, indent=1, allow_nan=False), durable)
+
+
+def console_flags(case: Mapping) -> list[str]:
+    """A case report's flags worth a line on the console, in `CONSOLE_FLAGS` order; "empty" only when nothing at
+    all is predicted (a scan without a lesion is not news)."""
+    flags = [f for f in case.get("flags") or [] if f.split(":", 1)[0] in CONSOLE_FLAGS and not f.startswith("empty")]
+    classes = case.get("classes") or {}
+    if classes and not any(c.get("voxels") for c in classes.values()):
+        flags.append("empty: nothing predicted")
+    return sorted(flags, key=lambda f: CONSOLE_FLAGS.index(f.split(":", 1)[0]))  # the input's kind first: the cause
+
+
+def console_lines(reports: Mapping[str, Mapping], report_path: Path | None = None,
+                  limit: int = CONSOLE_CASES) -> list[str]:
+    """What the end of a run says about its cases' reports: one line per flagged case, or, beyond `limit` cases, a
+    count per kind and `report_path` (without one: the first `limit` lines and a count of the rest)."""
+    flagged = {case: flags for case, report in reports.items() if (flags := console_flags(report))}
+    if len(flagged) > limit and report_path is not None:
+        kinds = Counter(kind for flags in flagged.values() for kind in {f.split(":", 1)[0] for f in flags})
+        counts = ", ".join(f"{kind} {kinds[kind]}" for kind in CONSOLE_FLAGS if kinds[kind])
+        return [f"{len(flagged)} cases flagged ({counts}): see {report_path}"]
+    lines = [one_line(f"flagged {case}: {'; '.join(flags)}") for case, flags in flagged.items()]
+    return lines[:limit] + ([f"and {len(lines) - limit} more flagged cases"] if len(lines) > limit else [])

@@ -22,7 +22,8 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from seg.data import NiftiDataModule
@@ -101,6 +102,10 @@ class SegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = Path(config["trainer"]["default_root_dir"] or os.getcwd())
+        if self.subcommand == "fit" and self.trainer_is_rank_zero():
+            # A dataset or split that cannot train is refused here, before a logger or the run folder exists
+            # (`check-data`'s checks and the split's; `prepare_data` then finds them done).
+            self.datamodule.check()
         user_logger = config["trainer"].get("logger")
         if user_logger is None or user_logger is True:  # the user did not pick a logger: ours
             kwargs["logger"] = self._make_logger(config, root)
@@ -148,6 +153,20 @@ class SegCLI(LightningCLI):
         return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+class SaveConfigToLoggers(SaveConfigCallback):
+    """Lightning's `config.yaml` in the run folder, and the same nested config (model, data, trainer, ...) as the
+    loggers' hyper-parameters: the W&B run's config reads like the YAML, trainer settings included.
+
+    The module and the datamodule do not log their own hyper-parameters (`save_hyperparameters(logger=False)`),
+    which W&B would show as one flat list of both.
+    """
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+
 def _option(args: list[str], name: str) -> str | None:
     """The value of `--name value` or `--name=value` in `args` (the last one given), or None."""
     value = None
@@ -183,7 +202,9 @@ def plan_when_unconfigured(subcommand: str, args: list[str]) -> list[str]:
     from seg.data.plan import plan_dataset, render_yaml, summary, write_plan
 
     run_dir = Path(_option(args, "--trainer.default_root_dir") or "runs/latest")
-    decisions = plan_dataset(root, minutes=_minutes(_option(args, "--trainer.max_time")))
+    accelerator = _option(args, "--trainer.accelerator")  # as `seg plan --device`: auto unless the run is told
+    device = "cpu" if accelerator == "cpu" else "gpu" if accelerator in ("gpu", "cuda") else "auto"
+    decisions = plan_dataset(root, device=device, minutes=_minutes(_option(args, "--trainer.max_time")))
     path = write_plan(run_dir / "plan.yaml", render_yaml(decisions, root, "seg fit " + " ".join(args)))
     print(f"seg fit: no --config given: planned {root} (`seg plan`), written to {path}:\n{summary(decisions)}",
           file=sys.stderr)
@@ -228,6 +249,14 @@ DECLARED = {
     "trainer.plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
 }
 TRAINER_DEFAULTS = {"default_root_dir": "runs/latest", "log_every_n_steps": 10}
+FIT_USAGE = "seg fit [--config plan.yaml] [--data.root DATASET] [--section.option VALUE ...]"
+FIT_DESCRIPTION = (
+    "Train an Attention U-Net. `seg fit --data.root DATASET` without --config plans first (as `seg plan DATASET "
+    "--device auto`): it prints one line per decision, writes <default_root_dir>/plan.yaml (runs/latest/plan.yaml by "
+    "default) and trains on it, for 60 minutes on a CPU (--trainer.max_time DD:HH:MM:SS to change it) or 1000 epochs "
+    "on a GPU. `seg fit --config plan.yaml` trains on a config written by `seg plan` or by hand; any option below "
+    "given on the command line overrides the config. A dataset that cannot train (fewer than 2 labelled cases, no "
+    "foreground, a class in one case only, no case left for validation) is refused before anything is written.")
 
 
 def run_lightning(subcommand: str, args: list[str]) -> int:
@@ -239,9 +268,10 @@ def run_lightning(subcommand: str, args: list[str]) -> int:
             SegmentationModule,
             NiftiDataModule,
             args=[subcommand, *args],
+            save_config_callback=SaveConfigToLoggers,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
-            parser_kwargs={"prog": "seg"},
+            parser_kwargs={"prog": "seg", "fit": {"description": FIT_DESCRIPTION, "usage": FIT_USAGE}},
             seed_everything_default=0,
         )
     except OSError as err:

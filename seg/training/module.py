@@ -127,7 +127,7 @@ class SegmentationModule(pl.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # `seg fit` logs the whole nested config instead
         self.model = build_network(dict(self.hparams))  # the same construction inference uses on the checkpoint
         base = (DiceCELoss if loss == "dice_ce" else DiceLoss)(to_onehot_y=True, softmax=True, batch=batch_dice)
         self.loss_fn = DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base

@@ -212,7 +212,7 @@ def test_malformed_dataset_json_is_a_problem_not_a_traceback(roots, command):
     result = command["malformed"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stdout.splitlines()[0].startswith(f"dataset: {root / 'dataset.json'}: cannot read dataset.json")
-    assert result.stdout.splitlines()[-1] == "checked 0 cases: 1 problem in the dataset layout"
+    assert result.stdout.splitlines()[-1] == "checked 0 cases: 1 problem in the dataset as a whole"
 
 
 def test_path_escaping_the_root_is_refused(roots, command):
@@ -226,18 +226,18 @@ def test_path_escaping_the_root_is_refused(roots, command):
 
 
 def test_anisotropy_and_unused_label_are_notes_not_problems(tmp_path, capsys):
-    root = write_dataset(tmp_path / "ds", cases=1, size=SIZE, spacing=(0.5, 0.5, 8.0))
+    root = write_dataset(tmp_path / "ds", cases=2, size=SIZE, spacing=(0.5, 0.5, 8.0))
     meta = json.loads((root / "dataset.json").read_text())
     meta["labels"]["3"] = "metastasis"
     (root / "dataset.json").write_text(json.dumps(meta))
     notes: list[Problem] = []
     assert check_dataset(root, notes=notes) == []
-    assert [n.message for n in notes] == ["strongly anisotropic voxels 0.5 x 0.5 x 8 mm",
-                                         "label 3 (metastasis) appears in no case"]
+    assert [n.message for n in notes] == ["strongly anisotropic voxels 0.5 x 0.5 x 8 mm"] * 2 + [
+        "label 3 (metastasis) appears in no case"]
     assert main(["check-data", str(root)]) == 0  # the command in-process: notes are printed, not failures
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "checked 1 case: all good"
-    assert out[0].startswith("note: synth_000: ") and out[1].startswith("note: dataset: ")
+    assert out[-1] == "checked 2 cases: all good"
+    assert out[0].startswith("note: synth_000: ") and out[2].startswith("note: dataset: ")
 
 
 def test_multichannel_files_must_agree_and_match_modalities(tmp_path):

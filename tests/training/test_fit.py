@@ -89,6 +89,19 @@ def test_fit_says_wandb_is_offline_and_logs_metrics(run):
     assert any("train/loss_step" in r for r in rows)
 
 
+def test_wandb_config_is_the_nested_cli_config(run):
+    """The run's W&B config has the sections of config.yaml (trainer settings included), not flat keys."""
+    (run_dir,) = (run / "wandb").glob("offline-run-*")
+    logged = wandb_log.config(run_dir)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert {"model", "data", "trainer", "seed_everything"} <= set(logged)
+    assert not {"lr", "root", "patch_size", "channels"} & set(logged)  # the module's and datamodule's flat keys
+    for section in ("model", "data", "trainer"):
+        assert logged[section] == saved[section], section
+    assert logged["trainer"]["precision"] == saved["trainer"]["precision"] and "max_time" in logged["trainer"]
+    assert logged["model"]["channels"] == [8, 16, 32] and logged["data"]["patch_size"] == [32, 32, 16]
+
+
 def test_saved_config_holds_no_secrets(run, config):
     saved = (run / "config.yaml").read_text()
     assert "do-not-print" not in saved
