@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from seg.errors import SegError
+
 _TEMPORARY = re.compile(r"^\.tmp-(?P<pid>\d+)-")
 
 
@@ -108,6 +110,16 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview, durable: bool
 def write_text(path: str | os.PathLike, text: str, durable: bool = True) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
     return write_bytes(path, text.encode("utf-8"), durable)
+
+
+def write_atomic(data: str | bytes, path: Path, what: str = "") -> None:
+    """`data` into `path` under a temporary name beside it, then renamed: readers never see half a file.
+
+    A failure is the `SegError` naming the file and `what` it is ("the summary")."""
+    try:
+        write_bytes(path, data.encode() if isinstance(data, str) else data)
+    except OSError as err:
+        raise SegError(f"cannot write {what + ' ' if what else ''}({err.strerror or err})", path) from None
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, reference=None) -> Path:

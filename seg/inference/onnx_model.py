@@ -24,6 +24,7 @@ from torch import nn
 from seg.errors import CheckpointError, SegError
 from seg.inference.checkpoint import (NETWORK_DEFAULTS, TrainedModel, check_hyper_parameters, check_preprocessing,
                                       load_trained_model)
+from seg.io import write_atomic
 
 METADATA_FORMAT = 1
 # The hyper-parameters a TrainedModel reads; the rest of a checkpoint's (lr, loss, ...) is training's business.
@@ -123,8 +124,6 @@ def export_onnx(model: TrainedModel, output: str | os.PathLike | None = None, ga
         raise SegError(f"ONNX Runtime and PyTorch differ by {difference:.3g} (tolerance {tolerance:g}) on random "
                        "windows; the export is wrong, nothing written", output)
     if output is not None:
-        from seg.inference.predict import write_atomic
-
         write_atomic(data, Path(output), "the ONNX model")
     return data, difference
 
