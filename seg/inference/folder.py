@@ -2,6 +2,8 @@
 
 `FolderRun` does one case's steps (load, infer, finish: invert and write; or skipped, or failed); the overlap of the
 stages and the progressive report.json are `seg.inference.stages`. The command is `seg.inference.predict`.
+About 450 lines: `predict_folder`'s docstring documents every option of `seg predict`, and `FolderRun.finish`
+keeps one case's outputs in their order (label map first, each later one partial on its own) in one place.
 """
 
 from __future__ import annotations
