@@ -9,6 +9,7 @@ keeps one case's outputs in their order (label map first, each later one partial
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -99,8 +100,7 @@ class FolderRun:
         except SegError as err:  # name the series, not the temporary file
             raise DataError(str(err).replace(str(nifti), f"{escape(str(paths[0].parent))} (series {case_id})")) \
                 from None
-        scan.paths = paths
-        return scan
+        return dataclasses.replace(scan, paths=paths)  # the series' files, not the converted copy
 
     def infer(self, scans: list[LoadedScan]) -> tuple[list[NetworkOutput], float]:
         """Predict a group of scans; returns the outputs and the seconds per scan."""
