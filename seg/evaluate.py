@@ -27,13 +27,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from seg.data.guard import guard_file
 from seg.data.layout import MAX_LABEL, parse_labels, strip_nifti_suffix
 from seg.errors import DataError, SegError, escape, one_line
-from seg.io import read_json, write_text
+from seg.io import read_json, write_atomic
 from seg.metrics import ClassScores, score_case, spacing_of, summarise
 
 PER_CASE, SUMMARY = "per_case.csv", "summary.json"
@@ -207,11 +206,8 @@ def write_results(results: Sequence[CaseEvaluation], class_names: dict[int, str]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` atomically (`seg.io.write_text`); a failure is one line naming the file."""
-    try:
-        write_text(path, text)
-    except OSError as err:
-        raise SegError(f"cannot write ({err.strerror or err})", path) from None
+    """Write `text` atomically (`seg.io.write_atomic`); a failure is one line naming the file."""
+    write_atomic(text, path)
 
 
 def class_names_for(results: Sequence[CaseEvaluation], labels: dict[int, str] | None) -> dict[int, str]:

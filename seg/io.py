@@ -185,6 +185,16 @@ def read_json(path: str | os.PathLike, what: str, max_depth: int = MAX_JSON_DEPT
     return parse_json(data, path, what, max_depth, error)
 
 
+def write_atomic(data: str | bytes, path: Path, what: str = "") -> None:
+    """`data` into `path` under a temporary name beside it, then renamed: readers never see half a file.
+
+    A failure is the `SegError` naming the file and `what` it is ("the summary")."""
+    try:
+        write_bytes(path, data.encode() if isinstance(data, str) else data)
+    except OSError as err:
+        raise SegError(f"cannot write {what + ' ' if what else ''}({err.strerror or err})", path) from None
+
+
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, reference=None) -> Path:
     """Write a NIfTI atomically: on `reference`'s header when given, else a new one with the affine in both forms.
 

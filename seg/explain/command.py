@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     import traceback
 
     from seg.errors import escape
-    from seg.inference.predict import find_cases
+    from seg.inference.cases import find_cases
     from seg.inference.predictor import Predictor
 
     # the same case finding as `seg predict`: every entry that is skipped is named, with the reason

@@ -26,7 +26,7 @@ from seg.errors import CheckpointError, SegError, one_line
 from seg.inference.checkpoint import (NETWORK_DEFAULTS, TrainedModel, check_hyper_parameters, check_preprocessing,
                                       load_trained_model)
 from seg.inference.onnx_guard import check_onnx_model
-from seg.io import parse_json
+from seg.io import parse_json, write_atomic
 
 METADATA_FORMAT = 1
 # The hyper-parameters a TrainedModel reads; the rest of a checkpoint's (lr, loss, ...) is training's business.
@@ -126,8 +126,6 @@ def export_onnx(model: TrainedModel, output: str | os.PathLike | None = None, ga
         raise SegError(f"ONNX Runtime and PyTorch differ by {difference:.3g} (tolerance {tolerance:g}) on random "
                        "windows; the export is wrong, nothing written", output)
     if output is not None:
-        from seg.inference.predict import write_atomic
-
         write_atomic(data, Path(output), "the ONNX model")
     return data, difference
 

@@ -166,7 +166,8 @@ def _swap_into_place(staging: Path, target: Path) -> None:
 
 def out_of_fold(parent: Path, folds: int, device: str, tolerance_mm: float) -> dict:
     """Predict every case with the fold that validated on it, score the predictions, choose the postprocessing."""
-    from seg.inference.predict import SUMMARY, predict_folder, write_summary
+    from seg.inference.folder import predict_folder
+    from seg.inference.outputs import SUMMARY, write_summary
     from seg.inference.predictor import Predictor
 
     by_fold, root = validation_cases(parent, folds)

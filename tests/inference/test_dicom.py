@@ -24,7 +24,7 @@ from pydicom.valuerep import format_number_as_ds
 from seg.cli import main
 from seg.data.synthetic import make_affine, make_case
 from seg.inference import dicom
-from seg.inference.predict import predict_folder
+from seg.inference.folder import predict_folder
 from seg.inference.predictor import Predictor
 from test_predict import centred_affine, phantom, read_summary, save, stub_predictor
 
@@ -454,7 +454,7 @@ def test_sizes_are_checked_before_reading(tmp_path, monkeypatch):
     ds.Rows, ds.Columns, ds.PixelData = 65535, 65535, bytes(65000)
     ds.save_as(bomb, enforce_file_format=True)
     setup = ("import sys; sys.path[:0] = [" + repr(str(Path(__file__).parent)) + "]\n"
-             "from test_predict import stub_predictor\nfrom seg.inference.predict import predict_folder")
+             "from test_predict import stub_predictor\nfrom seg.inference.folder import predict_folder")
     code = (f"results = predict_folder(stub_predictor(), {str(tmp_path / 'bomb')!r}, {str(tmp_path / 'out')!r}, "
             "progress=False)\nprint('RESULT', results[0].status, results[0].message)")
     growth, out = rss_growth_mb(code, setup)

@@ -26,7 +26,8 @@ from hostile_files import gzip_bomb, header_bomb, rss_growth_mb
 from seg.cli import main
 from seg.errors import CheckpointError
 from seg.inference.checkpoint import load_trained_model
-from seg.inference.predict import output_stem, predict_folder
+from seg.inference.folder import predict_folder
+from seg.inference.outputs import output_stem
 from test_predict import read_summary, stub_predictor
 
 SHAPE = (20, 20, 14)
@@ -56,7 +57,7 @@ def test_header_and_gzip_bombs_are_refused_with_rss_under_100_mb(tmp_path):
     gzip_bomb(scans / "gzip_bomb.nii.gz")  # 2 MiB inflating to 2 GiB
     scan(scans / "good.nii.gz")
     setup = ("import sys; sys.path.insert(0, %r)\nfrom test_predict import stub_predictor\n"
-             "from seg.inference.predict import predict_folder\npredictor = stub_predictor()" % str(Path(__file__).parent))
+             "from seg.inference.folder import predict_folder\npredictor = stub_predictor()" % str(Path(__file__).parent))
     code = (f"results = predict_folder(predictor, {str(scans)!r}, {str(tmp_path / 'out')!r}, progress=False)\n"
             "print(*[f'{r.case_id} {r.status} {r.message}' for r in results], sep='\\n')")
     growth, out = rss_growth_mb(code, setup)

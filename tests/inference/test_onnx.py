@@ -19,7 +19,8 @@ from seg.data.synthetic import write_dataset
 from seg.errors import CheckpointError, SegError
 from seg.inference.checkpoint import TrainedModel, build_network, load_trained_model
 from seg.inference.onnx_model import OnnxNetwork, export_onnx, load_onnx_model, onnx_device
-from seg.inference.predict import merge_summaries, part_summary, predict_folder, shard
+from seg.inference.folder import predict_folder
+from seg.inference.outputs import merge_summaries, part_summary, shard
 from seg.inference.predictor import Predictor
 
 

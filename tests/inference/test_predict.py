@@ -28,7 +28,8 @@ from seg.cli import main
 from seg.data.synthetic import make_affine, make_case
 from seg.data.transforms import inference_transforms
 from seg.errors import SegError
-from seg.inference.predict import find_cases, predict_folder
+from seg.inference.cases import find_cases
+from seg.inference.folder import predict_folder
 from seg.inference.predictor import NetworkOutput, Predictor
 from seg.inference.checkpoint import TrainedModel, build_network
 
@@ -498,7 +499,7 @@ def _phantom_folder(folder: Path, names, shape=(45, 51, 33)) -> dict[str, np.nda
 
 def test_a_failing_preview_keeps_the_label_map_and_the_report_is_written_as_cases_finish(tmp_path, monkeypatch):
     import seg.figure
-    import seg.inference.predict as predict
+    import seg.inference.stages as stages
 
     targets = _phantom_folder(tmp_path / "scans", ["a", "b", "c"])
     out = tmp_path / "out"
@@ -514,7 +515,7 @@ def test_a_failing_preview_keeps_the_label_map_and_the_report_is_written_as_case
         return render(path, *args, title=title, **kwargs)
 
     monkeypatch.setattr(seg.figure, "render_overlay", failing_for_c)
-    monkeypatch.setattr(predict, "REPORT_INTERVAL", 0.0)  # rewrite report.json after every case
+    monkeypatch.setattr(stages, "REPORT_INTERVAL", 0.0)  # rewrite report.json after every case
     results = predict_folder(stub_predictor(), tmp_path / "scans", out, preview=True, progress=False)
 
     assert set(seen) == {"a", "b"}  # the report as it stood while c was written: a killed run keeps it
@@ -534,7 +535,7 @@ def test_a_failing_preview_keeps_the_label_map_and_the_report_is_written_as_case
 
 
 def test_a_failing_report_keeps_the_label_map_and_exits_1(trained_checkpoint, tmp_path, monkeypatch, capsys):
-    import seg.inference.predict as predict
+    import seg.inference.folder as predict
 
     source = trained_checkpoint.parents[2] / "data" / "imagesTr" / "synth_001.nii.gz"
     scans, out = tmp_path / "scans", tmp_path / "out"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from seg.inference.predict import predict_folder
+from seg.inference.folder import predict_folder
 from seg.inference.report import case_report, entropy_score, previous_reports, summary_values, write_report
 from test_predict import centred_affine, phantom, read_summary, save, stub_predictor
 
