@@ -77,9 +77,10 @@ def overlay_scan(predictor, paths: Sequence[Path], case_id: str, folder: Path, l
     image = np.asarray(reference.dataobj, dtype=np.float32)
     image = image[..., 0] if image.ndim == 4 else image
     maps = {k: result[k] for k in map_order(result)}
+    modalities = predictor.preprocessing.get("modalities") or ()
     return export_case(folder, case_id, image, maps, reference.affine, result["label"], label,
-                       predictor.class_names, dilation_mm,
-                       image_title=channel_title(predictor.in_channels, predictor.preprocessing.get("modalities") or ()))
+                       predictor.class_names, dilation_mm, image_title=channel_title(predictor.in_channels, modalities),
+                       modality=modalities[0] if modalities else None)
 
 
 def run(args: argparse.Namespace) -> int:
