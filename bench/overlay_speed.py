@@ -4,7 +4,8 @@ The issue's case: a CT of 122 x 101 x 30 voxels where `seg overlays` took 58 s a
 writes a synthetic CT (`seg synth --modality CT`: HU, air at -1000) and a checkpoint of an untrained network with
 the hippocampus plan's architecture (channels 16-32-64-128, window 40 x 56 x 40; timings do not depend on the
 weights), then runs both commands as a user does (`python -m seg ...`, start-up included), alternating for
-`--repeats` rounds, and prints the best of each and `overlays / predict` (the target: at most 2).
+`--repeats` rounds, and prints the best of each and `overlays / predict` (the target: at most 2), in wall time
+and in CPU time (the steadier one on a shared machine).
 
 usage: python bench/overlay_speed.py [--size 122 101 30] [--spacing 1.5 1.5 3] [--model-spacing 1 1 1]
                                      [--model-modality MRI] [--repeats 2] [--threads 2]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,13 +48,17 @@ def write_checkpoint(path: Path, spacing: list[float], modality: str, channels: 
     return path
 
 
-def timed(command: list[str], env: dict) -> float:
+def timed(command: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of the command: on a shared machine the CPU time is the
+    steadier measure of the work done, the wall time what a user waits."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -79,14 +85,15 @@ def main() -> None:
         for round_ in range(args.repeats):
             times["predict"].append(timed([*seg, "predict", *common, "--output", str(tmp / f"p{round_}")], env))
             times["overlays"].append(timed([*seg, "overlays", *common, "--output", str(tmp / f"o{round_}")], env))
-            print(f"round {round_}: predict {times['predict'][-1]:.1f} s, overlays {times['overlays'][-1]:.1f} s",
-                  flush=True)
-    best = {k: min(v) for k, v in times.items()}
+            print(f"round {round_}: " + ", ".join(f"{k} {v[-1][0]:.1f} s (CPU {v[-1][1]:.1f} s)"
+                                                  for k, v in times.items()), flush=True)
+    wall = {k: min(t[0] for t in v) for k, v in times.items()}
+    cpu = {k: min(t[1] for t in v) for k, v in times.items()}
     print(f"scan {' x '.join(map(str, args.size))} at {' x '.join(f'{s:g}' for s in args.spacing)} mm, "
           f"{args.model_modality} model at {' x '.join(f'{s:g}' for s in args.model_spacing)} mm, "
-          f"{args.threads} threads: seg predict {best['predict']:.1f} s, seg overlays {best['overlays']:.1f} s, "
-          f"ratio {best['overlays'] / best['predict']:.2f}")
-
+          f"{args.threads} threads: seg predict {wall['predict']:.1f} s (CPU {cpu['predict']:.1f} s), "
+          f"seg overlays {wall['overlays']:.1f} s (CPU {cpu['overlays']:.1f} s); overlays / predict: "
+          f"{wall['overlays'] / wall['predict']:.2f} wall, {cpu['overlays'] / cpu['predict']:.2f} CPU")
 
 if __name__ == "__main__":
     main()

@@ -422,7 +422,8 @@ class _Run:
                 written.append(paths["preview"])
             if "dicom_seg" in paths:
                 dicom.write_segmentation(maps["label"], reference.affine, scan.paths, self.predictor.class_names,
-                                         paths["dicom_seg"], algorithm=self.algorithm())
+                                         paths["dicom_seg"], algorithm=self.algorithm(),
+                                         codes=self.predictor.preprocessing.get("codes"))
                 written.append(paths["dicom_seg"])
             del image
         except Exception as err:
