@@ -30,6 +30,8 @@ TRUTH_COLOUR = "#00e5ff"  # cyan and lime: both stand out on grey and on inferno
 PREDICTION_COLOUR = "#7CFC00"
 CLASS_STYLES = ("solid", (0, (2.5, 1.5)), (0, (1, 1)), (0, (3, 1, 1, 1)))  # short dashes: small lesions show them
 VIEWS = ("axial", "coronal", "sagittal")
+PANEL_INCHES = 3.1  # the largest view's size across; the others in proportion (mm for mm)
+MIN_PANEL_INCHES = 0.4  # a view thinner than this (a few slices) is stretched box-wise, its aspect kept
 # Edge letters of each view: left, right, top, bottom.
 _EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
 
@@ -67,6 +69,13 @@ def drawable_planes(shape: Sequence[int]) -> tuple[str, ...]:
     return planes or VIEWS
 
 
+def _view_mm(shape: Sequence[int], spacing: Sequence[float], plane: str) -> tuple[float, float]:
+    """(height, width) in mm of `view` of a RAS volume of `shape`."""
+    rows_mm, cols_mm = view_spacing(spacing, plane)
+    others = [shape[a] for a in range(3) if a != PLANE_AXIS[plane]]  # `view` transposes: rows are the later axis
+    return others[1] * rows_mm, others[0] * cols_mm
+
+
 def view_spacing(spacing: Sequence[float], plane: str) -> tuple[float, float]:
     """(row, column) pixel size in mm of `view`."""
     sx, sy, sz = spacing
@@ -94,9 +103,31 @@ def slice_indices(target: np.ndarray | None, fallback: np.ndarray | None = None)
     return tuple(s // 2 for s in shape)
 
 
-def grey_window(image: np.ndarray) -> tuple[float, float]:
-    """Display window: 1st to 99th percentile of the nonzero voxels (the background would flatten it)."""
+# CT's soft-tissue window (width 400 HU, level 40): fat dark grey, organs and muscle mid grey, bone and contrast white.
+CT_WINDOW = (40.0 - 200.0, 40.0 + 200.0)
+
+
+def looks_like_hu(image: np.ndarray) -> bool:
+    """True for a CT in Hounsfield units: air (-1000) fills at least 1 % of it; nothing else goes that low."""
+    return image.size > 0 and float(np.percentile(image, 1)) <= -800.0
+
+
+def grey_window(image: np.ndarray, modality: str | None = None) -> tuple[float, float]:
+    """Display window (low, high) of a scan in its own units.
+
+    CT (`modality` "CT" with values spanning HU, or any scan whose values look like HU, e.g. a CT through an MR model):
+    the soft-tissue window `CT_WINDOW`. Anything else (MR, or a normalised scan): the 1st to 99th percentile
+    inside the body, so the air does not set the scale: the nonzero voxels, and of a magnitude image (no negative
+    values) only those above 5 % of its bright end (an MR's background noise is not zero).
+    """
+    # a CT's values span hundreds of HU; a normalised one (a training callback's) a few units: percentiles then
+    ct = (modality or "").upper() == "CT" and image.size and float(np.ptp(image)) > 100
+    if image.size and (ct or looks_like_hu(image)):
+        return CT_WINDOW
     values = image[image != 0] if np.any(image != 0) else image.ravel()
+    if values.size and float(values.min()) >= 0:
+        body = values[values > 0.05 * np.percentile(values, 99)]
+        values = body if body.size else values
     low, high = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
     return float(low), float(high if high > low else low + 1)
 
@@ -150,6 +181,7 @@ def render_overlay(
     map_titles: Mapping[str, str] | None = None,
     image_title: str = "scan",
     dpi: int = 110,
+    modality: str | None = None,
 ) -> FigureLayout:
     """Write the overlay PNG atomically: rows axial / coronal / sagittal, one column per map.
 
@@ -163,8 +195,12 @@ def render_overlay(
         title: the figure title (case id, epoch, Dice).
         map_titles: column titles by map name; default the name.
         image_title: title of the first column (the scan alone), e.g. which channel of a multi-channel scan it is.
+        dpi: pixels per inch of the PNG.
+        modality: the scan's modality ("CT" gives the soft-tissue window, `grey_window`), or None.
 
-    Rows are the views that are images at all (`drawable_planes`): three for a volume, one for a single slice.
+    Rows are the views that are images at all (`drawable_planes`): three for a volume, one for a single slice;
+    without maps (a preview) the views stand in one row. Every panel is drawn at the same scale in mm, so the
+    views keep their true proportions to each other; the gate colour bar is drawn only with maps.
 
     Returns:
         where the panels lie in the PNG (`figure_masks` draws label maps to match).
@@ -177,56 +213,79 @@ def render_overlay(
     indices = slice_indices(target, next(reversed(maps_ras.values()), None))
     index_of = {plane: indices[axis] for plane, axis in PLANE_AXIS.items()}
     planes = drawable_planes(image_ras.shape)
-    low, high = grey_window(image_ras)
+    low, high = grey_window(image_ras, modality)
     top = max([int(v.max()) for v in (label_ras, prediction_ras) if v is not None and v.size] + [0])
     classes = range(1, top + 1)
 
     # A first column without heatmap: the anatomy and the contours as they are, to compare the maps against.
+    # Without maps (a preview) the views stand side by side, each titled with its slice.
     columns = [("scan", None), *maps_ras.items()]
-    # A bare Figure (Agg canvas), not pyplot: no global backend switch, nothing left open, thread-safe.
+    if maps_ras:
+        grid = [(row, col, plane, name, volume) for row, plane in enumerate(planes)
+                for col, (name, volume) in enumerate(columns)]
+    else:
+        grid = [(0, col, plane, "scan", None) for col, plane in enumerate(planes)]
+    sizes = {plane: _view_mm(image_ras.shape, spacing, plane) for plane in planes}  # (height, width) in mm
+    n_rows, n_cols = max(g[0] for g in grid) + 1, max(g[1] for g in grid) + 1
+    row_mm = [max(sizes[g[2]][0] for g in grid if g[0] == r) for r in range(n_rows)]
+    col_mm = [max(sizes[g[2]][1] for g in grid if g[1] == c) for c in range(n_cols)]
+    # Every panel at one scale (inches per mm): the largest view is PANEL_INCHES across, the others in proportion,
+    # so a 30-slice CT's coronal row is as thin as the CT, not a strip in a square cell with wide gaps around it.
+    scale = PANEL_INCHES / max(*row_mm, *col_mm)
+    row_in = [max(h * scale, MIN_PANEL_INCHES) for h in row_mm]
+    col_in = [max(w * scale, MIN_PANEL_INCHES) for w in col_mm]
     # Fixed margins in inches, not a layout engine: constrained layout drew every figure twice to place it, and
     # the overlays of one validation took most of its time (1.4 s of 1.5 s a hippocampus volume).
     legend_rows = math.ceil(len(classes) * ((label_ras is not None) + (prediction_ras is not None)) / 4)
-    left, right, top = 0.35, 1.05, 0.65  # y-labels | colorbar | title and column titles
-    bottom = 0.85 + 0.25 * max(legend_rows - 2, 0)  # the legend, four entries a row
-    width_in, height_in = 3.1 * len(columns) + left + right, 3.1 * len(planes) + top + bottom
-    fig = Figure(figsize=(width_in, height_in))
-    axes = fig.subplots(len(planes), len(columns), squeeze=False, gridspec_kw=dict(
-        left=left / width_in, right=1 - right / width_in, top=1 - top / height_in, bottom=bottom / height_in,
-        wspace=0.08, hspace=0.12))
-    for row, plane in enumerate(planes):
-        row_mm, col_mm = view_spacing(spacing, plane)
-        for col, (name, volume) in enumerate(columns):
-            ax = axes[row, col]
-            scan = view(image_ras, plane, index_of[plane])
-            height, width = scan.shape
-            extent = (0, width * col_mm, height * row_mm, 0)
-            ax.imshow(scan, cmap="gray", vmin=low, vmax=high, extent=extent, interpolation="nearest")
-            if volume is not None:
-                ax.imshow(np.clip(view(volume, plane, index_of[plane]), 0, 1), cmap=GATE_CMAP, vmin=0, vmax=1,
-                          alpha=GATE_ALPHA, extent=extent, interpolation="bilinear")
-            for volume_ras, colour in ((label_ras, TRUTH_COLOUR), (prediction_ras, PREDICTION_COLOUR)):
-                if volume_ras is None:
-                    continue
-                cut = view(volume_ras, plane, index_of[plane])
-                if min(cut.shape) < 2:  # a line of pixels has no contour (matplotlib needs 2 x 2)
-                    continue
-                for c in classes:
-                    if (cut == c).any():
-                        ax.contour(cut == c, levels=[0.5], colors=colour, linewidths=1.4, extent=extent,
-                                   origin="upper", linestyles=[CLASS_STYLES[(c - 1) % len(CLASS_STYLES)]])
-            _orientation_letters(ax, plane)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title((map_titles or {}).get(name, name) if volume is not None else image_title, fontsize=10)
-            if col == 0:
-                ax.set_ylabel(f"{plane} ({index_of[plane]})", fontsize=10)
-    what = "attention (gate or CBAM map)" if any(n.startswith("cbam") for n in maps_ras) else "gate activation"
-    bar_height = 0.6 * (height_in - top - bottom)
-    bar = fig.add_axes(((width_in - right + 0.2) / width_in, (bottom + 0.2 * (height_in - top - bottom)) / height_in,
-                        0.15 / width_in, bar_height / height_in))
-    fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=GATE_CMAP), cax=bar, label=what)
+    left = 0.35 if maps_ras else 0.1  # y-labels (the view names) | the titles say them
+    right = 1.05 if maps_ras else 0.1  # the colour bar, only when a map is drawn
+    top = 0.65  # title and column titles
+    bottom = 0.25 + 0.3 * legend_rows if legend_rows else 0.15  # the legend, four entries a row
+    gap_x, gap_y = 0.08, 0.12 if maps_ras else 0.0
+    width_in = sum(col_in) + gap_x * (n_cols - 1) + left + right
+    height_in = sum(row_in) + gap_y * (n_rows - 1) + top + bottom
+    # A bare Figure (Agg canvas), not pyplot: no global backend switch, nothing left open, thread-safe.
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    axes = {}
+    for row, col, plane, name, volume in grid:
+        x0 = left + sum(col_in[:col]) + gap_x * col
+        y0 = height_in - top - sum(row_in[: row + 1]) - gap_y * row
+        ax = axes[row, col] = fig.add_axes((x0 / width_in, y0 / height_in, col_in[col] / width_in,
+                                            row_in[row] / height_in))
+        mm_rows, mm_cols = view_spacing(spacing, plane)
+        scan = view(image_ras, plane, index_of[plane])
+        height, width = scan.shape
+        extent = (0, width * mm_cols, height * mm_rows, 0)
+        ax.imshow(scan, cmap="gray", vmin=low, vmax=high, extent=extent, interpolation="nearest")
+        if volume is not None:
+            ax.imshow(np.clip(view(volume, plane, index_of[plane]), 0, 1), cmap=GATE_CMAP, vmin=0, vmax=1,
+                      alpha=GATE_ALPHA, extent=extent, interpolation="bilinear")
+        for volume_ras, colour in ((label_ras, TRUTH_COLOUR), (prediction_ras, PREDICTION_COLOUR)):
+            if volume_ras is None:
+                continue
+            cut = view(volume_ras, plane, index_of[plane])
+            if min(cut.shape) < 2:  # a line of pixels has no contour (matplotlib needs 2 x 2)
+                continue
+            for c in classes:
+                if (cut == c).any():
+                    ax.contour(cut == c, levels=[0.5], colors=colour, linewidths=1.4, extent=extent,
+                               origin="upper", linestyles=[CLASS_STYLES[(c - 1) % len(CLASS_STYLES)]])
+        _orientation_letters(ax, plane)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not maps_ras:
+            ax.set_title(f"{plane} ({index_of[plane]})", fontsize=10)
+            continue
+        if row == 0:
+            ax.set_title((map_titles or {}).get(name, name) if volume is not None else image_title, fontsize=10)
+        if col == 0:
+            ax.set_ylabel(f"{plane} ({index_of[plane]})", fontsize=10)
+    if maps_ras:
+        what = "attention (gate or CBAM map)" if any(n.startswith("cbam") for n in maps_ras) else "gate activation"
+        panels_in = height_in - top - bottom
+        bar = fig.add_axes(((width_in - right + 0.2) / width_in, (bottom + 0.2 * panels_in) / height_in,
+                            0.15 / width_in, 0.6 * panels_in / height_in))
+        fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=GATE_CMAP), cax=bar, label=what)
     handles = []
     for c in classes:
         name = class_names[c - 1] if 0 < c <= len(class_names) else f"class {c}"
@@ -241,14 +300,13 @@ def render_overlay(
     fig.suptitle(title, fontsize=11, y=1 - 0.08 / height_in, va="top")
     with atomic_path(path) as tmp:  # the temporary name keeps ".png": matplotlib picks the format by suffix
         fig.savefig(tmp, dpi=dpi)
-    # The panels' places as laid out by that save (fixed margins, equal aspect), in its pixels.
-    width, height = (int(round(v * dpi)) for v in fig.get_size_inches())
+    # The panels' places as laid out by that save (fixed boxes, equal aspect), in its pixels.
+    width, height = fig.canvas.get_width_height()  # Agg's own pixel size (truncated, not rounded)
     layout = FigureLayout((height, width))
-    for row, plane in enumerate(planes):
-        for ax in axes[row]:
-            box = ax.get_position()
-            layout.panels.append((plane, index_of[plane], (int(round((1 - box.y1) * height)), int(round(box.x0 * width)),
-                                                           int(round((1 - box.y0) * height)), int(round(box.x1 * width)))))
+    for (row, col, plane, _, _), ax in zip(grid, axes.values()):
+        box = ax.get_position()
+        layout.panels.append((plane, index_of[plane], (int(round((1 - box.y1) * height)), int(round(box.x0 * width)),
+                                                       int(round((1 - box.y0) * height)), int(round(box.x1 * width)))))
     return layout
 
 

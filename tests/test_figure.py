@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from seg.figure import PLANE_AXIS, drawable_planes, render_overlay, slice_indices, to_ras, view
+from seg.figure import CT_WINDOW, PLANE_AXIS, drawable_planes, grey_window, render_overlay, slice_indices, to_ras, view
 from seg.explain.export import channel_title, display_background
 
 
@@ -56,8 +56,8 @@ def test_render_overlay_on_every_shape(tmp_path, shape, spacing, rows):
                    title="t", image_title="scan: channel 0 (T1) of 2", dpi=40)
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width > 100
-    # the figure is 3.1 in per row plus 1.5 in of title and legend, at 40 dpi
-    assert height == pytest.approx(40 * (3.1 * rows + 1.5), abs=2)
+    # at most 3.1 in per row (the views in proportion, mm for mm) plus title and legend, at 40 dpi
+    assert 40 * 1.0 < height <= 40 * (3.1 * rows + 1.3) + 2
     ras, mm = to_ras(image, affine)
     assert ras.shape[2] == min(shape) or rows == 1  # the thin axis ends up along S
     assert sorted(mm) == sorted(spacing)
@@ -83,3 +83,54 @@ def test_figure_masks_cover_only_the_drawn_views_of_a_single_slice(tmp_path):
     assert {plane for plane, _, _ in layout.panels} == {"axial"}  # one row: the slice's own plane
     masks = figure_masks(layout, {"ground_truth": label}, np.eye(4))
     assert masks["ground_truth"].shape == layout.size and masks["ground_truth"].max() == 1
+
+
+def _rows(layout, columns: int) -> list[tuple[int, int, int, int]]:
+    """The first column's panel of every row: (top, left, bottom, right) in pixels."""
+    return [box for _, _, box in layout.panels[::columns]]
+
+
+def test_views_are_drawn_in_proportion_to_their_mm_without_wide_gaps(tmp_path):
+    shape, spacing, dpi = (512, 512, 30), (0.7, 0.7, 5.0), 40  # 358 x 358 x 150 mm: a CT slab
+    rng = np.random.default_rng(0)
+    image = rng.normal(40, 20, shape).astype(np.float32)
+    label = _volume(shape, [s * 0.5 for s in shape])
+    layout = render_overlay(tmp_path / "o.png", image, {"gate_0": rng.uniform(size=shape).astype(np.float32)},
+                            np.diag([*spacing, 1.0]), prediction=label, dpi=dpi)
+    axial, coronal, sagittal = _rows(layout, 2)
+    height = [b[2] - b[0] for b in (axial, coronal, sagittal)]
+    assert height[1] / height[0] == pytest.approx(150 / 358, rel=0.05)  # the coronal row is as thin as the CT
+    assert height[2] == pytest.approx(height[1], abs=1)
+    # rows follow each other closely: no square cells around thin strips
+    assert coronal[0] - axial[2] <= 0.15 * dpi + 2 and sagittal[0] - coronal[2] <= 0.15 * dpi + 2
+    panels = sum(height) + 0.25 * dpi * 2
+    assert panels / layout.size[0] > 0.6
+
+
+def test_preview_without_maps_has_its_views_in_one_row_and_no_colour_bar(tmp_path):
+    shape = (122, 101, 30)
+    image = np.random.default_rng(0).normal(40, 20, shape).astype(np.float32)
+    label = _volume(shape, [s * 0.5 for s in shape])
+    layout = render_overlay(tmp_path / "p.png", image, {}, np.diag([1.5, 1.5, 3.0, 1.0]), prediction=label,
+                            class_names=["liver"], dpi=60)
+    boxes = [box for _, _, box in layout.panels]
+    assert [plane for plane, _, _ in layout.panels] == ["axial", "coronal", "sagittal"]
+    assert max(box[0] for box in boxes) < min(box[2] for box in boxes)  # one row
+    assert [box[1] for box in boxes] == sorted(box[1] for box in boxes)
+    assert layout.size[1] - max(box[3] for box in boxes) <= 0.2 * 60  # nothing right of the views: no colour bar
+    assert layout.size == matplotlib.image.imread(tmp_path / "p.png").shape[:2]
+
+
+def test_grey_window_ct_soft_tissue_and_mr_percentiles_inside_the_body():
+    rng = np.random.default_rng(0)
+    ct = np.full((40, 40, 10), -1000.0, np.float32)
+    ct[10:30, 10:30] = rng.normal(50, 30, (20, 20, 10))
+    ct[18:22, 18:22] = 1200  # bone
+    assert grey_window(ct) == CT_WINDOW == (-160.0, 240.0)  # HU from the values alone (a CT through an MR model)
+    assert grey_window(ct[10:30, 10:30], modality="CT") == CT_WINDOW  # no air in view: the checkpoint says CT
+    mr = rng.uniform(0, 15, (40, 40, 10)).astype(np.float32)  # background noise, not zero
+    mr[10:30, 10:30] = rng.normal(600, 50, (20, 20, 10))
+    low, high = grey_window(mr)
+    assert 400 < low < 600 < high < 800  # the tissue's range, not the noise's
+    normalised = rng.normal(0, 1, (20, 20, 5)).astype(np.float32)  # a training callback's z-scored scan
+    assert grey_window(normalised, modality="CT")[0] == pytest.approx(np.percentile(normalised, 1), rel=0.1)

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 
+from seg.data.codes import read_codes_file
 from seg.data.fingerprint import load_fingerprint, training_summary
 from seg.data.layout import NIFTI_SUFFIXES, Case, group_channel_files, load_dataset
 from seg.data.split import Split, save_split, split_cases
@@ -126,6 +127,8 @@ class NiftiDataModule(LightningDataModule):
         crop_foreground: crop each scan to the body (nonzero voxels; above -500 HU for CT).
         plan: the reasons of `seg plan` for this config (config key -> reason); kept in the preprocessing, and so in
             every checkpoint, to say where the settings came from.
+        codes: a JSON file of DICOM SEG codes per label value (`seg.data.codes`), instead of dataset.json's
+            "codes"; kept in the preprocessing, so `seg predict --dicom-seg` codes each segment with them.
     """
 
     def __init__(
@@ -157,10 +160,13 @@ class NiftiDataModule(LightningDataModule):
         check: bool = True,
         crop_foreground: bool = True,
         plan: dict[str, str] | None = None,
+        codes: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # `seg fit` logs the whole nested config instead
         self.info = load_dataset(root)
+        if codes is not None:  # read now: a bad file is named before anything trains
+            self.info.codes = read_codes_file(codes, self.info.labels)
         config = Path(root)
         if spatial_dims not in (2, 3):
             raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims}", config)
@@ -214,6 +220,8 @@ class NiftiDataModule(LightningDataModule):
             self._preprocessing["fingerprint"] = training_summary(fingerprint)  # what predictions are compared with
             if h.plan:
                 self._preprocessing["plan"] = {str(k): str(v) for k, v in h.plan.items()}
+            if self.info.codes:
+                self._preprocessing["codes"] = self.info.codes
         return self._preprocessing
 
     @property

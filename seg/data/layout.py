@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seg.data.codes import parse_codes
 from seg.errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -53,6 +54,8 @@ class DatasetInfo:
             `labels` is then a stand-in and label values are not checked against it.
         has_dataset_json: False for a plain imagesTr/ + labelsTr/ folder: `labels` and `modalities` are then
             the stand-ins `NO_JSON_LABELS` and ["unknown"], and a message about them says to write a dataset.json.
+        codes: label value ("1", ...) -> {"category", "type"} DICOM code triples, from dataset.json's optional
+            "codes" (`seg.data.codes`); empty when it has none.
     """
 
     root: Path
@@ -63,6 +66,7 @@ class DatasetInfo:
     test_images: list[Case] = field(default_factory=list)
     labels_valid: bool = True
     has_dataset_json: bool = True
+    codes: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -317,7 +321,13 @@ def load_dataset(root: str | os.PathLike, problems: list[DataError] | None = Non
             continue
         # the case is named by the entry, not by its first channel file (`x_0000`)
         test.append(Case(strip_nifti_suffix(Path(relative).name) or f"test_{i}", images))
+    codes = {}
+    if meta.get("codes") is not None and labels_valid:
+        try:
+            codes = parse_codes(meta["codes"], labels, meta_path)
+        except DataError as err:
+            bad(err)
     name = meta.get("name")
     return DatasetInfo(root, sorted(cases, key=lambda c: c.case_id), labels, modalities,
                        name=name if isinstance(name, str) else root.name, test_images=test,
-                       labels_valid=labels_valid)
+                       labels_valid=labels_valid, codes=codes)

@@ -79,9 +79,11 @@ def overlay_scan(predictor, paths: Sequence[Path], case_id: str, folder: Path, l
     image = np.asarray(reference.dataobj, dtype=np.float32)
     image = image[..., 0] if image.ndim == 4 else image
     maps = {k: result[k] for k in map_order(result)}
-    title = channel_title(predictor.in_channels, predictor.preprocessing.get("modalities") or ())
+    modalities = predictor.preprocessing.get("modalities") or ()
     overlay = export_case(folder, case_id, image, maps, reference.affine, result["label"], label,
-                          predictor.class_names, dilation_mm, image_title=title)
+                          predictor.class_names, dilation_mm,
+                          image_title=channel_title(predictor.in_channels, modalities),
+                          modality=modalities[0] if modalities else None)
     # the report `seg predict` writes, for the out-of-distribution lines `run` ends with
     return replace(overlay, report=case_report(result["label"], image, reference.affine, predictor.class_names,
                                                predictor.preprocessing))

@@ -133,6 +133,7 @@ def export_case(
     dilation_mm: float = 2.0,
     epoch: int | None = None,
     image_title: str = "scan",
+    modality: str | None = None,
 ) -> CaseOverlay:
     """Write one scan's map NIfTIs and overlay PNG; measure concentration and Dice when `label` is given.
 
@@ -148,6 +149,7 @@ def export_case(
         dilation_mm: the ground truth is grown by this much before measuring concentration.
         epoch: for the title, when exported during training.
         image_title: the scan column's title (`channel_title` for a multi-channel scan).
+        modality: the first channel's modality when `image` is in its own units ("CT": the soft-tissue window).
     """
     folder.mkdir(parents=True, exist_ok=True)
     result = CaseOverlay(case_id, folder)
@@ -165,7 +167,8 @@ def export_case(
     count = {kind: sum(n.startswith(kind) for n in maps) for kind in ("gate", "cbam")}
     titles = {n: map_title(n, count[n.split("_")[0]], result.concentration.get(n)) for n in maps}
     layout = render_overlay(result.png, image, maps, affine, label=label, prediction=prediction,
-                            class_names=class_names, title=title, map_titles=titles, image_title=image_title)
+                            class_names=class_names, title=title, map_titles=titles, image_title=image_title,
+                            modality=modality)
     result.figure_masks = figure_masks(layout, {"ground_truth": label, "prediction": prediction}, affine)
     return result
 

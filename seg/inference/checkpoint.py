@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from seg.data.checks import MAX_SPACING_MM
-from seg.errors import CheckpointError
+from seg.data.codes import parse_codes
+from seg.errors import CheckpointError, DataError
 from seg.inference.window import WindowInference
 from seg.models import AttentionUNet
 
@@ -225,6 +226,12 @@ def check_preprocessing(pre: dict, hparams: dict, path: Path) -> None:
         need("fingerprint", lambda v: isinstance(v, dict) and all(
             isinstance(v.get(k), (list, tuple)) and len(v[k]) == 3 and all(_is_number(s, 0.0) for s in v[k])
             for k in ("spacing_min", "spacing_max")), "{'spacing_min': [3 mm], 'spacing_max': [3 mm], ...}")
+    if "codes" in pre:  # DICOM SEG codes per label value (`seg.data.codes`), when the dataset gave some
+        labels = {int(k): v for k, v in pre["labels"].items() if str(k).isdigit()}
+        try:
+            parse_codes(pre["codes"], labels, None)
+        except DataError as err:
+            raise CheckpointError(f"checkpoint's preprocessing: {err}", path) from None
     if "crop_threshold" in pre:  # added with the CT body crop; older checkpoints crop to nonzero voxels
         need("crop_threshold", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == channels and all(
             t is None or _is_number(t) for t in v)), f"{channels} thresholds (a number, or null for nonzero)")

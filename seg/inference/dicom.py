@@ -552,10 +552,11 @@ def segmentation_sources(files: list[Path]) -> list:
 
 
 def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path], class_names: list[str],
-                       path: Path, algorithm: dict) -> None:
+                       path: Path, algorithm: dict, codes: dict | None = None) -> None:
     """Write the label map as a DICOM Segmentation (highdicom, BINARY) of the source series, atomically.
 
-    One segment per foreground class (segment c is class c, labelled with its name), each with the algorithm's
+    One segment per foreground class (segment c is class c, labelled with its name and coded with its category
+    and type: `codes`, else `seg.data.codes.default_codes` of its name), each with the algorithm's
     identification (`seg`, its version, the checkpoint); one frame per source slice and segment where the
     segment is present, each referencing its source instance.
 
@@ -566,21 +567,26 @@ def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path],
         class_names: foreground class names.
         path: the `.dcm` file to write.
         algorithm: {"name", "version", "checkpoint"}.
+        codes: label value ("1", ...) -> {"category": triple, "type": triple} (the checkpoint's, from
+            dataset.json); classes without one get the defaults.
     """
+    from seg.data.codes import segment_codes
+
     hd = require("highdicom")
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes as dicom_codes
 
     datasets = segmentation_sources(files)
     frames = frames_on_source(label, affine, datasets).astype(np.uint8 if len(class_names) < 256 else np.uint16)
     identification = hd.AlgorithmIdentificationSequence(
-        name=algorithm["name"], family=codes.cid7162.ArtificialIntelligence, version=str(algorithm["version"]),
-        parameters={"checkpoint": str(algorithm["checkpoint"])[:64]})
+        name=algorithm["name"], family=dicom_codes.cid7162.ArtificialIntelligence,
+        version=str(algorithm["version"]), parameters={"checkpoint": str(algorithm["checkpoint"])[:64]})
     segments = [
         hd.seg.SegmentDescription(
-            segment_number=c, segment_label=name[:64], segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.AnatomicalStructure,
+            segment_number=c, segment_label=name[:64],
+            segmented_property_category=hd.sr.CodedConcept(*coded["category"]),
+            segmented_property_type=hd.sr.CodedConcept(*coded["type"]),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=identification)
-        for c, name in enumerate(class_names, start=1)
+        for c, (name, coded) in enumerate(zip(class_names, segment_codes(class_names, codes)), start=1)
     ]
     source_number = _int(datasets[0], "SeriesNumber") or 0
     seg = hd.seg.Segmentation(

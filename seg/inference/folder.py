@@ -164,7 +164,7 @@ class FolderRun:
             if "dicom_seg" in paths:
                 attempt("dicom_seg", paths["dicom_seg"], lambda: dicom.write_segmentation(
                     maps["label"], reference.affine, scan.paths, self.predictor.class_names, paths["dicom_seg"],
-                    algorithm=self.algorithm()))
+                    algorithm=self.algorithm(), codes=self.predictor.preprocessing.get("codes")))
             del image, maps
         finally:
             if case_id in self.dicom_cases:

@@ -1,8 +1,9 @@
 """The network as ONNX: export with seg's settings in the metadata, and an ONNX Runtime network for the engine.
 
-`export_onnx` writes a `TrainedModel`'s network with dynamic batch and spatial axes (optionally with the
-attention-gate and CBAM maps as extra outputs) and everything inference needs in `metadata_props` (JSON strings:
-the preprocessing, the network's settings, the class names, the window, seg's version), so a `.onnx` file is as
+`export_onnx` writes a `TrainedModel`'s network with dynamic batch and spatial axes of any size (padded in the
+graph to the network's divisor and cropped back; optionally with the attention-gate and CBAM maps as extra
+outputs) and everything inference needs in `metadata_props` (JSON strings: the preprocessing, the network's
+settings, the class names, the window, the divisor, the input's layout, seg's version), so a `.onnx` file is as
 self-sufficient as a `seg fit` checkpoint. `load_onnx_model` reads one back as a `TrainedModel` whose network is
 an `OnnxNetwork`: callable on a torch window batch, returning torch logits, so `WindowInference`, the slabs and
 `seg predict` run unchanged over ONNX Runtime.
@@ -43,18 +44,45 @@ def require(module: str):
         raise SegError(f"{module} is not installed; the ONNX export and backend need it: {INSTALL_HINT}") from None
 
 
+def pad_to_multiple(x: torch.Tensor, multiple) -> torch.Tensor:
+    """`x` `(N, C, *S)` with zeros after the end of every spatial axis up to a multiple of `multiple` (per axis).
+
+    Zero is the mean of a normalised scan, and what sliding-window inference pads with. Written with the input's
+    own sizes, so the tracer records Shape/Mod/Pad ops and the pads stay dynamic in the ONNX graph.
+    """
+    pad = []
+    for size, m in zip(reversed(x.shape[2:]), reversed(tuple(multiple))):
+        pad += [0, (m - size % m) % m]  # F.pad lists the last axis first
+    return nn.functional.pad(x, pad)
+
+
+def crop_like(y: torch.Tensor, sizes, padded) -> torch.Tensor:
+    """`y` `(N, C, *G)`, computed on a grid `padded`, cut back to the part that covers `sizes`: the logits to
+    `sizes` itself, a map on a coarser grid to `ceil(sizes * G / padded)` cells."""
+    ends = [(s * g + p - 1) // p for s, g, p in zip(sizes, y.shape[2:], padded)]
+    return y[(slice(None), slice(None), *(slice(0, e) for e in ends))]
+
+
 class _Exported(nn.Module):
-    """The network with flat outputs: logits, then (with `gates`) gate_0.. (coarsest first) and cbam_0.. maps."""
+    """The network with flat outputs: logits, then (with `gates`) gate_0.. (coarsest first) and cbam_0.. maps.
+
+    Any spatial size: the input is padded with zeros up to the network's divisor (`size_multiple`: the product of
+    its strides) and every output cropped back, so a 37 x 41 x 29 scan runs as it is (unpadded, the gates' skip
+    and upsampled grids disagree by a voxel and ONNX Runtime fails on a broadcast).
+    """
 
     def __init__(self, network: nn.Module, gates: bool):
         super().__init__()
         self.network, self.gates = network, gates
 
     def forward(self, x: torch.Tensor):
+        sizes = x.shape[2:]
+        x = pad_to_multiple(x, self.network.size_multiple)
+        padded = x.shape[2:]
         if not self.gates:
-            return self.network(x)
+            return crop_like(self.network(x), sizes, padded)
         logits, gate_maps, cbam_maps = self.network.forward_with_gates(x, return_cbam=True)
-        return (logits, *gate_maps, *cbam_maps)
+        return tuple(crop_like(y, sizes, padded) for y in (logits, *gate_maps, *cbam_maps))
 
 
 def output_names(network: nn.Module, example: torch.Tensor, gates: bool) -> list[str]:
@@ -65,6 +93,30 @@ def output_names(network: nn.Module, example: torch.Tensor, gates: bool) -> list
     return ["logits", *[f"gate_{i}" for i in range(len(gate_maps))], *[f"cbam_{i}" for i in range(len(cbam_maps))]]
 
 
+def input_layout(model: TrainedModel) -> dict:
+    """What the graph's `image` input holds, for a runtime outside seg (the `seg.input` metadata).
+
+    The graph is the network alone: the scan must already be preprocessed as `seg predict` does (reoriented,
+    resampled, cropped to the body, each channel normalised as `normalization` says); any spatial size is taken.
+    """
+    pre = model.preprocessing
+    spatial = ["x", "y", "z"][: model.spatial_dims]
+    return {
+        "axes": ["batch", "channel", *spatial],
+        "channels": list(pre.get("modalities") or [f"channel_{i}" for i in range(model.in_channels)]),
+        "dtype": "float32",
+        "orientation": pre.get("orientation", "RAS"),
+        "spacing_mm": pre.get("spacing"),
+        "normalized": True,  # the graph does not normalise: feed it what `normalization` gives
+        "normalization": pre.get("normalization"),
+        "any_size": True,
+        "padding": "zeros after the end of each spatial axis up to a multiple of seg.divisor, done in the graph; "
+                   "the outputs are cropped back to the input's size",
+        "output": "logits (batch, classes, *spatial); argmax over axis 1 gives class indices, 0 background, "
+                  "c the class seg.class_names[c - 1]",
+    }
+
+
 def metadata(model: TrainedModel, outputs: list[str]) -> dict[str, str]:
     """The ONNX `metadata_props`: JSON strings a `seg` reader (or anyone) can parse."""
     from seg import __version__
@@ -73,7 +125,8 @@ def metadata(model: TrainedModel, outputs: list[str]) -> dict[str, str]:
     hparams.setdefault("roi_size", list(model.roi_size))
     values = {"seg.format": METADATA_FORMAT, "seg.version": __version__, "seg.preprocessing": model.preprocessing,
               "seg.hparams": hparams, "seg.class_names": model.class_names, "seg.spatial_dims": model.spatial_dims,
-              "seg.roi_size": list(model.roi_size), "seg.outputs": outputs}
+              "seg.roi_size": list(model.roi_size), "seg.outputs": outputs,
+              "seg.divisor": list(model.network.size_multiple), "seg.input": input_layout(model)}
     return {k: json.dumps(v) for k, v in values.items()}
 
 
@@ -103,9 +156,9 @@ def export_onnx(model: TrainedModel, output: str | os.PathLike | None = None, ga
     dynamic["image"] = dynamic["logits"]
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
-        # The tracer's warnings (shape comparisons traced as constants: windows are always multiples of the
-        # strides; instance norm in eval mode) are about cases that do not arise here; the comparison below is
-        # the check that counts.
+        # The tracer's warnings (shape comparisons traced as constants: the padded input is always a multiple
+        # of the strides; instance norm in eval mode) are about cases that do not arise here; the comparison
+        # below is the check that counts.
         warnings.simplefilter("ignore")
         # The TorchScript exporter: torch.export's (dynamo) needs onnxscript and specializes the gates' shape
         # comparison; this one traces the shapes as ONNX Shape ops, so batch and spatial axes stay dynamic.
@@ -131,21 +184,23 @@ def export_onnx(model: TrainedModel, output: str | os.PathLike | None = None, ga
 
 
 def max_difference(network: nn.Module, onnx_network: OnnxNetwork, model: TrainedModel) -> float:
-    """Max abs difference of every output, PyTorch vs ONNX Runtime, on random windows of two batch sizes and two
-    sizes (the roi and the roi doubled along the first axis): the dynamic axes are exercised, not just traced."""
+    """Max abs difference of every output, PyTorch vs ONNX Runtime, on random inputs of two batch sizes and three
+    sizes (the roi, the roi doubled along the first axis, and sizes that are no multiple of the divisor, padded in
+    the graph): the dynamic axes and the padding are exercised, not just traced."""
     roi = list(model.roi_size)
     generator = torch.Generator().manual_seed(0)
+    reference = _Exported(network, onnx_network.gate_outputs)
     worst = 0.0
-    for batch, shape in ((3, roi), (1, [2 * roi[0], *roi[1:]])):
+    for batch, shape in ((3, roi), (1, [2 * roi[0], *roi[1:]]), (1, [r + 3 for r in roi])):
         x = torch.randn(batch, model.in_channels, *shape, generator=generator)
         with torch.no_grad():
+            expected = reference(x)
+            expected = list(expected) if isinstance(expected, tuple) else [expected]
             if onnx_network.gate_outputs:
-                logits, gate_maps, cbam_maps = network.forward_with_gates(x, return_cbam=True)
-                expected = [logits, *gate_maps, *cbam_maps]
                 ort_logits, ort_gates, ort_cbam = onnx_network.forward_with_gates(x, return_cbam=True)
                 got = [ort_logits, *ort_gates, *ort_cbam]
             else:
-                expected, got = [network(x)], [onnx_network(x)]
+                got = [onnx_network(x)]
         worst = max([worst, *(float((a - b).abs().max()) for a, b in zip(expected, got))])
     return worst
 
