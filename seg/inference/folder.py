@@ -184,8 +184,10 @@ class FolderRun:
         """`<case>_preview.png`: axial, coronal and sagittal views through the prediction, with its contours."""
         from seg.figure import render_overlay  # matplotlib: only when a preview is asked for
 
+        modalities = self.predictor.preprocessing.get("modalities") or ()
+        # dpi 100: at 60 the three views of a 122 x 101 x 30 CT were 548 x 226 pixels, their labels hard to read
         render_overlay(path, image, {}, affine, prediction=label, class_names=self.predictor.class_names,
-                       title=case_id, dpi=60)
+                       title=case_id, dpi=100, modality=modalities[0] if modalities else None)
 
     def algorithm(self) -> dict:
         """How the DICOM SEG names the algorithm: seg, its version and the checkpoint."""
