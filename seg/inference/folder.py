@@ -22,7 +22,7 @@ import numpy as np
 
 from seg.data.guard import guard_file
 from seg.errors import DataError, SegError, escape, one_line
-from seg.inference import dicom
+from seg.inference import dicom, dicom_seg
 from seg.inference.cases import CaseResult, find_cases, unreadable_reason
 from seg.inference.ensemble import EnsembleNetwork, load_ensemble, resolve_checkpoints
 from seg.inference.outputs import (SUMMARY, check_output_folder, class_volumes, clean_stale_tmp, colliding_cases,
@@ -162,7 +162,7 @@ class FolderRun:
                     case_id, first_channel(reference) if image is None else image, maps["label"], reference.affine,
                     paths["preview"]))
             if "dicom_seg" in paths:
-                attempt("dicom_seg", paths["dicom_seg"], lambda: dicom.write_segmentation(
+                attempt("dicom_seg", paths["dicom_seg"], lambda: dicom_seg.write_segmentation(
                     maps["label"], reference.affine, scan.paths, self.predictor.class_names, paths["dicom_seg"],
                     algorithm=self.algorithm(), codes=self.predictor.preprocessing.get("codes")))
             del image, maps

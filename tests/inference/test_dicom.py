@@ -23,7 +23,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from seg.cli import main
 from seg.data.synthetic import make_affine, make_case
-from seg.inference import dicom
+from seg.inference import dicom, dicom_seg
 from seg.inference.folder import predict_folder
 from seg.inference.predictor import Predictor
 from test_predict import centred_affine, phantom, read_summary, save, stub_predictor
@@ -402,7 +402,7 @@ def test_odd_values_are_predicted_or_refused_in_one_line(tmp_path):
     written = pydicom.dcmread(tmp_path / "seg" / "jp_1_seg.dcm")
     assert written.Modality == "SEG" and list(written.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
     assert str(written.PatientName) == str(pydicom.dcmread(scans / "jp" / "S1_0000.dcm").PatientName)
-    assert dicom.missing_for_segmentation([pydicom.dcmread(f) for f in no_frame]) == ["FrameOfReferenceUID"]
+    assert dicom_seg.missing_for_segmentation([pydicom.dcmread(f) for f in no_frame]) == ["FrameOfReferenceUID"]
     message = results["noframe_1"].message
     assert "no DICOM SEG written" in message and "FrameOfReferenceUID" in message and "unexpected" not in message
     assert not (tmp_path / "seg" / "noframe_1_seg.dcm").exists()

@@ -16,7 +16,7 @@ from seg.data.codes import default_codes, default_keywords, read_codes_file
 from seg.data.layout import load_dataset
 from seg.data.synthetic import write_dataset
 from seg.errors import CheckpointError, DataError
-from seg.inference import dicom
+from seg.inference import dicom_seg
 from seg.inference.checkpoint import check_preprocessing
 from test_dicom import write_series
 from test_predict import centred_affine
@@ -86,7 +86,7 @@ def test_seg_codes_come_from_dataset_json_and_dciodvfy_finds_no_error(tmp_path):
     label[4:12, 4:12, 1:4], label[14:18, 10:16, 2:5], label[2:4, 14:18, 3] = 1, 2, 3
     codes = load_dataset(_dataset(tmp_path, {"1": CODES["1"], "2": CODES["2"]})).codes
     out = tmp_path / "seg.dcm"
-    dicom.write_segmentation(label, affine, files, ["liver", "lesion", "tumour"], out,
+    dicom_seg.write_segmentation(label, affine, files, ["liver", "lesion", "tumour"], out,
                              {"name": "seg", "version": "1", "checkpoint": "best.ckpt"}, codes=codes)
     segments = pydicom.dcmread(out).SegmentSequence
     coded = [[(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning)

@@ -592,7 +592,7 @@ def test_a_resumed_run_reports_every_case(tmp_path, capsys):
 
 
 def test_a_failing_dicom_seg_keeps_the_label_map(tmp_path, monkeypatch):
-    from seg.inference import dicom
+    from seg.inference import dicom_seg
     from test_dicom import write_series
 
     shape = (33, 31, 14)
@@ -603,14 +603,14 @@ def test_a_failing_dicom_seg_keeps_the_label_map(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "P2_1_seg.dcm").write_bytes(b"an older SEG: it would pass for this series'")
-    write_segmentation = dicom.write_segmentation
+    write_segmentation = dicom_seg.write_segmentation
 
     def failing_for_p2(label, affine, sources, *args, **kwargs):
         if sources[0].parent.name == "P2":  # as a series without FrameOfReferenceUID did (simulated)
             raise AttributeError("'FileDataset' object has no attribute 'FrameOfReferenceUID'")
         return write_segmentation(label, affine, sources, *args, **kwargs)
 
-    monkeypatch.setattr(dicom, "write_segmentation", failing_for_p2)
+    monkeypatch.setattr(dicom_seg, "write_segmentation", failing_for_p2)
     results = predict_folder(stub_predictor(), tmp_path / "scans", out, dicom_seg=True, progress=False)
     assert {r.case_id: r.status for r in results} == {"P1_1": "ok", "P2_1": "partial"}
     message = results[1].message
