@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from seg.data.checks import MAX_SPACING_MM
-from seg.errors import CheckpointError
+from seg.errors import CheckpointError, first_line
 from seg.inference.window import WindowInference
 from seg.models import AttentionUNet
 
@@ -117,11 +117,10 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise CheckpointError(f"refused: not a weights-only checkpoint ({first})", path) from None
+        raise CheckpointError(f"refused: not a weights-only checkpoint ({first_line(err)})", path) from None
     except Exception as err:  # arbitrary bytes trip torch's zip reader and unpickler in many ways (IndexError...)
         raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {type(err).__name__}: "
-                              f"{_first_line(err)}", path) from None
+                              f"{first_line(err)}", path) from None
     info = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(info, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError("not a seg checkpoint (no model settings inside); use a .ckpt written by `seg fit`",
@@ -141,7 +140,7 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         network = build_network(hparams)
         network.load_state_dict(network_state(checkpoint["state_dict"]))
     except (TypeError, RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint does not match this version of seg: {_first_line(err)}", path) from None
+        raise CheckpointError(f"checkpoint does not match this version of seg: {first_line(err)}", path) from None
     hparams = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
     return TrainedModel(network.eval().to(map_location), info["preprocessing"], hparams)
 
@@ -246,8 +245,3 @@ def _scheme(s) -> bool:
                 and clip[0] < clip[1] and _is_number(s.get("mean")) and _is_number(s.get("std"))
                 and s["std"] > 0)
     return False
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -27,7 +27,7 @@ from seg.data.checks import time_series
 from seg.data.guard import guard_file, load_header
 from seg.data.layout import strip_nifti_suffix
 from seg.data.transforms import inference_transforms
-from seg.errors import CheckpointError, DataError, SegError
+from seg.errors import CheckpointError, DataError, SegError, first_line
 from seg.inference.checkpoint import TrainedModel, load_trained_model
 from seg.inference.slabs import class_indices, stitch_budget
 
@@ -124,11 +124,6 @@ def _naming(scans: Sequence[LoadedScan]):
         if err.path is not None or len(scans) != 1:
             raise
         raise type(err)(str(err), scans[0].paths[0]) from None
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class Predictor:

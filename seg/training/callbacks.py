@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
+from seg.errors import first_line
+
 
 class LogProgress(ProgressBar):
     """Plain progress lines for output that is not a terminal (Docker logs, SLURM, `seg fit > log`).
@@ -357,8 +359,7 @@ class ReviewPage(Callback):
         try:
             page = write_review(root, root / "review.html")
         except Exception as err:  # noqa: BLE001 - the run's checkpoints and overlays are what matter
-            text = str(err).strip().splitlines()
-            logging.getLogger(__name__).warning("review page not written: %s", text[0] if text else type(err).__name__)
+            logging.getLogger(__name__).warning("review page not written: %s", first_line(err))
             return
         rank_zero_info(f"review page: {page.html} ({page.cases} cases, {page.megabytes:.1f} MB, "
                        f"{time.monotonic() - start:.1f} s); open it in a browser")
