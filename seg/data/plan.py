@@ -47,7 +47,7 @@ import numpy as np
 from seg import hardware
 from seg.data.fingerprint import load_fingerprint
 from seg.data.layout import load_dataset
-from seg.data.transforms import channel_schemes
+from seg.data.preprocessing import channel_schemes
 from seg.errors import DataError
 from seg.io import write_text
 

@@ -55,18 +55,10 @@ from monai.transforms import (
 
 from seg.data.guard import guard_file, named_warnings
 from seg.data.layout import DatasetInfo
-from seg.errors import DataError
+from seg.data.preprocessing import channel_schemes
+from seg.errors import DataError, first_line
 
 PREPROCESSING_VERSION = 1
-
-
-def channel_schemes(modalities: Sequence[str], normalization: str = "auto") -> list[str]:
-    """Normalisation scheme per channel: "auto" gives CT channels "ct" and every other modality "zscore"."""
-    if normalization not in ("auto", "zscore", "ct"):
-        raise ValueError(f"normalization must be 'auto', 'zscore' or 'ct', got '{normalization}'")
-    if normalization != "auto":
-        return [normalization] * len(modalities)
-    return ["ct" if m.strip().upper() == "CT" else "zscore" for m in modalities]
 
 
 def make_preprocessing(
@@ -230,8 +222,8 @@ class LoadScand(LoadImaged):
                     try:  # only on failure: find the file to blame
                         self._loader(path, reader)
                     except Exception as file_err:
-                        reason = (str(file_err).strip() or type(file_err).__name__).splitlines()[0]
-                        raise DataError(f"cannot read this scan ({reason}); run `seg check-data`", path) from err
+                        raise DataError(f"cannot read this scan ({first_line(file_err)}); run `seg check-data`",
+                                        path) from err
             raise
         for key in self.key_iterator(loaded):
             if loaded[key].is_floating_point():
