@@ -11,11 +11,12 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from seg.data.checks import MAX_SPACING_MM
-from seg.errors import CheckpointError, first_line
+from seg.errors import CheckpointError, first_line, one_line
 from seg.inference.window import WindowInference
 from seg.models import AttentionUNet
 
@@ -105,6 +106,27 @@ def network_state(state_dict: dict) -> dict:
     return out
 
 
+def load_weights_only(path, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`, with `CheckpointError` for unsafe, corrupt or missing files.
+
+    Weights-only whatever the environment says (`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`): a crafted checkpoint that
+    needs arbitrary unpickling is refused before it can run code.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a paragraph that suggests weights_only=False; keep only the line naming the object
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "nsupported" in line]
+        what = one_line(lines[0]) if lines else "it holds objects other than tensors and plain data"
+        raise CheckpointError(f"refused: not a weights-only checkpoint, loading it could run code ({what})",
+                              path) from None
+    except FileNotFoundError:
+        raise CheckpointError("checkpoint not found", path) from None
+    except Exception as err:  # arbitrary bytes trip torch's zip reader and unpickler in many ways (IndexError...)
+        raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {type(err).__name__}: "
+                              f"{first_line(err)}", path) from None
+
+
 def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu") -> TrainedModel:
     """The network of a `seg fit` checkpoint, in eval mode, with its preprocessing and settings.
 
@@ -114,13 +136,7 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"refused: not a weights-only checkpoint ({first_line(err)})", path) from None
-    except Exception as err:  # arbitrary bytes trip torch's zip reader and unpickler in many ways (IndexError...)
-        raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {type(err).__name__}: "
-                              f"{first_line(err)}", path) from None
+    checkpoint = load_weights_only(path, map_location)
     info = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(info, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError("not a seg checkpoint (no model settings inside); use a .ckpt written by `seg fit`",
