@@ -18,7 +18,7 @@ import torch
 from seg.data.checks import MAX_SPACING_MM
 from seg.errors import CheckpointError, first_line, one_line
 from seg.inference.window import WindowInference
-from seg.models import AttentionUNet
+from seg.models import NETWORK_DEFAULTS, AttentionUNet
 
 CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
 CHECKPOINT_FORMAT = 1
@@ -27,10 +27,6 @@ CHECKPOINT_FORMAT = 1
 MIN_SPACING_MM = 0.01
 # Above this windows step by a few voxels: at 0.999 a 128^3 window steps by one, 57 million windows on a 512^3 CT.
 MAX_OVERLAP = 0.95
-# SegmentationModule's network settings and their defaults: what `build_network` reads from hyper-parameters.
-NETWORK_DEFAULTS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": (16, 32, 64, 128),
-                    "strides": (2, 2, 2), "cbam": True, "gates": True, "deep_supervision": False,
-                    "downsample": "conv", "decoder_convs": 1}
 
 
 def build_network(hparams: dict) -> AttentionUNet:
@@ -57,7 +53,7 @@ class TrainedModel:
 
     @property
     def spatial_dims(self) -> int:
-        return int(self.hparams.get("spatial_dims", 3))
+        return int(self.hparams.get("spatial_dims", NETWORK_DEFAULTS["spatial_dims"]))
 
     @property
     def num_classes(self) -> int:
@@ -65,7 +61,7 @@ class TrainedModel:
 
     @property
     def in_channels(self) -> int:
-        return int(self.hparams.get("in_channels", 1))
+        return int(self.hparams.get("in_channels", NETWORK_DEFAULTS["in_channels"]))
 
     @property
     def class_names(self) -> list[str]:
@@ -81,7 +77,7 @@ class TrainedModel:
     def gate_levels(self) -> int:
         """Gated skips of the network (0 without gates): the `gate_<level>` maps it gives."""
         channels = self.hparams.get("channels", NETWORK_DEFAULTS["channels"])
-        return len(channels) - 1 if self.hparams.get("gates", True) else 0
+        return len(channels) - 1 if self.hparams.get("gates", NETWORK_DEFAULTS["gates"]) else 0
 
     def inference(self, sw_batch_size: int | None = None, overlap: float | None = None,
                   mirror: bool = False) -> WindowInference:
