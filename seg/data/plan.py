@@ -13,7 +13,8 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   step-time budget of voxels per patch; GPU: voxels that fit `--gpu-memory` in bf16), then padded to a multiple
   of the strides as nnU-Net does.
 - **Topology**: halve an axis at each level while its feature map stays >= `MIN_FEATURE` voxels and its spacing
-  is at most twice the finest axis's (so thin slices are first brought to the in-plane resolution); widths
+  is at most twice the finest axis's (so thin slices are first brought to the in-plane resolution;
+  `seg.models.topology.plan_strides`, which `seg fit` also suggests from); widths
   double from 16 (CPU) or 32 (GPU) per level, capped at 128 or 320.
 - **Batch**: 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4 slices in 2D; a
   third of the patches centred on foreground.
@@ -50,9 +51,10 @@ from seg.data.layout import load_dataset
 from seg.data.preprocessing import channel_schemes
 from seg.errors import DataError
 from seg.io import write_text
+from seg.models.topology import PLANNED_FEATURE_SIZE, plan_strides
 
 MIN_3D_SLICES = 12  # fewer resampled voxels along the thick axis than this: 2D
-MIN_FEATURE = 4  # nnU-Net's smallest feature map edge
+MIN_FEATURE = PLANNED_FEATURE_SIZE  # the stride rule's smallest feature map edge (seg.models.topology)
 ANISOTROPY = 3.0  # nnU-Net's threshold for a thick axis
 # Voxels per training patch. CPU: a step of 2 x 2 patches of this size takes about 2 s on two cores with widths
 # 16-128 (the hippocampus config, 40 x 56 x 40 = 90k voxels, runs 0.5 steps/s; BENCHMARKS.md). 2D convolutions
@@ -93,24 +95,6 @@ def target_spacing(spacings: np.ndarray) -> tuple[list[float], str]:
 def resampled_shape(shapes: np.ndarray, spacings: np.ndarray, target: Sequence[float]) -> np.ndarray:
     """The median shape `(3,)` of the cases after resampling to `target`."""
     return np.median(shapes * spacings / np.asarray(target, dtype=np.float64), axis=0)
-
-
-def plan_strides(patch: Sequence[int], spacing: Sequence[float], max_levels: int,
-                 min_feature: int = MIN_FEATURE) -> list[list[int]]:
-    """Per-level, per-axis strides for `patch` (voxels) at `spacing` (mm); see the module docstring."""
-    size = np.array(patch, dtype=np.float64)  # copies: the caller's patch stays as it is
-    mm = np.array(spacing, dtype=np.float64)
-    strides = []
-    for _ in range(max_levels):
-        step = [2 if size[a] / 2 >= min_feature and mm[a] <= 2 * mm.min() else 1 for a in range(len(size))]
-        if all(s == 1 for s in step):
-            break
-        if sum(s == 2 for s in step) == 1 and len(size) > 1 and size[step.index(2)] < 12:
-            break  # a level for one axis alone only while it is long (nnU-Net: 12 voxels); else it adds little
-        size /= step
-        mm *= step
-        strides.append(step)
-    return strides
 
 
 def _multiple(strides: list[list[int]], dims: int) -> np.ndarray:
