@@ -57,7 +57,7 @@ def channel_schemes(modalities: Sequence[str], normalization: str = "auto") -> l
     return ["ct" if m.strip().upper() == "CT" else "zscore" for m in modalities]
 
 
-def refuse(path: Path, field: str, value, expected: str):
+def refuse(path: Path | None, field: str, value, expected: str):
     """`CheckpointError`: a stored setting that is not what seg writes."""
     text = repr(value)
     raise CheckpointError(f"checkpoint's {field} is {text[:80] + '...' if len(text) > 80 else text}; expected "
@@ -73,11 +73,12 @@ def is_number(value, low: float = -math.inf, high: float = math.inf) -> bool:
             and low <= value <= high)
 
 
-def check_preprocessing(pre: dict, hparams: dict, path: Path) -> Preprocessing:
+def check_preprocessing(pre: dict, hparams: dict, path: Path | None) -> Preprocessing:
     """`pre` as a `Preprocessing`, after checking every field the Predictor reads: checkpoints and ONNX metadata.
 
     Unknown extra fields are left alone (a newer seg may add some); missing or malformed ones, or ones that
-    disagree with the network (channels, classes, dimensions), are a `CheckpointError`.
+    disagree with the network (channels, classes, dimensions), are a `CheckpointError` naming `path` (the
+    checkpoint or ONNX file; None for a model built in memory).
     """
     def need(field: str, ok, expected: str):
         if field not in pre:

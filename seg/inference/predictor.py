@@ -26,8 +26,9 @@ from seg import hardware
 from seg.data.checks import time_series
 from seg.data.guard import guard_file, load_header
 from seg.data.layout import strip_nifti_suffix
+from seg.data.preprocessing import check_preprocessing
 from seg.data.transforms import inference_transforms
-from seg.errors import CheckpointError, DataError, SegError, first_line
+from seg.errors import CheckpointError, DataError, SegError
 from seg.inference.checkpoint import TrainedModel, load_trained_model
 from seg.inference.slabs import class_indices, stitch_budget
 
@@ -148,6 +149,7 @@ class Predictor:
                  overlap: float | None = None, sw_batch_size: int | None = None, precision: str = "auto"):
         if not getattr(model, "preprocessing", None):
             raise SegError("the model has no preprocessing settings; load it with load_trained_model")
+        check_preprocessing(model.preprocessing, model.hparams, None)  # a model built in memory is checked too
         if overlap is not None and not 0.0 <= overlap < 1.0:
             raise SegError(f"--overlap must be in [0, 1), got {overlap}")
         if sw_batch_size is not None and sw_batch_size < 1:
