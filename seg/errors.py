@@ -15,6 +15,16 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, control characters escaped; its type's name when it has none.
+
+    Library errors (nibabel, pydicom, ONNX Runtime, torch's unpickler) often carry a multi-line report; a
+    refusal or a log line quotes only its first line.
+    """
+    text = str(err).strip()
+    return one_line(text.splitlines()[0]) if text else type(err).__name__
+
+
 class SegError(Exception):
     """A problem with the user's input (file, folder, config), not a bug in seg.
 

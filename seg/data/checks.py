@@ -40,7 +40,7 @@ from seg.data.fingerprint import ras_geometry
 from seg.data.guard import GZIP_MAX_RATIO, format_bytes, guard_file, named_warnings, ras_spacing_shape
 from seg.data.layout import Case, DatasetInfo, load_dataset, strip_nifti_suffix
 from seg.data.split import Split
-from seg.errors import DataError, escape, one_line
+from seg.errors import DataError, escape, first_line, one_line
 
 AFFINE_TOLERANCE_MM = 1e-4
 AFFINE_TOLERANCE_REL = 1e-3  # of the smallest voxel size
@@ -457,7 +457,7 @@ def _compare(reference, other, what: str, problem) -> None:
 
 
 def _one_line(err: Exception) -> str:
-    return " ".join(f"{type(err).__name__}: {err}".split())
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def _progress(results, total: int, enabled: bool):

@@ -13,7 +13,8 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   step-time budget of voxels per patch; GPU: voxels that fit `--gpu-memory` in bf16), then padded to a multiple
   of the strides as nnU-Net does.
 - **Topology**: halve an axis at each level while its feature map stays >= `MIN_FEATURE` voxels and its spacing
-  is at most twice the finest axis's (so thin slices are first brought to the in-plane resolution); widths
+  is at most twice the finest axis's (so thin slices are first brought to the in-plane resolution;
+  `seg.models.topology.plan_strides`, which `seg fit` also suggests from); widths
   double from 16 (CPU) or 32 (GPU) per level, capped at 128 or 320.
 - **Batch**: 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4 slices in 2D; a
   third of the patches centred on foreground.
@@ -27,7 +28,10 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
 - **Split by patient**: case ids like `patient001_frame01` (several volumes of one patient) are split by patient.
 
 Every decision is a `Decision` (config key, value, reason); `render_yaml` writes them as a LightningCLI config
-with the reason beside each value, and the decisions also travel inside checkpoints (`data.plan`).
+with the reason beside each value, and the decisions also travel inside checkpoints (`data.plan`). Each family
+above is one rule function (`RULES`: `plan_dims`, `plan_spacing`, ...) that returns its decisions; a rule reads
+the dataset's `Facts` and the decisions of the rules before it. (Over 400 lines: each rule stays beside the
+constants and the helpers it uses, and the command that writes its decisions.)
 """
 
 from __future__ import annotations
@@ -46,13 +50,14 @@ import numpy as np
 
 from seg import hardware
 from seg.data.fingerprint import load_fingerprint
-from seg.data.layout import load_dataset
-from seg.data.transforms import channel_schemes
+from seg.data.layout import DatasetInfo, load_dataset
+from seg.data.preprocessing import channel_schemes
 from seg.errors import DataError
 from seg.io import write_text
+from seg.models.topology import PLANNED_FEATURE_SIZE, plan_strides
 
 MIN_3D_SLICES = 12  # fewer resampled voxels along the thick axis than this: 2D
-MIN_FEATURE = 4  # nnU-Net's smallest feature map edge
+MIN_FEATURE = PLANNED_FEATURE_SIZE  # the stride rule's smallest feature map edge (seg.models.topology)
 ANISOTROPY = 3.0  # nnU-Net's threshold for a thick axis
 # Voxels per training patch. CPU: a step of 2 x 2 patches of this size takes about 2 s on two cores with widths
 # 16-128 (the hippocampus config, 40 x 56 x 40 = 90k voxels, runs 0.5 steps/s; BENCHMARKS.md). 2D convolutions
@@ -95,24 +100,6 @@ def resampled_shape(shapes: np.ndarray, spacings: np.ndarray, target: Sequence[f
     return np.median(shapes * spacings / np.asarray(target, dtype=np.float64), axis=0)
 
 
-def plan_strides(patch: Sequence[int], spacing: Sequence[float], max_levels: int,
-                 min_feature: int = MIN_FEATURE) -> list[list[int]]:
-    """Per-level, per-axis strides for `patch` (voxels) at `spacing` (mm); see the module docstring."""
-    size = np.array(patch, dtype=np.float64)  # copies: the caller's patch stays as it is
-    mm = np.array(spacing, dtype=np.float64)
-    strides = []
-    for _ in range(max_levels):
-        step = [2 if size[a] / 2 >= min_feature and mm[a] <= 2 * mm.min() else 1 for a in range(len(size))]
-        if all(s == 1 for s in step):
-            break
-        if sum(s == 2 for s in step) == 1 and len(size) > 1 and size[step.index(2)] < 12:
-            break  # a level for one axis alone only while it is long (nnU-Net: 12 voxels); else it adds little
-        size /= step
-        mm *= step
-        strides.append(step)
-    return strides
-
-
 def _multiple(strides: list[list[int]], dims: int) -> np.ndarray:
     return np.prod(np.asarray(strides), axis=0).astype(int) if strides else np.ones(dims, dtype=int)
 
@@ -148,9 +135,225 @@ def detect_groups(case_ids: Sequence[str]) -> str | None:
     return GROUP_PATTERN if groups and len(set(groups)) < len(groups) else None
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the rules decide from: the dataset, its fingerprint, and the machine and time the run is planned for."""
+
+    info: DatasetInfo
+    spacings: np.ndarray  # (cases, 3) mm, RAS
+    shapes: np.ndarray  # (cases, 3) voxels, RAS
+    target: list[float]  # the target spacing, before the dims rule (`target_spacing`)
+    target_why: str
+    median: np.ndarray  # the median scan resampled to `target`, voxels
+    gpu: bool
+    device_why: str
+    gpu_memory: float
+    bf16: str | None  # the CPU's native bf16 units (`hardware.cpu_bf16_units`); None on a GPU or without them
+    minutes: float | None
+    dims: str
+
+    @property
+    def anisotropy(self) -> float:
+        median_spacing = np.median(self.spacings, axis=0)
+        return float(median_spacing.max() / max(median_spacing.min(), 1e-6))
+
+
+Decided = dict  # config key -> value of the decisions made so far
+
+
+def plan_dims(facts: Facts, decided: Decided) -> list[Decision]:
+    """2D or 3D (module docstring, "2D or 3D")."""
+    if facts.dims != "auto":
+        return [Decision("data.spatial_dims", int(facts.dims[0]), f"--dims {facts.dims}")]
+    median, thick = facts.median, int(np.argmax(facts.target))
+    few_slices = median[thick] < MIN_3D_SLICES and thick == 2
+    # On a CPU, thick slices make 2D the better use of the minutes: a 2D step costs a fraction of a 3D one
+    # (2.5x faster again in bf16) and the thick axis holds little context. ACDC (10 mm slices, 1.5 mm in-plane)
+    # in 15 CPU minutes: 0.82 mean Dice in 2D, 0.41 in 3D (BENCHMARKS.md).
+    thick_on_cpu = not facts.gpu and facts.anisotropy > ANISOTROPY and thick == 2
+    if few_slices:
+        why = f"2D: {median[thick]:.0f} slices after resampling (< {MIN_3D_SLICES}) give a 3D patch no context along S"
+    elif thick_on_cpu:
+        why = (f"2D: on a CPU, slices {facts.anisotropy:.1f}x thicker than the in-plane spacing (> {ANISOTROPY:g}) "
+               "hold little context and a 2D step costs a fraction of a 3D one (ACDC in 15 CPU minutes: "
+               "0.82 mean Dice in 2D, 0.41 in 3D); --dims 3d for 3D")
+    else:
+        why = f"3D: the median resampled scan is {'x'.join(f'{v:.0f}' for v in median)} voxels"
+    return [Decision("data.spatial_dims", 2 if few_slices or thick_on_cpu else 3, why)]
+
+
+def plan_spacing(facts: Facts, decided: Decided) -> list[Decision]:
+    """The target spacing (module docstring, "Target spacing"); 2D slices keep their own thickness."""
+    target = list(facts.target)
+    if decided["data.spatial_dims"] == 2:
+        target[2] = 0.0  # slices keep their own thickness
+        return [Decision("data.spacing", target, facts.target_why + "; 2D slices keep their own thickness (0)")]
+    return [Decision("data.spacing", target, facts.target_why)]
+
+
+def _patch_geometry(facts: Facts, decided: Decided) -> tuple[int, np.ndarray, float, int]:
+    """Spatial dims, the patch axes' spacing, the voxel budget and the most levels, for the patch and topology."""
+    spatial = decided["data.spatial_dims"]
+    target = decided["data.spacing"]
+    budget = (GPU_VOXELS_PER_GB[spatial] * facts.gpu_memory) if facts.gpu else CPU_PATCH_VOXELS[spatial]
+    return spatial, np.asarray(target[:spatial]) if spatial == 3 else target[:2], budget, 5 if facts.gpu else 4
+
+
+def plan_patch_size(facts: Facts, decided: Decided) -> list[Decision]:
+    """The patch (module docstring, "Patch")."""
+    spatial, spacing, budget, max_levels = _patch_geometry(facts, decided)
+    in_plane = facts.median[:spatial]
+    patch, _ = plan_patch(in_plane, spacing, budget, max_levels)
+    over = [a for a in range(spatial) if patch[a] > in_plane[a]]
+    return [Decision("data.patch_size", patch,
+                     f"the median resampled scan ({'x'.join(f'{v:.0f}' for v in in_plane)}) "
+                     + ("padded" if over else "shrunk along its longest side (mm) to the budget and rounded")
+                     + f" to a multiple of the strides; budget {budget / 1000:.0f}k voxels "
+                     + (f"({facts.gpu_memory:g} GB of GPU memory, bf16)" if facts.gpu
+                        else "(about 2 s a step on 2 CPU cores)"))]
+
+
+def plan_topology(facts: Facts, decided: Decided) -> list[Decision]:
+    """Widths and strides (module docstring, "Topology"): the strides `plan_patch` padded the patch to."""
+    spatial, spacing, _, max_levels = _patch_geometry(facts, decided)
+    patch = decided["data.patch_size"]
+    strides = plan_strides(patch, spacing, max_levels)
+    base, cap = (32, 320) if facts.gpu else (16, 128)
+    channels = [min(base * 2**i, cap) for i in range(len(strides) + 1)]
+    return [Decision("model.channels", channels, f"{base} at full resolution, doubling per level, capped at {cap}"),
+            Decision("model.strides", strides,
+                     f"halve an axis while its feature map stays >= {MIN_FEATURE} voxels and its spacing <= 2x the "
+                     f"finest (coarsest map "
+                     f"{'x'.join(str(int(p // m)) for p, m in zip(patch, _multiple(strides, spatial)))})")]
+
+
+def plan_batch(facts: Facts, decided: Decided) -> list[Decision]:
+    """Volumes and patches a step, and the foreground share (module docstring, "Batch")."""
+    spatial = decided["data.spatial_dims"]
+    per_volume = 4 if spatial == 2 else 2
+    return [Decision("data.batch_size", 2, "2 volumes a step: batch statistics and batch Dice need at least 2"),
+            Decision("data.samples_per_volume", per_volume,
+                     f"{per_volume} {'slices' if spatial == 2 else 'patches'} from each loaded volume: loading costs "
+                     "more than a patch"),
+            Decision("data.foreground_ratio", 0.33, "a third of the patches centred on a labelled voxel (nnU-Net)")]
+
+
+def plan_normalization(facts: Facts, decided: Decided) -> list[Decision]:
+    """Normalisation per channel (module docstring, "Normalisation")."""
+    modalities = facts.info.modalities
+    return [Decision("data.normalization", "auto", "per channel from dataset.json: " + ", ".join(
+        f"{m}: {'CT clip to the foreground 0.5-99.5 percentiles, foreground mean/std' if s == 'ct' else 'z-score per scan'}"
+        for m, s in zip(modalities, channel_schemes(modalities))))]
+
+
+def plan_split(facts: Facts, decided: Decided) -> list[Decision]:
+    """The validation cases, by patient where case ids name one (module docstring, "Split by patient")."""
+    cases = facts.info.cases
+    group = detect_groups([c.case_id for c in cases])
+    fraction = 0.1 if len(cases) >= 50 else 0.2
+    return [Decision("data.group_pattern", group,
+                     "several volumes per patient (case ids such as patient001_frame01): split by patient" if group
+                     else "one volume per case id: split by case"),
+            Decision("data.val_fraction", fraction,
+                     f"{_validation_cases(facts, fraction)} of {len(cases)} cases held out for validation")]
+
+
+def _validation_cases(facts: Facts, fraction: float) -> int:
+    return max(1, round(len(facts.info.cases) * fraction))
+
+
+def plan_loading(facts: Facts, decided: Decided) -> list[Decision]:
+    """Loader processes."""
+    return [Decision("data.num_workers", 8, "loader processes for a GPU node") if facts.gpu else
+            Decision("data.num_workers", 2, "loader processes: one per core on the 2-core reference")]
+
+
+def plan_optimizer(facts: Facts, decided: Decided) -> list[Decision]:
+    """The optimiser: nnU-Net's SGD on a GPU, AdamW for a CPU run's few steps."""
+    if facts.gpu:
+        return [Decision("model.optimizer", "sgd", "SGD with Nesterov momentum 0.99 (nnU-Net) on a GPU"),
+                Decision("model.lr", 0.01, "nnU-Net's initial learning rate for SGD"),
+                Decision("model.deep_supervision", True, "auxiliary losses on coarser levels (nnU-Net)")]
+    return [Decision("model.optimizer", "adamw", "AdamW converges in fewer steps than SGD, and a CPU run has few"),
+            Decision("model.lr", 0.003, "the learning rate that trained the hippocampus model best here (BENCHMARKS.md)")]
+
+
+def plan_precision(facts: Facts, decided: Decided) -> list[Decision]:
+    """Precision and accelerator (module docstring, "Precision")."""
+    if facts.gpu:
+        return [Decision("trainer.precision", "bf16-mixed", "bf16 mixed precision on the GPU"),
+                Decision("trainer.accelerator", "gpu", facts.device_why)]
+    spatial = decided["data.spatial_dims"]
+    if facts.bf16:
+        precision = Decision("trainer.precision", "bf16-mixed",
+                             f"bf16 mixed precision: this CPU has {BF16_UNITS[facts.bf16]} (a training step "
+                             f"{hardware.BF16_STEP_SPEEDUP[facts.bf16][spatial]:g}x faster than float32 in {spatial}D "
+                             "on the 2-core reference)")
+    else:
+        precision = Decision("trainer.precision", "32-true", "float32: this CPU has no native bf16 instructions (AMX "
+                             "or AVX-512 BF16), bf16 would be emulated")
+    return [precision, Decision("trainer.accelerator", "auto", "the GPU when there is one, else the CPU")]
+
+
+def plan_schedule(facts: Facts, decided: Decided) -> list[Decision]:
+    """Weight decay, learning-rate schedule and the windows per forward pass."""
+    return [Decision("model.weight_decay", 3e-5, "nnU-Net's weight decay"),
+            Decision("model.schedule", "poly", "warm-up then polynomial decay over the run (by time when time-bounded)"),
+            Decision("model.sw_batch_size", 4, "windows per forward pass at validation and prediction")]
+
+
+def plan_time_and_validation(facts: Facts, decided: Decided) -> list[Decision]:
+    """Training time and how often to validate (module docstring, "Validation").
+
+    Estimates a training step and a validation. A time-bounded run validates every epoch and lets
+    `ValidationSchedule` skip what goes over its share (measured, not estimated); an epoch-bounded one validates
+    every n epochs, n from the estimates.
+    """
+    gpu, bf16, median = facts.gpu, facts.bf16, facts.median
+    spatial, patch = decided["data.spatial_dims"], decided["data.patch_size"]
+    n_val = _validation_cases(facts, decided["data.val_fraction"])
+    voxels_per_step = 2 * decided["data.samples_per_volume"] * float(np.prod(patch))
+    step_seconds = voxels_per_step * CPU_SECONDS_PER_VOXEL[spatial] / (
+        50 if gpu else hardware.BF16_STEP_SPEEDUP[bf16][spatial] if bf16 else 1)
+    n_train = len(facts.info.cases) - n_val
+    epoch_seconds = math.ceil(n_train / 2) * step_seconds
+    # sliding windows at overlap 0.5 cover each voxel about 2^dims times, a forward pass is ~1/3 of a step
+    scan_voxels = float(np.prod(median[:3] if spatial == 3 else median[:2])) * (median[2] if spatial == 2 else 1)
+    val_seconds = n_val * scan_voxels * 2**spatial * CPU_SECONDS_PER_VOXEL[spatial] / 3 / (
+        50 if gpu else hardware.BF16_FORWARD_SPEEDUP[bf16] if bf16 else 1)
+    total_minutes = facts.minutes if facts.minutes is not None else (None if gpu else 60.0)
+    cost = f"a validation: {val_seconds:.0f} s for {n_val} scans, an epoch: {epoch_seconds:.0f} s (estimated)"
+    decisions = []
+    if total_minutes is not None:
+        epochs = max(1, int(total_minutes * 60 / max(epoch_seconds, 1e-6)))
+        decisions += [Decision("trainer.max_time", _duration(total_minutes), f"{total_minutes:g} minutes of "
+                               f"training; about {epochs} epochs of {epoch_seconds:.0f} s (estimated)"),
+                      Decision("trainer.max_epochs", -1, "bounded by time, not epochs")]
+        every = 1
+        why = (f"every epoch while validation stays under validation.max_share of the run: `seg fit` measures what a "
+               f"validation costs and skips the ones over it; the last epoch is always validated ({cost})")
+    else:
+        decisions.append(Decision("trainer.max_epochs", 1000, "1000 epochs, as nnU-Net trains on a GPU"))
+        every = max(1, math.ceil(val_seconds / max(0.1 * epoch_seconds, 1e-6)))
+        why = f"validation at most a tenth of the training time ({cost})"
+    return decisions + [
+        Decision("trainer.check_val_every_n_epoch", every, why),
+        Decision("validation.max_share", 0.1, "validation takes at most a tenth of a time-bounded run's wall time"),
+        Decision("overlays.every_n_epochs", every, "gate overlays at every validation" if every > 1 else
+                 "gate overlays at the validations (and always at the last)"),
+        Decision("trainer.log_every_n_steps", max(1, min(50, math.ceil(n_train / 2) // 2)),
+                 "twice an epoch, at most every 50")]
+
+
+# The rules in the order they decide: a rule reads the decisions of the rules before it. The written plan lists the
+# decisions in this order.
+RULES = (plan_dims, plan_spacing, plan_patch_size, plan_topology, plan_batch, plan_normalization, plan_split,
+         plan_loading, plan_optimizer, plan_precision, plan_schedule, plan_time_and_validation)
+
+
 def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float = 10.0,
                  minutes: float | None = None, dims: str = "auto", check: bool = True) -> list[Decision]:
-    """Plan a training run for the dataset at `root`.
+    """Plan a training run for the dataset at `root`: the `RULES`, in order, on its `Facts`.
 
     Args:
         root: the dataset folder (any layout `seg.data.layout` reads).
@@ -163,6 +366,16 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
     Raises:
         DataError: the dataset cannot be read, or `seg check-data` finds problems (all of them, one line each).
     """
+    facts = dataset_facts(root, device, gpu_memory, minutes, dims, check)
+    decisions: list[Decision] = []
+    for rule in RULES:
+        decisions += rule(facts, {d.key: d.value for d in decisions})
+    return decisions
+
+
+def dataset_facts(root: str | os.PathLike, device: str = "cpu", gpu_memory: float = 10.0,
+                  minutes: float | None = None, dims: str = "auto", check: bool = True) -> Facts:
+    """The options checked, the dataset read (and checked) and fingerprinted: what `plan_dataset`'s rules need."""
     if device not in ("auto", "cpu", "gpu"):
         raise DataError(f"--device must be auto, cpu or gpu, got '{device}'")
     device, device_why = resolve_device(device)
@@ -178,140 +391,15 @@ def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float
         info = check_or_raise(root)
     else:
         info = load_dataset(root)
-    ct = "ct" in channel_schemes(info.modalities)
-    fingerprint = load_fingerprint(info, intensities=ct)
+    fingerprint = load_fingerprint(info, intensities="ct" in channel_schemes(info.modalities))
     spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
     shapes = np.asarray(fingerprint["shapes"], dtype=np.float64)
-    gpu = device == "gpu"
-    bf16 = None if gpu else hardware.cpu_bf16_units()  # a CPU plan is for the CPU it is made on
-    decisions: list[Decision] = []
-
-    def decide(key: str, value, reason: str) -> None:
-        decisions.append(Decision(key, value, reason))
-
     target, why = target_spacing(spacings)
-    median = resampled_shape(shapes, spacings, target)
-    thick = int(np.argmax(target))
-    shape_text = "x".join(f"{v:.0f}" for v in median)
-    median_spacing = np.median(spacings, axis=0)
-    anisotropy = float(median_spacing.max() / max(median_spacing.min(), 1e-6))
-    if dims == "auto":
-        few_slices = median[thick] < MIN_3D_SLICES and thick == 2
-        # On a CPU, thick slices make 2D the better use of the minutes: a 2D step costs a fraction of a 3D one
-        # (2.5x faster again in bf16) and the thick axis holds little context. ACDC (10 mm slices, 1.5 mm in-plane)
-        # in 15 CPU minutes: 0.82 mean Dice in 2D, 0.41 in 3D (BENCHMARKS.md).
-        thick_on_cpu = not gpu and anisotropy > ANISOTROPY and thick == 2
-        spatial = 2 if few_slices or thick_on_cpu else 3
-        if few_slices:
-            dims_why = (f"2D: {median[thick]:.0f} slices after resampling (< {MIN_3D_SLICES}) give a 3D patch no "
-                        "context along S")
-        elif thick_on_cpu:
-            dims_why = (f"2D: on a CPU, slices {anisotropy:.1f}x thicker than the in-plane spacing (> {ANISOTROPY:g}) "
-                        "hold little context and a 2D step costs a fraction of a 3D one (ACDC in 15 CPU minutes: "
-                        "0.82 mean Dice in 2D, 0.41 in 3D); --dims 3d for 3D")
-        else:
-            dims_why = f"3D: the median resampled scan is {shape_text} voxels"
-    else:
-        spatial = int(dims[0])
-        dims_why = f"--dims {dims}"
-    decide("data.spatial_dims", spatial, dims_why)
-    if spatial == 2:
-        target[2] = 0.0  # slices keep their own thickness
-    decide("data.spacing", target, why + ("; 2D slices keep their own thickness (0)" if spatial == 2 else ""))
-
-    budget = (GPU_VOXELS_PER_GB[spatial] * gpu_memory) if gpu else CPU_PATCH_VOXELS[spatial]
-    max_levels = 5 if gpu else 4
-    in_plane = median[:spatial]
-    patch, strides = plan_patch(in_plane, np.asarray(target[:spatial]) if spatial == 3 else target[:2], budget,
-                                max_levels)
-    over = [a for a in range(spatial) if patch[a] > in_plane[a]]
-    decide("data.patch_size", patch,
-           f"the median resampled scan ({'x'.join(f'{v:.0f}' for v in in_plane)}) "
-           + ("padded" if over else "shrunk along its longest side (mm) to the budget and rounded")
-           + f" to a multiple of the strides; budget {budget / 1000:.0f}k voxels "
-           + (f"({gpu_memory:g} GB of GPU memory, bf16)" if gpu else "(about 2 s a step on 2 CPU cores)"))
-    base, cap = (32, 320) if gpu else (16, 128)
-    channels = [min(base * 2**i, cap) for i in range(len(strides) + 1)]
-    decide("model.channels", channels, f"{base} at full resolution, doubling per level, capped at {cap}")
-    decide("model.strides", strides,
-           f"halve an axis while its feature map stays >= {MIN_FEATURE} voxels and its spacing <= 2x the finest "
-           f"(coarsest map {'x'.join(str(int(p // m)) for p, m in zip(patch, _multiple(strides, spatial)))})")
-
-    per_volume = 4 if spatial == 2 else 2
-    decide("data.batch_size", 2, "2 volumes a step: batch statistics and batch Dice need at least 2")
-    decide("data.samples_per_volume", per_volume,
-           f"{per_volume} {'slices' if spatial == 2 else 'patches'} from each loaded volume: loading costs more than a "
-           "patch")
-    decide("data.foreground_ratio", 0.33, "a third of the patches centred on a labelled voxel (nnU-Net)")
-    schemes = channel_schemes(info.modalities)
-    decide("data.normalization", "auto",
-           "per channel from dataset.json: " + ", ".join(
-               f"{m}: {'CT clip to the foreground 0.5-99.5 percentiles, foreground mean/std' if s == 'ct' else 'z-score per scan'}"
-               for m, s in zip(info.modalities, schemes)))
-    group = detect_groups([c.case_id for c in info.cases])
-    decide("data.group_pattern", group,
-           "several volumes per patient (case ids such as patient001_frame01): split by patient" if group else
-           "one volume per case id: split by case")
-    n_val = max(1, round(len(info.cases) * (0.1 if len(info.cases) >= 50 else 0.2)))
-    decide("data.val_fraction", 0.1 if len(info.cases) >= 50 else 0.2,
-           f"{n_val} of {len(info.cases)} cases held out for validation")
-    decide("data.num_workers", 2 if not gpu else 8, "loader processes: one per core on the 2-core reference" if not gpu
-           else "loader processes for a GPU node")
-
-    if gpu:
-        decide("model.optimizer", "sgd", "SGD with Nesterov momentum 0.99 (nnU-Net) on a GPU")
-        decide("model.lr", 0.01, "nnU-Net's initial learning rate for SGD")
-        decide("model.deep_supervision", True, "auxiliary losses on coarser levels (nnU-Net)")
-        decide("trainer.precision", "bf16-mixed", "bf16 mixed precision on the GPU")
-        decide("trainer.accelerator", "gpu", device_why)
-    else:
-        decide("model.optimizer", "adamw", "AdamW converges in fewer steps than SGD, and a CPU run has few")
-        decide("model.lr", 0.003, "the learning rate that trained the hippocampus model best here (BENCHMARKS.md)")
-        if bf16:
-            decide("trainer.precision", "bf16-mixed",
-                   f"bf16 mixed precision: this CPU has {BF16_UNITS[bf16]} (a training step "
-                   f"{hardware.BF16_STEP_SPEEDUP[bf16][spatial]:g}x faster than float32 in {spatial}D on the 2-core "
-                   "reference)")
-        else:
-            decide("trainer.precision", "32-true", "float32: this CPU has no native bf16 instructions (AMX or "
-                   "AVX-512 BF16), bf16 would be emulated")
-        decide("trainer.accelerator", "auto", "the GPU when there is one, else the CPU")
-    decide("model.weight_decay", 3e-5, "nnU-Net's weight decay")
-    decide("model.schedule", "poly", "warm-up then polynomial decay over the run (by time when time-bounded)")
-    decide("model.sw_batch_size", 4, "windows per forward pass at validation and prediction")
-
-    # Time and validation: estimate a training step and a validation. A time-bounded run validates every epoch and
-    # lets `ValidationSchedule` skip what goes over its share (measured, not estimated); an epoch-bounded one
-    # validates every n epochs, n from the estimates.
-    voxels_per_step = 2 * per_volume * float(np.prod(patch))
-    step_seconds = voxels_per_step * CPU_SECONDS_PER_VOXEL[spatial] / (
-        50 if gpu else hardware.BF16_STEP_SPEEDUP[bf16][spatial] if bf16 else 1)
-    n_train = len(info.cases) - n_val
-    epoch_seconds = math.ceil(n_train / 2) * step_seconds
-    # sliding windows at overlap 0.5 cover each voxel about 2^dims times, a forward pass is ~1/3 of a step
-    scan_voxels = float(np.prod(median[:3] if spatial == 3 else median[:2])) * (median[2] if spatial == 2 else 1)
-    val_seconds = n_val * scan_voxels * 2**spatial * CPU_SECONDS_PER_VOXEL[spatial] / 3 / (
-        50 if gpu else hardware.BF16_FORWARD_SPEEDUP[bf16] if bf16 else 1)
-    total_minutes = minutes if minutes is not None else (None if gpu else 60.0)
-    cost = f"a validation: {val_seconds:.0f} s for {n_val} scans, an epoch: {epoch_seconds:.0f} s (estimated)"
-    if total_minutes is not None:
-        epochs = max(1, int(total_minutes * 60 / max(epoch_seconds, 1e-6)))
-        decide("trainer.max_time", _duration(total_minutes),
-               f"{total_minutes:g} minutes of training; about {epochs} epochs of {epoch_seconds:.0f} s (estimated)")
-        decide("trainer.max_epochs", -1, "bounded by time, not epochs")
-        every = 1
-        why = (f"every epoch while validation stays under validation.max_share of the run: `seg fit` measures what a "
-               f"validation costs and skips the ones over it; the last epoch is always validated ({cost})")
-    else:
-        decide("trainer.max_epochs", 1000, "1000 epochs, as nnU-Net trains on a GPU")
-        every = max(1, math.ceil(val_seconds / max(0.1 * epoch_seconds, 1e-6)))
-        why = f"validation at most a tenth of the training time ({cost})"
-    decide("trainer.check_val_every_n_epoch", every, why)
-    decide("validation.max_share", 0.1, "validation takes at most a tenth of a time-bounded run's wall time")
-    decide("overlays.every_n_epochs", every, "gate overlays at every validation" if every > 1 else
-           "gate overlays at the validations (and always at the last)")
-    decide("trainer.log_every_n_steps", max(1, min(50, math.ceil(n_train / 2) // 2)), "twice an epoch, at most every 50")
-    return decisions
+    gpu = device == "gpu"
+    return Facts(info=info, spacings=spacings, shapes=shapes, target=target, target_why=why,
+                 median=resampled_shape(shapes, spacings, target), gpu=gpu, device_why=device_why,
+                 gpu_memory=gpu_memory, bf16=None if gpu else hardware.cpu_bf16_units(),  # for the CPU it is made on
+                 minutes=minutes, dims=dims)
 
 
 def resolve_device(device: str) -> tuple[str, str]:

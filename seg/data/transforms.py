@@ -5,20 +5,8 @@ is shared by validation, testing and the `seg predict` command, and every geomet
 invertible with `monai.transforms.Invertd` back to the scan's own grid. Training adds padding to the patch
 size, foreground-weighted patch sampling and augmentation (`train_transforms`).
 
-The `preprocessing` dict (JSON-serialisable, saved with a model) holds:
-    version: 1
-    spatial_dims: 2 or 3 (2: the network sees axial slices; the volumes are still resampled in 3D)
-    orientation: "RAS"
-    spacing: target voxel size in mm along R, A, S; a component <= 0 keeps the scan's own (2D: through-plane)
-    normalization: one per channel, {"scheme": "zscore", "nonzero": bool}
-                   or {"scheme": "ct", "clip": [low, high], "mean": float, "std": float}
-    modalities: channel names, e.g. ["CT"] or ["T2", "ADC"]
-    in_channels, num_classes: network input and output channels
-    labels: {"0": "background", "1": ...}; class_names: the foreground names in label order
-    patch_size: training patch (2 or 3 values)
-    crop_foreground: crop each scan to the bounding box of its foreground (the body) before normalising
-    crop_threshold: per channel, the intensity above which a voxel is body (CT: -500 HU, so air is cropped), or
-                    None: any nonzero voxel (MR, whose background is zero); absent in older checkpoints (nonzero)
+The `preprocessing` dict (JSON-serialisable, saved with a model): its fields are
+`seg.data.preprocessing.Preprocessing`, checked by `seg.data.preprocessing.check_preprocessing`.
 """
 
 from __future__ import annotations
@@ -55,18 +43,10 @@ from monai.transforms import (
 
 from seg.data.guard import guard_file, named_warnings
 from seg.data.layout import DatasetInfo
-from seg.errors import DataError
+from seg.data.preprocessing import Preprocessing, channel_schemes
+from seg.errors import DataError, first_line
 
 PREPROCESSING_VERSION = 1
-
-
-def channel_schemes(modalities: Sequence[str], normalization: str = "auto") -> list[str]:
-    """Normalisation scheme per channel: "auto" gives CT channels "ct" and every other modality "zscore"."""
-    if normalization not in ("auto", "zscore", "ct"):
-        raise ValueError(f"normalization must be 'auto', 'zscore' or 'ct', got '{normalization}'")
-    if normalization != "auto":
-        return [normalization] * len(modalities)
-    return ["ct" if m.strip().upper() == "CT" else "zscore" for m in modalities]
 
 
 def make_preprocessing(
@@ -78,8 +58,8 @@ def make_preprocessing(
     normalization: str = "auto",
     ct_window: Sequence[float] | None = None,
     crop_foreground: bool = True,
-) -> dict:
-    """The `preprocessing` dict for a dataset (see the module docstring for its fields).
+) -> Preprocessing:
+    """The `preprocessing` settings for a dataset (`seg.data.preprocessing.Preprocessing`).
 
     Args:
         info: the dataset layout (modalities, labels).
@@ -230,8 +210,8 @@ class LoadScand(LoadImaged):
                     try:  # only on failure: find the file to blame
                         self._loader(path, reader)
                     except Exception as file_err:
-                        reason = (str(file_err).strip() or type(file_err).__name__).splitlines()[0]
-                        raise DataError(f"cannot read this scan ({reason}); run `seg check-data`", path) from err
+                        raise DataError(f"cannot read this scan ({first_line(file_err)}); run `seg check-data`",
+                                        path) from err
             raise
         for key in self.key_iterator(loaded):
             if loaded[key].is_floating_point():

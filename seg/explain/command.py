@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from seg.errors import DataError, SegError
+from seg.errors import DataError, SegError, first_line
 from seg.explain.export import CaseOverlay, _fmt, channel_title, export_case, map_order, write_concentration_csv
 from seg.inference.report import case_report, console_lines
 
@@ -58,8 +58,7 @@ def _load_label(path: Path, reference: nib.Nifti1Image) -> np.ndarray:
         image = nib.load(os.fspath(path))
         data = np.asarray(image.dataobj)
     except Exception as err:  # nibabel raises many types for files that are not NIfTI
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"not a readable NIfTI label ({reason})", path) from None
+        raise DataError(f"not a readable NIfTI label ({first_line(err)})", path) from None
     data = data.reshape(data.shape[:3]) if data.ndim == 4 and data.shape[3] == 1 else data
     if data.shape != reference.shape[:3] or not np.allclose(image.affine, reference.affine, atol=1e-3):
         raise DataError(f"label grid (shape {data.shape}) differs from its scan's ({reference.shape[:3]}, or the "

@@ -7,30 +7,22 @@ the network, the preprocessing and a few settings: `TrainedModel`.
 
 from __future__ import annotations
 
-import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from seg.data.checks import MAX_SPACING_MM
-from seg.data.codes import parse_codes
-from seg.errors import CheckpointError, DataError
+from seg.data.preprocessing import Preprocessing, check_preprocessing, is_int, is_number, refuse
+from seg.errors import CheckpointError, first_line, one_line
 from seg.inference.window import WindowInference
-from seg.models import AttentionUNet
+from seg.models import NETWORK_DEFAULTS, AttentionUNet
 
 CHECKPOINT_KEY = "seg"  # the checkpoint entry that makes a checkpoint self-sufficient for inference
 CHECKPOINT_FORMAT = 1
-# Voxel sizes a checkpoint may resample to: below 0.01 mm (10 micrometres, beyond any CT or MR) a scan of a few
-# cm would be resampled to billions of voxels; above `MAX_SPACING_MM`, as check-data, the header's units are off.
-MIN_SPACING_MM = 0.01
 # Above this windows step by a few voxels: at 0.999 a 128^3 window steps by one, 57 million windows on a 512^3 CT.
 MAX_OVERLAP = 0.95
-# SegmentationModule's network settings and their defaults: what `build_network` reads from hyper-parameters.
-NETWORK_DEFAULTS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": (16, 32, 64, 128),
-                    "strides": (2, 2, 2), "cbam": True, "gates": True, "deep_supervision": False,
-                    "downsample": "conv", "decoder_convs": 1}
 
 
 def build_network(hparams: dict) -> AttentionUNet:
@@ -52,12 +44,12 @@ class TrainedModel:
     """
 
     network: AttentionUNet
-    preprocessing: dict
+    preprocessing: Preprocessing
     hparams: dict
 
     @property
     def spatial_dims(self) -> int:
-        return int(self.hparams.get("spatial_dims", 3))
+        return int(self.hparams.get("spatial_dims", NETWORK_DEFAULTS["spatial_dims"]))
 
     @property
     def num_classes(self) -> int:
@@ -65,7 +57,7 @@ class TrainedModel:
 
     @property
     def in_channels(self) -> int:
-        return int(self.hparams.get("in_channels", 1))
+        return int(self.hparams.get("in_channels", NETWORK_DEFAULTS["in_channels"]))
 
     @property
     def class_names(self) -> list[str]:
@@ -81,7 +73,7 @@ class TrainedModel:
     def gate_levels(self) -> int:
         """Gated skips of the network (0 without gates): the `gate_<level>` maps it gives."""
         channels = self.hparams.get("channels", NETWORK_DEFAULTS["channels"])
-        return len(channels) - 1 if self.hparams.get("gates", True) else 0
+        return len(channels) - 1 if self.hparams.get("gates", NETWORK_DEFAULTS["gates"]) else 0
 
     def inference(self, sw_batch_size: int | None = None, overlap: float | None = None,
                   mirror: bool = False) -> WindowInference:
@@ -106,6 +98,27 @@ def network_state(state_dict: dict) -> dict:
     return out
 
 
+def load_weights_only(path, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`, with `CheckpointError` for unsafe, corrupt or missing files.
+
+    Weights-only whatever the environment says (`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`): a crafted checkpoint that
+    needs arbitrary unpickling is refused before it can run code.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a paragraph that suggests weights_only=False; keep only the line naming the object
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "nsupported" in line]
+        what = one_line(lines[0]) if lines else "it holds objects other than tensors and plain data"
+        raise CheckpointError(f"refused: not a weights-only checkpoint, loading it could run code ({what})",
+                              path) from None
+    except FileNotFoundError:
+        raise CheckpointError("checkpoint not found", path) from None
+    except Exception as err:  # arbitrary bytes trip torch's zip reader and unpickler in many ways (IndexError...)
+        raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {type(err).__name__}: "
+                              f"{first_line(err)}", path) from None
+
+
 def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu") -> TrainedModel:
     """The network of a `seg fit` checkpoint, in eval mode, with its preprocessing and settings.
 
@@ -115,14 +128,7 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise CheckpointError(f"refused: not a weights-only checkpoint ({first})", path) from None
-    except Exception as err:  # arbitrary bytes trip torch's zip reader and unpickler in many ways (IndexError...)
-        raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {type(err).__name__}: "
-                              f"{_first_line(err)}", path) from None
+    checkpoint = load_weights_only(path, map_location)
     info = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(info, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError("not a seg checkpoint (no model settings inside); use a .ckpt written by `seg fit`",
@@ -142,119 +148,27 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         network = build_network(hparams)
         network.load_state_dict(network_state(checkpoint["state_dict"]))
     except (TypeError, RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint does not match this version of seg: {_first_line(err)}", path) from None
+        raise CheckpointError(f"checkpoint does not match this version of seg: {first_line(err)}", path) from None
     hparams = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
     return TrainedModel(network.eval().to(map_location), info["preprocessing"], hparams)
-
-
-def _fail(path: Path, field: str, value, expected: str):
-    text = repr(value)
-    raise CheckpointError(f"checkpoint's {field} is {text[:80] + '...' if len(text) > 80 else text}; expected "
-                          f"{expected}: the file was not written by `seg fit` or was edited", path)
-
-
-def _is_int(value, low: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _is_number(value, low: float = -math.inf, high: float = math.inf) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and low <= value <= high)
 
 
 def check_hyper_parameters(hparams: dict, path: Path) -> None:
     """The hyper-parameters the Predictor reads, with their types and ranges; `CheckpointError` otherwise."""
     checks = {
         "spatial_dims": (lambda v: v in (2, 3), "2 or 3"),
-        "in_channels": (_is_int, "a positive integer"),
-        "out_channels": (lambda v: _is_int(v, 2), "an integer >= 2"),
-        "channels": (lambda v: isinstance(v, (list, tuple)) and len(v) >= 2 and all(_is_int(c) for c in v),
+        "in_channels": (is_int, "a positive integer"),
+        "out_channels": (lambda v: is_int(v, 2), "an integer >= 2"),
+        "channels": (lambda v: isinstance(v, (list, tuple)) and len(v) >= 2 and all(is_int(c) for c in v),
                      "a list of at least 2 positive integers"),
-        "sw_overlap": (lambda v: _is_number(v, 0.0, MAX_OVERLAP), f"a number in [0, {MAX_OVERLAP}]"),
-        "sw_batch_size": (_is_int, "a positive integer"),
+        "sw_overlap": (lambda v: is_number(v, 0.0, MAX_OVERLAP), f"a number in [0, {MAX_OVERLAP}]"),
+        "sw_batch_size": (is_int, "a positive integer"),
         "gates": (lambda v: isinstance(v, bool), "true or false"),
-        "roi_size": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_int(c) for c in v)),
+        "roi_size": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(is_int(c) for c in v)),
                      "a list of positive integers"),
         "class_names": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v)),
                         "a list of names"),
     }
     for field, (ok, expected) in checks.items():
         if field in hparams and not ok(hparams[field]):
-            _fail(path, f"hyper-parameter '{field}'", hparams[field], expected)
-
-
-def check_preprocessing(pre: dict, hparams: dict, path: Path) -> None:
-    """Every preprocessing field the Predictor reads (`seg.data.transforms.make_preprocessing` writes them).
-
-    Unknown extra fields are left alone (a newer seg may add some); missing or malformed ones, or ones that
-    disagree with the network (channels, classes, dimensions), are a `CheckpointError`.
-    """
-    def need(field: str, ok, expected: str):
-        if field not in pre:
-            raise CheckpointError(f"checkpoint's preprocessing has no '{field}'; use a .ckpt written by `seg fit`",
-                                  path)
-        if not ok(pre[field]):
-            _fail(path, f"preprocessing '{field}'", pre[field], expected)
-        key = {"in_channels": "in_channels", "num_classes": "out_channels", "spatial_dims": "spatial_dims"}.get(field)
-        if key in hparams and hparams[key] != pre[field]:
-            raise CheckpointError(f"checkpoint's preprocessing says {field} {pre[field]!r} but the network has "
-                                  f"{key} {hparams[key]!r}; the file was edited or mixed from two runs", path)
-        return pre[field]
-
-    dims = need("spatial_dims", lambda v: v in (2, 3), "2 or 3")
-    need("orientation", lambda v: isinstance(v, str) and len(v) == 3 and _valid_axcodes(v),
-         "three axis codes such as 'RAS'")
-    low, high = MIN_SPACING_MM, MAX_SPACING_MM
-    need("spacing", lambda v: isinstance(v, (list, tuple)) and len(v) == 3
-         and all(_is_number(s, low, high) or (dims == 2 and i == 2 and s == 0) for i, s in enumerate(v)),
-         f"3 voxel sizes in mm from {low:g} to {high:g} (a 2D model: 0 for the last)")
-    channels = need("in_channels", _is_int, "a positive integer")
-    need("modalities", lambda v: isinstance(v, (list, tuple)) and len(v) == channels
-         and all(isinstance(m, str) for m in v), f"{channels} modality names")
-    need("normalization", lambda v: isinstance(v, (list, tuple)) and len(v) == channels and all(map(_scheme, v)),
-         f"{channels} schemes: {{'scheme': 'zscore', 'nonzero': bool}} or {{'scheme': 'ct', 'clip': [low, high], "
-         "'mean': m, 'std': s > 0}")
-    classes = need("num_classes", lambda v: _is_int(v, 2), "an integer >= 2")
-    need("labels", lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(n, str)
-                                                           for k, n in v.items()), "label value -> name")
-    need("class_names", lambda v: isinstance(v, (list, tuple)) and len(v) == classes - 1
-         and all(isinstance(n, str) for n in v), f"{classes - 1} class names")
-    need("patch_size", lambda v: isinstance(v, (list, tuple)) and len(v) == dims and all(_is_int(p) for p in v),
-         f"{dims} positive integers")
-    need("crop_foreground", lambda v: isinstance(v, bool), "true or false")
-    if "fingerprint" in pre:  # the training scans' spacing range, since fit-time fingerprints; older: none
-        need("fingerprint", lambda v: isinstance(v, dict) and all(
-            isinstance(v.get(k), (list, tuple)) and len(v[k]) == 3 and all(_is_number(s, 0.0) for s in v[k])
-            for k in ("spacing_min", "spacing_max")), "{'spacing_min': [3 mm], 'spacing_max': [3 mm], ...}")
-    if "codes" in pre:  # DICOM SEG codes per label value (`seg.data.codes`), when the dataset gave some
-        labels = {int(k): v for k, v in pre["labels"].items() if str(k).isdigit()}
-        try:
-            parse_codes(pre["codes"], labels, None)
-        except DataError as err:
-            raise CheckpointError(f"checkpoint's preprocessing: {err}", path) from None
-    if "crop_threshold" in pre:  # added with the CT body crop; older checkpoints crop to nonzero voxels
-        need("crop_threshold", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == channels and all(
-            t is None or _is_number(t) for t in v)), f"{channels} thresholds (a number, or null for nonzero)")
-
-
-def _valid_axcodes(codes: str) -> bool:
-    pairs = [{"L", "R"}, {"P", "A"}, {"I", "S"}]
-    return sorted(next((i for i, p in enumerate(pairs) if c in p), -1) for c in codes) == [0, 1, 2]
-
-
-def _scheme(s) -> bool:
-    if not isinstance(s, dict):
-        return False
-    if s.get("scheme") == "zscore":
-        return isinstance(s.get("nonzero"), bool)
-    if s.get("scheme") == "ct":
-        clip = s.get("clip")
-        return (isinstance(clip, (list, tuple)) and len(clip) == 2 and all(map(_is_number, clip))
-                and clip[0] < clip[1] and _is_number(s.get("mean")) and _is_number(s.get("std"))
-                and s["std"] > 0)
-    return False
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+            refuse(path, f"hyper-parameter '{field}'", hparams[field], expected)

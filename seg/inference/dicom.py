@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from seg.data.guard import MAX_VOXELS, MEMORY_ENV, WORKING_COPIES, format_bytes, memory_limit
-from seg.errors import DataError, SegError, escape, one_line
+from seg.errors import DataError, SegError, escape, first_line
 from seg.io import atomic_path, temporary_path
 
 # Slice spacing may vary by this fraction of the median (or 0.01 mm) before a series is refused: scanners
@@ -227,8 +227,7 @@ def find_series(folder: Path, files: DicomTree | None = None) -> tuple[dict[str,
         try:
             ds = pydicom.dcmread(path, defer_size="1 KB")
         except Exception as err:  # pydicom raises several types for a truncated or corrupt file
-            reason = one_line(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-            message = f"{escape(str(path))}: cannot read as DICOM ({reason})"
+            message = f"{escape(str(path))}: cannot read as DICOM ({first_line(err)})"
             skipped.append(Skipped(path.name, "failed", [path], message))
             continue
         why = _not_an_image(ds)

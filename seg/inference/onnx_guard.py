@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from seg.data.guard import MAX_VOXELS, MEMORY_ENV, format_bytes, memory_limit
-from seg.errors import CheckpointError, one_line
+from seg.errors import CheckpointError, first_line, one_line
 from seg.inference.checkpoint import NETWORK_DEFAULTS, TrainedModel
 
 # Storage bits of the element types below a byte (packed two or four to a byte); the others are numpy's itemsize.
@@ -188,9 +188,8 @@ def probe(model: TrainedModel, path: Path) -> None:
     try:
         logits = model.network(x)
     except Exception as err:  # ONNX Runtime's Fail, InvalidArgument, RuntimeException...
-        text = str(err).strip().splitlines()
         _fail(path, f"ONNX Runtime cannot run it on a {' x '.join(map(str, size))} window of {model.in_channels} "
-                    f"channel(s) ({one_line(text[0] if text else type(err).__name__)[:300]})")
+                    f"channel(s) ({first_line(err)[:300]})")
     expected = (1, model.num_classes, *size)
     if tuple(logits.shape) != expected:
         _fail(path, f"its logits for a window of shape {tuple(x.shape)} have shape {tuple(logits.shape)}, not "

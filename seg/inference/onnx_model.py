@@ -24,8 +24,8 @@ from torch import nn
 
 from seg.data.guard import format_bytes, memory_limit
 from seg.errors import CheckpointError, SegError, one_line
-from seg.inference.checkpoint import (NETWORK_DEFAULTS, TrainedModel, check_hyper_parameters, check_preprocessing,
-                                      load_trained_model)
+from seg.data.preprocessing import check_preprocessing
+from seg.inference.checkpoint import NETWORK_DEFAULTS, TrainedModel, check_hyper_parameters, load_trained_model
 from seg.inference.onnx_guard import check_onnx_model
 from seg.io import parse_json, write_atomic
 

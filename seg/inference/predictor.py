@@ -26,6 +26,7 @@ from seg import hardware
 from seg.data.checks import time_series
 from seg.data.guard import guard_file, load_header
 from seg.data.layout import strip_nifti_suffix
+from seg.data.preprocessing import check_preprocessing
 from seg.data.transforms import inference_transforms
 from seg.errors import CheckpointError, DataError, SegError
 from seg.inference.checkpoint import TrainedModel, load_trained_model
@@ -126,11 +127,6 @@ def _naming(scans: Sequence[LoadedScan]):
         raise type(err)(str(err), scans[0].paths[0]) from None
 
 
-def _reason(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 class Predictor:
     """A trained model ready to segment scans one after another, with no work repeated per scan.
 
@@ -153,6 +149,7 @@ class Predictor:
                  overlap: float | None = None, sw_batch_size: int | None = None, precision: str = "auto"):
         if not getattr(model, "preprocessing", None):
             raise SegError("the model has no preprocessing settings; load it with load_trained_model")
+        check_preprocessing(model.preprocessing, model.hparams, None)  # a model built in memory is checked too
         if overlap is not None and not 0.0 <= overlap < 1.0:
             raise SegError(f"--overlap must be in [0, 1), got {overlap}")
         if sw_batch_size is not None and sw_batch_size < 1:

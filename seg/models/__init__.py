@@ -1,6 +1,16 @@
-"""Networks: the Attention U-Net and its blocks."""
+"""Networks: the Attention U-Net and its blocks.
 
-from seg.models.attention_unet import AttentionUNet
-from seg.models.blocks import CBAM, AttentionGate, ChannelAttention, ConvBlock, SpatialAttention
+The names are loaded on first use, so `seg.models.topology` (the stride rule `seg plan` uses) imports no MONAI.
+"""
 
-__all__ = ["AttentionUNet", "AttentionGate", "CBAM", "ChannelAttention", "ConvBlock", "SpatialAttention"]
+import importlib
+
+_WHERE = {"NETWORK_DEFAULTS": "attention_unet", "AttentionUNet": "attention_unet", "AttentionGate": "blocks",
+          "CBAM": "blocks", "ChannelAttention": "blocks", "ConvBlock": "blocks", "SpatialAttention": "blocks"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'seg.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"seg.models.{_WHERE[name]}"), name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -11,6 +12,16 @@ from torch import nn
 
 from seg.models.blocks import CBAM, AttentionGate, ConvBlock
 from seg.models.conv import conv_type
+
+
+# The network's settings and their defaults, written once: `AttentionUNet`'s signature, `SegmentationModule`'s (so
+# `seg fit --print_config` shows them) and a checkpoint's reader (a setting absent from an older checkpoint's
+# hyper-parameters is this default) all read them from here.
+NETWORK_DEFAULTS = MappingProxyType({
+    "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": (16, 32, 64, 128), "strides": (2, 2, 2),
+    "cbam": True, "gates": True, "deep_supervision": False, "downsample": "conv", "decoder_convs": 1,
+})
+_D = NETWORK_DEFAULTS
 
 
 def _as_tuple(stride: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
@@ -97,9 +108,9 @@ class AttentionUNet(nn.Module):
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
-                 channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int | Sequence[int]] = (2, 2, 2),
-                 cbam: bool = True, gates: bool = True, deep_supervision: bool = False, downsample: str = "conv",
-                 decoder_convs: int = 1, cbam_reduction: int = 16, cbam_kernel_size: int = 7,
+                 channels: Sequence[int] = _D["channels"], strides: Sequence[int | Sequence[int]] = _D["strides"],
+                 cbam: bool = _D["cbam"], gates: bool = _D["gates"], deep_supervision: bool = _D["deep_supervision"],
+                 downsample: str = _D["downsample"], decoder_convs: int = _D["decoder_convs"], cbam_reduction: int = 16, cbam_kernel_size: int = 7,
                  norm: str | tuple = ("instance", {"affine": True}),
                  act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})):
         super().__init__()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from seg.errors import CheckpointError
+from seg.inference.checkpoint import load_weights_only
 from seg.io import remove_stale_temporaries, write_bytes
 
 _FREE = "free some space or choose another --trainer.default_root_dir"
@@ -64,22 +63,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return load_weights_only(path, map_location=map_location or (lambda storage, loc: storage))
-
-
-def load_weights_only(path, map_location: Any | None = "cpu") -> dict:
-    """`torch.load(path, weights_only=True)`, with `CheckpointError` for unsafe, corrupt or missing files."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message is a paragraph that suggests weights_only=False; keep only the line naming the object
-        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "nsupported" in line]
-        what = lines[0] if lines else "it holds objects other than tensors and plain data"
-        raise CheckpointError(f"refused: not a weights-only checkpoint, loading it could run code ({what})",
-                              path) from None
-    except FileNotFoundError:
-        raise CheckpointError("checkpoint not found", path) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint (corrupt or truncated?): {err}", path) from None
 
 
 class _RunFolderCheckpoint(ModelCheckpoint):

@@ -15,6 +15,7 @@ from seg.inference.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, build_ne
 from seg.inference.slabs import class_indices, stitch_budget
 from seg.inference.window import WindowInference
 from seg.metrics import surface_scores
+from seg.models import NETWORK_DEFAULTS as _D
 from seg.models.topology import check_strides
 from seg.training.callbacks import is_final_validation
 
@@ -101,16 +102,16 @@ class SegmentationModule(pl.LightningModule):
 
     def __init__(
         self,
-        spatial_dims: int = 3,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        channels: list[int] = (16, 32, 64, 128),
-        strides: list[int | list[int]] = (2, 2, 2),
-        cbam: bool = True,
-        gates: bool = True,
-        deep_supervision: bool = False,
-        downsample: Literal["conv", "pool"] = "conv",
-        decoder_convs: int = 1,
+        spatial_dims: int = _D["spatial_dims"],
+        in_channels: int = _D["in_channels"],
+        out_channels: int = _D["out_channels"],
+        channels: list[int] = _D["channels"],
+        strides: list[int | list[int]] = _D["strides"],
+        cbam: bool = _D["cbam"],
+        gates: bool = _D["gates"],
+        deep_supervision: bool = _D["deep_supervision"],
+        downsample: Literal["conv", "pool"] = _D["downsample"],
+        decoder_convs: int = _D["decoder_convs"],
         loss: Literal["dice_ce", "dice"] = "dice_ce",
         batch_dice: bool = True,
         optimizer: Literal["adamw", "sgd"] = "adamw",

@@ -23,15 +23,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from seg.explain.export import (TABLE, CaseOverlay, _fmt, channel_title, display_background, export_case, map_order,
                                 mean_concentration, overlay_table, write_concentration_csv)
+from seg.errors import first_line
 from seg.io import write_text
 from seg.training.callbacks import is_final_validation
 
 log = logging.getLogger(__name__)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _batch_case_id(batch, default: str) -> str:
@@ -124,7 +120,7 @@ class GateOverlays(Callback):
             except Exception as err:  # noqa: BLE001 - a drawing bug must never cost the run its training
                 case_id = _batch_case_id(batch, f"volume {batch_idx}")
                 log.error("overlays: export of case %s failed, skipped (the run goes on): %s: %s", repr(case_id),
-                          type(err).__name__, _first_line(err))
+                          type(err).__name__, first_line(err))
                 self.failed.append(case_id)
 
     # ---- one volume -----------------------------------------------------------------------------------------------
@@ -184,13 +180,13 @@ class GateOverlays(Callback):
         try:
             write_text(folder / TABLE, json.dumps(table, indent=1, allow_nan=False))
         except OSError as err:  # the figures are written; a full disk here must not stop training
-            log.error("overlays: %s not written: %s", folder / TABLE, _first_line(err))
+            log.error("overlays: %s not written: %s", folder / TABLE, first_line(err))
         for name, send in (("W&B", self._log_wandb), ("MLflow", log_overlays_mlflow)):
             try:
                 send(trainer, folder, table, results)
             except Exception as err:  # noqa: BLE001 - the files are written; a logger problem must not stop training
                 log.error("overlays: logging to %s failed (the overlay files are written): %s: %s", name,
-                          type(err).__name__, _first_line(err))
+                          type(err).__name__, first_line(err))
 
     @staticmethod
     def _gather(trainer, results: list[CaseOverlay]) -> list[CaseOverlay]:
