@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from seg.data.guard import guard_file
-from seg.errors import DataError, SegError, escape, one_line
+from seg.errors import DataError, SegError, escape, first_line, one_line
 from seg.inference import dicom, dicom_seg
 from seg.inference.cases import CaseResult, find_cases, unreadable_reason
 from seg.inference.ensemble import EnsembleNetwork, load_ensemble, resolve_checkpoints
@@ -246,7 +246,7 @@ def describe(err: BaseException, path: Path) -> str:
         # a bug or an unforeseen file: keep the run going, and keep where it came from on the line
         frames = traceback.extract_tb(err.__traceback__)
         where = f"; at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
-        return one_line(f"{escape(str(path))}: unexpected error ({type(err).__name__}: {_first_line(err)}{where})")
+        return one_line(f"{escape(str(path))}: unexpected error ({type(err).__name__}: {first_line(err)}{where})")
     except Exception:  # an exception whose str() raises
         return one_line(f"{escape(str(path))}: unexpected error ({type(err).__name__})")
 
@@ -261,11 +261,6 @@ def first_channel(reference: nib.Nifti1Image) -> np.ndarray:
     """The scan's first channel on its grid, in its own units (for the report's intensity statistics)."""
     data = reference.dataobj
     return np.asarray(data[..., 0] if len(reference.shape) == 4 else data, dtype=np.float32)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 
