@@ -19,6 +19,9 @@ cases, no foreground in any label, a class labelled in one case only (it is then
 validation), and, for `seg fit`, a split that leaves no case for validation or a class in no training case.
 
     seg check-data data/Task04_Hippocampus
+
+(About 500 lines: every check of a case reads its files once, so the checks share one reader and one report,
+and the command that prints them is the last 20 lines.)
 """
 
 from __future__ import annotations

@@ -237,6 +237,14 @@ class NiftiDataModule(LightningDataModule):
                   for shape, spacing, t in zip(fingerprint["shape"], fingerprint["spacing"], target)]
         return extent[: self.hparams.spatial_dims]
 
+    @property
+    def patch_spacing(self) -> list[float]:
+        """The voxel size (mm) along each patch axis after resampling (a target component <= 0 keeps the median
+        scan's own); 2D: the two in-plane axes. `seg fit`'s stride check suggests what `seg plan` would from it."""
+        fingerprint = load_fingerprint(self.info, self.hparams.cache_dir)
+        spacing = [t if t > 0 else s for s, t in zip(fingerprint["spacing"], self.preprocessing["spacing"])]
+        return spacing[: self.hparams.spatial_dims]
+
     def check(self) -> None:
         """`seg check-data`'s checks, and, for training, that the split can train (`check_or_raise`), once;
         `DataError` if not. `seg fit` calls it before it makes a logger or a run folder; `prepare_data` otherwise.

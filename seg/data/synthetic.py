@@ -23,6 +23,9 @@ blurred (partial-volume edges), multiplied by a smooth bias field, and get Ricia
 
 CT cases are drawn in Hounsfield units with air at -1000 HU around the body, stored as int16 as scanners do; a
 two-channel case renders the same anatomy in a T1- and a T2-like contrast.
+
+(About 530 lines: one phantom, its geometry options and its atomic writer; the drawing functions share the
+case's random state and coordinate grid.)
 """
 
 from __future__ import annotations

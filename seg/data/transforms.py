@@ -7,6 +7,9 @@ size, foreground-weighted patch sampling and augmentation (`train_transforms`).
 
 The `preprocessing` dict (JSON-serialisable, saved with a model): its fields are
 `seg.data.preprocessing.Preprocessing`, checked by `seg.data.preprocessing.check_preprocessing`.
+
+(About 430 lines: the MONAI pipelines of training, validation and prediction, kept together so that what is
+inverted after prediction is visibly what was applied before it.)
 """
 
 from __future__ import annotations

@@ -155,7 +155,8 @@ class SegmentationModule(pl.LightningModule):
             self.preprocessing = datamodule.preprocessing
         if stage == "fit" and hasattr(datamodule, "data_extent"):
             # before the first step: strides that a thin axis cannot take are a one-line error, not a wasted run
-            check_strides(self.hparams.strides, self.roi_size[: self.hparams.spatial_dims], datamodule.data_extent)
+            check_strides(self.hparams.strides, self.roi_size[: self.hparams.spatial_dims], datamodule.data_extent,
+                          spacing=getattr(datamodule, "patch_spacing", None))
 
     def configure_model(self) -> None:
         if self._memory_format is not None:
