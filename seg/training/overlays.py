@@ -25,7 +25,7 @@ from seg.explain.export import (TABLE, CaseOverlay, _fmt, channel_title, display
                                 mean_concentration, overlay_table, write_concentration_csv)
 from seg.errors import first_line
 from seg.io import write_text
-from seg.training.callbacks import is_final_validation
+from seg.training.callbacks.validation import is_final_validation
 
 log = logging.getLogger(__name__)
 

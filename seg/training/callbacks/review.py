@@ -21,7 +21,8 @@ class ReviewPage(Callback):
     """
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        from seg.training.overlays import GateOverlays  # here: overlays.py imports this module
+        # here, not at the top: overlays.py imports the callbacks package (its validation module)
+        from seg.training.overlays import GateOverlays
 
         overlays = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, GateOverlays)]
         if not trainer.is_global_zero or any(c.every_n_epochs == 0 for c in overlays):
