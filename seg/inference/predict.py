@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-gates", action="store_true",
                         help="also write the attention-gate maps <case>_gate_<level>.nii.gz (coarsest first)")
     parser.add_argument("--overlap", type=float, default=None,
-                        help="sliding-window overlap in [0, 1) (default: the model's, usually 0.5)")
+                        help="sliding-window overlap in [0, 0.95] (default: the model's, usually 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=None,
                         help="windows (or whole small scans) per forward pass (default: the model's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -29,7 +29,7 @@ from seg.data.layout import strip_nifti_suffix
 from seg.data.preprocessing import check_preprocessing
 from seg.data.transforms import inference_transforms
 from seg.errors import CheckpointError, DataError, SegError
-from seg.inference.checkpoint import TrainedModel, load_trained_model
+from seg.inference.checkpoint import MAX_OVERLAP, TrainedModel, load_trained_model
 from seg.inference.slabs import class_indices, stitch_budget
 
 
@@ -150,8 +150,9 @@ class Predictor:
         if not getattr(model, "preprocessing", None):
             raise SegError("the model has no preprocessing settings; load it with load_trained_model")
         check_preprocessing(model.preprocessing, model.hparams, None)  # a model built in memory is checked too
-        if overlap is not None and not 0.0 <= overlap < 1.0:
-            raise SegError(f"--overlap must be in [0, 1), got {overlap}")
+        if overlap is not None and not 0.0 <= overlap <= MAX_OVERLAP:  # NaN fails both comparisons too
+            raise SegError(f"--overlap must be in [0, {MAX_OVERLAP}], got {overlap}: above it windows step by a "
+                           "few voxels and a run may not end")
         if sw_batch_size is not None and sw_batch_size < 1:
             raise SegError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
         self.device = resolve_device(device)

@@ -301,6 +301,20 @@ def test_broken_checkpoint_through_the_command_line(trained_checkpoint, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overlap", ["0.999", "nan", "-0.1"])
+def test_an_overlap_that_would_not_end_is_refused_before_anything_is_written(trained_checkpoint, tmp_path, capsys,
+                                                                             overlap):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan(scans / "good.nii.gz")
+    code = main(["predict", "-c", str(trained_checkpoint), "-i", str(scans), "-o", str(tmp_path / "out"),
+                 "--overlap", overlap])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"seg predict: error: --overlap must be in [0, 0.95], "
+                                                             f"got {float(overlap)}")
+    assert not (tmp_path / "out").exists()
+
+
 # ---- a case is the unit of failure ---------------------------------------------------------------------------------
 def test_output_stems_are_short_safe_and_unique():
     long_a, long_b = "a" * 300, "a" * 299 + "b"
