@@ -131,7 +131,7 @@ def require(module: str):
                        "(pip install seg) or pip install pydicom highdicom SimpleITK") from None
 
 
-def _floats(value, n: int) -> np.ndarray | None:
+def tag_floats(value, n: int) -> np.ndarray | None:
     try:
         array = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
@@ -139,7 +139,7 @@ def _floats(value, n: int) -> np.ndarray | None:
     return array if array.shape == (n,) and np.all(np.isfinite(array)) else None
 
 
-def _int(ds, keyword: str, default: int | None = None) -> int | None:
+def tag_int(ds, keyword: str, default: int | None = None) -> int | None:
     """An integer attribute, `default` when absent or empty, None when its value is not an integer."""
     try:
         value = ds.get(keyword)
@@ -148,7 +148,7 @@ def _int(ds, keyword: str, default: int | None = None) -> int | None:
         return None
 
 
-def _text(ds, keyword: str) -> str:
+def tag_text(ds, keyword: str) -> str:
     """An attribute as text ("" when absent or unreadable): pydicom may raise on a value it cannot decode."""
     try:
         value = ds.get(keyword)
@@ -164,28 +164,28 @@ def _not_an_image(ds) -> str | None:
         return f"no pixel data ({kind}): not an image"
     if any(str(v).upper() == "LOCALIZER" for v in (ds.get("ImageType") or [])):
         return "a localizer (ImageType LOCALIZER), not part of a volume"
-    if _int(ds, "SamplesPerPixel", 1) not in (1, None):  # None: refused with the series' other checks
-        return f"a colour image ({_text(ds, 'PhotometricInterpretation') or '?'}), not a scan"
-    if _text(ds, "SOPClassUID").startswith(SECONDARY_CAPTURE) and not _has_geometry(ds):
+    if tag_int(ds, "SamplesPerPixel", 1) not in (1, None):  # None: refused with the series' other checks
+        return f"a colour image ({tag_text(ds, 'PhotometricInterpretation') or '?'}), not a scan"
+    if tag_text(ds, "SOPClassUID").startswith(SECONDARY_CAPTURE) and not _has_geometry(ds):
         return "a secondary capture without patient geometry (a screenshot or scanned document), not a scan"
     return None
 
 
 def _has_geometry(ds) -> bool:
-    return _floats(ds.get("ImageOrientationPatient"), 6) is not None and _floats(
+    return tag_floats(ds.get("ImageOrientationPatient"), 6) is not None and tag_floats(
         ds.get("ImagePositionPatient"), 3) is not None
 
 
 def _multi_frame(ds) -> bool:
     """An enhanced (functional groups) or multi-frame object: several slices, or their geometry, in one file."""
-    return _int(ds, "NumberOfFrames", 1) != 1 or "PerFrameFunctionalGroupsSequence" in ds
+    return tag_int(ds, "NumberOfFrames", 1) != 1 or "PerFrameFunctionalGroupsSequence" in ds
 
 
 def modality(path: Path) -> str | None:
     """The Modality of a DICOM file ("CT", "MR", ...), or None."""
     pydicom = require("pydicom")
 
-    return _text(pydicom.dcmread(path, stop_before_pixels=True), "Modality") or None
+    return tag_text(pydicom.dcmread(path, stop_before_pixels=True), "Modality") or None
 
 
 def safe_name(text: str, limit: int = MAX_NAME) -> str:
@@ -199,8 +199,8 @@ def safe_name(text: str, limit: int = MAX_NAME) -> str:
 
 def case_name(ds) -> str:
     """A series' case id before it is made unique: `<PatientID>_<SeriesNumber>`, safe for file names."""
-    number = _int(ds, "SeriesNumber")
-    return safe_name(f"{_text(ds, 'PatientID') or 'anonymous'}_{number if number is not None else 'x'}")
+    number = tag_int(ds, "SeriesNumber")
+    return safe_name(f"{tag_text(ds, 'PatientID') or 'anonymous'}_{number if number is not None else 'x'}")
 
 
 def find_series(folder: Path, files: DicomTree | None = None) -> tuple[dict[str, list[Path]], list[Skipped]]:
@@ -238,7 +238,7 @@ def find_series(folder: Path, files: DicomTree | None = None) -> tuple[dict[str,
         if why is not None:
             skipped.append(Skipped(path.name, "ignored", [path], f"{escape(str(path))}: skipped: {why}"))
             continue
-        groups.setdefault(_text(ds, "SeriesInstanceUID") or f"no-uid:{path.parent}", []).append((path, ds))
+        groups.setdefault(tag_text(ds, "SeriesInstanceUID") or f"no-uid:{path.parent}", []).append((path, ds))
     parts = []  # (uid, members, how many series share the uid)
     for uid, members in groups.items():
         split = _split_series(members) if len(members) > 1 and _problem(members, uid) else [members]
@@ -275,7 +275,7 @@ def find_series(folder: Path, files: DicomTree | None = None) -> tuple[dict[str,
 
 def _where(datasets: list, paths: list[Path], name: str, shared: int = 1) -> str:
     """How messages name a series: its folder, case id, SeriesInstanceUID and file count."""
-    uid = _text(datasets[0], "SeriesInstanceUID") or "none"
+    uid = tag_text(datasets[0], "SeriesInstanceUID") or "none"
     also = f"; one of {shared} series sharing this UID" if shared > 1 else ""
     return f"{escape(str(paths[0].parent))}: series {name} (SeriesInstanceUID {uid}{also}, {len(paths)} files)"
 
@@ -296,7 +296,7 @@ def _split_series(members: list) -> list[list]:
     """`members` (path, dataset) split by what tells two series apart when they share a SeriesInstanceUID."""
     parts: dict[tuple, list] = {}
     for path, ds in members:
-        key = (str(path.parent), *(_text(ds, k) for k in ("PatientID", "StudyInstanceUID", "SeriesNumber",
+        key = (str(path.parent), *(tag_text(ds, k) for k in ("PatientID", "StudyInstanceUID", "SeriesNumber",
                                                           "FrameOfReferenceUID", "Rows", "Columns")))
         parts.setdefault(key, []).append((path, ds))
     return list(parts.values())
@@ -313,7 +313,7 @@ def check_series(datasets: list, paths: list[Path], where: str) -> None:
     multi = [ds for ds in datasets if _multi_frame(ds)]
     if multi:
         kinds = sorted({getattr(ds.get("SOPClassUID"), "name", "") or "?" for ds in multi})
-        frames = sum(_int(ds, "NumberOfFrames", 1) or 1 for ds in multi)
+        frames = sum(tag_int(ds, "NumberOfFrames", 1) or 1 for ds in multi)
         raise DataError(f"is enhanced multi-frame DICOM ({', '.join(kinds)}; {len(multi)} multi-frame files, "
                         f"{frames} frames): not supported yet; convert it with dcm2niix and predict the NIfTI", where)
     flat = [ds for ds in datasets if not _has_geometry(ds)]
@@ -328,14 +328,14 @@ def check_series(datasets: list, paths: list[Path], where: str) -> None:
         except (TypeError, ValueError):
             spacing = []
         if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
-            raise DataError(f"has a non-positive or non-finite PixelSpacing: {_text(ds, 'PixelSpacing')}", where)
+            raise DataError(f"has a non-positive or non-finite PixelSpacing: {tag_text(ds, 'PixelSpacing')}", where)
     first = datasets[0]
-    rows, columns, samples = _int(first, "Rows"), _int(first, "Columns"), _int(first, "SamplesPerPixel", 1)
-    bits = _int(first, "BitsAllocated")
+    rows, columns, samples = tag_int(first, "Rows"), tag_int(first, "Columns"), tag_int(first, "SamplesPerPixel", 1)
+    bits = tag_int(first, "BitsAllocated")
     if not (rows and rows > 0 and columns and columns > 0 and samples == 1 and bits in (1, 8, 16, 32, 64)):
-        raise DataError(f"has unusable pixel attributes (Rows {_text(first, 'Rows') or 'none'}, Columns "
-                        f"{_text(first, 'Columns') or 'none'}, SamplesPerPixel {_text(first, 'SamplesPerPixel')}, "
-                        f"BitsAllocated {_text(first, 'BitsAllocated') or 'none'})", where)
+        raise DataError(f"has unusable pixel attributes (Rows {tag_text(first, 'Rows') or 'none'}, Columns "
+                        f"{tag_text(first, 'Columns') or 'none'}, SamplesPerPixel {tag_text(first, 'SamplesPerPixel')}, "
+                        f"BitsAllocated {tag_text(first, 'BitsAllocated') or 'none'})", where)
     voxels = rows * columns * len(datasets)
     claim = f"claims {len(datasets)} slices of {rows} x {columns} pixels ({voxels:,} voxels)"
     if voxels > MAX_VOXELS:
@@ -346,9 +346,9 @@ def check_series(datasets: list, paths: list[Path], where: str) -> None:
                         f"{format_bytes(limit)} of memory available (set {MEMORY_ENV} to change the limit)", where)
     expected = math.ceil(rows * columns * bits / 8)
     for ds, path in zip(datasets, paths):
-        if (_int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")) != (rows, columns, bits):
+        if (tag_int(ds, "Rows"), tag_int(ds, "Columns"), tag_int(ds, "BitsAllocated")) != (rows, columns, bits):
             raise DataError(f"has slices of different sizes or BitsAllocated ({escape(path.name)}: "
-                            f"{_text(ds, 'Rows')} x {_text(ds, 'Columns')}, {_text(ds, 'BitsAllocated')} bits; "
+                            f"{tag_text(ds, 'Rows')} x {tag_text(ds, 'Columns')}, {tag_text(ds, 'BitsAllocated')} bits; "
                             f"{paths[0].name}: {rows} x {columns}, {bits} bits)", where)
         length = _native_pixel_bytes(ds)
         if length is not None and not expected <= length <= expected + 1:  # + 1: padding to an even length
@@ -381,7 +381,7 @@ def _orientation_groups(datasets: list) -> list[int]:
     """Slices per distinct ImageOrientationPatient (within `ORIENTATION_TOLERANCE`)."""
     seen: list[tuple[np.ndarray, int]] = []
     for ds in datasets:
-        iop = _floats(ds.ImageOrientationPatient, 6)
+        iop = tag_floats(ds.ImageOrientationPatient, 6)
         for i, (other, n) in enumerate(seen):
             if np.abs(iop - other).max() <= ORIENTATION_TOLERANCE:
                 seen[i] = (other, n + 1)
@@ -404,17 +404,17 @@ def sorted_slices(datasets: list, paths: list[Path], name: str = "", where: str 
     that drift in-plane along the stack (gantry tilt). The slices have passed `check_series`.
     """
     where = where or _where(datasets, paths, name)
-    orientations = np.stack([_floats(ds.ImageOrientationPatient, 6) for ds in datasets])
+    orientations = np.stack([tag_floats(ds.ImageOrientationPatient, 6) for ds in datasets])
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         raise DataError("has slices in mixed orientations (ImageOrientationPatient differs); split the series", where)
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
-    spacings = {tuple(float(v) for v in np.round(_floats(ds.PixelSpacing, 2), 5)) for ds in datasets}
+    spacings = {tuple(float(v) for v in np.round(tag_floats(ds.PixelSpacing, 2), 5)) for ds in datasets}
     if len(sizes) > 1 or len(spacings) > 1:
         shown = [", ".join(f"{a:g} x {b:g}" for a, b in sorted(values)) for values in (sizes, spacings)]
         raise DataError(f"has slices of different sizes ({shown[0]}) or pixel spacings ({shown[1]} mm)", where)
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
-    positions = np.stack([_floats(ds.ImagePositionPatient, 3) for ds in datasets])
+    positions = np.stack([tag_floats(ds.ImagePositionPatient, 3) for ds in datasets])
     depth = positions @ normal
     order = np.argsort(depth, kind="stable")
     depth, positions = depth[order], positions[order]
@@ -448,11 +448,11 @@ def series_affine(datasets: list) -> np.ndarray:
     with x and y negated.
     """
     first = datasets[0]
-    iop = _floats(first.ImageOrientationPatient, 6)
-    row_spacing, col_spacing = _floats(first.get("PixelSpacing", [1, 1]), 2)
-    origin = _floats(first.ImagePositionPatient, 3)
+    iop = tag_floats(first.ImageOrientationPatient, 6)
+    row_spacing, col_spacing = tag_floats(first.get("PixelSpacing", [1, 1]), 2)
+    origin = tag_floats(first.ImagePositionPatient, 3)
     if len(datasets) > 1:
-        step = _floats(datasets[1].ImagePositionPatient, 3) - origin
+        step = tag_floats(datasets[1].ImagePositionPatient, 3) - origin
     else:
         step = np.cross(iop[:3], iop[3:]) * float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1)
     lps = np.eye(4)

@@ -13,7 +13,7 @@ import numpy as np
 
 from seg.data.codes import segment_codes
 from seg.errors import DataError
-from seg.inference.dicom import _floats, _int, _text, require
+from seg.inference.dicom import require, tag_floats, tag_int, tag_text
 from seg.io import atomic_path
 
 
@@ -27,10 +27,10 @@ def frames_on_source(label: np.ndarray, affine: np.ndarray, datasets: list) -> n
     to_voxel = np.linalg.inv(affine) @ np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS world -> label voxel
     frames = []
     for ds in datasets:
-        iop = _floats(ds.ImageOrientationPatient, 6)
-        row_spacing, col_spacing = _floats(ds.get("PixelSpacing", [1, 1]), 2)
+        iop = tag_floats(ds.ImageOrientationPatient, 6)
+        row_spacing, col_spacing = tag_floats(ds.get("PixelSpacing", [1, 1]), 2)
         rows, cols = np.meshgrid(np.arange(int(ds.Rows)), np.arange(int(ds.Columns)), indexing="ij")
-        world = (_floats(ds.ImagePositionPatient, 3)[:, None, None] + iop[:3, None, None] * col_spacing * cols
+        world = (tag_floats(ds.ImagePositionPatient, 3)[:, None, None] + iop[:3, None, None] * col_spacing * cols
                  + iop[3:, None, None] * row_spacing * rows)
         ijk = np.tensordot(to_voxel[:3, :3], world, 1) + to_voxel[:3, 3, None, None]
         index = np.rint(ijk).astype(np.int64)
@@ -49,7 +49,7 @@ def missing_for_segmentation(datasets: list) -> list[str]:
     its own would not overlay the images, so none is written for such a series.
     """
     needed = ("FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-    return [k for k in needed if not all(_text(ds, k) for ds in datasets)]
+    return [k for k in needed if not all(tag_text(ds, k) for ds in datasets)]
 
 
 def segmentation_sources(files: list[Path]) -> list:
@@ -107,7 +107,7 @@ def write_segmentation(label: np.ndarray, affine: np.ndarray, files: list[Path],
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=identification)
         for c, (name, coded) in enumerate(zip(class_names, segment_codes(class_names, codes)), start=1)
     ]
-    source_number = _int(datasets[0], "SeriesNumber") or 0
+    source_number = tag_int(datasets[0], "SeriesNumber") or 0
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=source_number + 1000,
