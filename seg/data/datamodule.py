@@ -108,6 +108,8 @@ class NiftiDataModule(LightningDataModule):
         flip_axes: spatial axes (after RAS) that may be flipped; none by default, since a left-right flip
             swaps lateral structures (left/right hippocampus, kidney).
         augment: random rotation/scaling and intensity changes in training.
+        augmentation: their strength: "light" (small rotations and scalings, mild intensity changes) or "strong"
+            (nnU-Net's: rotation, scaling 0.7-1.4, gamma, contrast, low resolution; `seg.data.augmentation`).
         use_albumentations: in 2D, augment with albumentations (intensity and affine).
         albumentations_3d: in 3D, do the intensity augmentation with albumentations instead of MONAI.
         val_fraction: share of cases held out for validation (seeded), unless `val_cases` or `fold` is set.
@@ -146,6 +148,7 @@ class NiftiDataModule(LightningDataModule):
         class_ratios: list[float] | None = None,
         flip_axes: list[int] = [],  # noqa: B006
         augment: bool = True,
+        augmentation: Literal["light", "strong"] = "light",
         use_albumentations: bool = True,
         albumentations_3d: bool = False,
         val_fraction: float = 0.2,
@@ -184,6 +187,8 @@ class NiftiDataModule(LightningDataModule):
             names = ", ".join([self.info.labels.get(0, "background"), *self.info.class_names])
             raise DataError(f"class_ratios needs {self.info.num_classes} non-negative values, one per class "
                             f"({names}), got {list(class_ratios)}", config)
+        if augmentation not in ("light", "strong"):
+            raise DataError(f"augmentation must be 'light' or 'strong', got '{augmentation}'", config)
         bad_axes = [a for a in flip_axes if not 0 <= a < spatial_dims]
         if bad_axes:
             raise DataError(f"flip_axes {bad_axes} must be spatial axes 0..{spatial_dims - 1}", config)
@@ -287,7 +292,8 @@ class NiftiDataModule(LightningDataModule):
             self.train_transforms = train_transforms(
                 self.preprocessing, samples_per_volume=h.samples_per_volume, foreground_ratio=h.foreground_ratio,
                 sampling=h.sampling, class_ratios=h.class_ratios, flip_axes=h.flip_axes, augment=h.augment,
-                albumentations=h.use_albumentations if h.spatial_dims == 2 else h.albumentations_3d)
+                albumentations=h.use_albumentations if h.spatial_dims == 2 else h.albumentations_3d,
+                strength=h.augmentation)
             self.val_transforms = val_transforms(self.preprocessing)
         trainer = self.trainer
         if trainer is not None and trainer.is_global_zero:

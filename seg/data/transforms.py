@@ -44,6 +44,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
+from seg.data.augmentation import augmented_crop, strong_augmentations
 from seg.data.guard import guard_file, named_warnings
 from seg.data.layout import DatasetInfo
 from seg.data.preprocessing import Preprocessing, channel_schemes
@@ -369,6 +370,7 @@ def train_transforms(
     albumentations: bool = False,
     sampling: str = "classes",
     class_ratios: Sequence[float] | None = None,
+    strength: str = "light",
 ) -> Compose:
     """Training: the inference preprocessing, padding to the patch, patch sampling, augmentation.
 
@@ -386,6 +388,9 @@ def train_transforms(
         flip_axes: spatial axes (after RAS; in 2D 0 or 1) flipped with probability 0.5 each.
         augment: random rotation/scaling and intensity changes.
         albumentations: do the intensity (and, in 2D, the affine) augmentation with albumentations.
+        strength: "light" (rotation +-15 deg and scaling 0.9-1.1 with p 0.25, mild intensity changes) or "strong"
+            (nnU-Net's, `seg.data.augmentation`: a larger cut, rotation, scaling 0.7-1.4, gamma, contrast, low
+            resolution; always MONAI, `albumentations` is ignored).
 
     Returns:
         a Compose giving a list of `samples_per_volume` dicts: "image" (C, *patch) float32, "label" (1, *patch) int64.
@@ -397,7 +402,13 @@ def train_transforms(
     patch = list(preprocessing["patch_size"])
     if len(patch) != dims:
         raise ValueError(f"patch_size {patch} needs {dims} values for spatial_dims={dims}")
-    crop = patch + [1] if dims == 2 else patch  # 2D: one axial slice of the RAS volume
+    if strength not in ("light", "strong"):
+        raise ValueError(f"augmentation strength must be 'light' or 'strong', got '{strength}'")
+    strong = augment and strength == "strong"
+    spacing = preprocessing.get("spacing")
+    # strong: cut larger, the rotation resamples back to the patch (seg.data.augmentation)
+    cut = augmented_crop(patch, spacing[:dims] if spacing else None) if strong else patch
+    crop = cut + [1] if dims == 2 else cut  # 2D: one axial slice of the RAS volume
     if sampling == "classes":
         num_classes = int(preprocessing.get("num_classes") or 2)
         ratios = list(class_ratios) if class_ratios is not None else (
@@ -414,11 +425,16 @@ def train_transforms(
         raise ValueError(f"sampling must be 'classes' or 'posneg', got '{sampling}'")
     steps = [
         *inference_transforms(preprocessing, keys).transforms,  # flat: the cache stops at the first random step
-        SpatialPadd(keys, spatial_size=patch + [-1] if dims == 2 else patch),
+        SpatialPadd(keys, spatial_size=cut + [-1] if dims == 2 else cut),
         sampler,
     ]
     if dims == 2:
         steps.append(SqueezeDimd(keys, dim=3))  # (C, H, W, 1) -> (C, H, W)
+    if strong:
+        augmentations = strong_augmentations(patch, spacing[:dims] if spacing else None, keys)
+        steps += [augmentations[0], *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes),
+                  *augmentations[1:], label_cast()]
+        return Compose(steps)
     if augment and not (dims == 2 and albumentations):
         steps.append(RandAffined(keys, prob=0.25, rotate_range=[math.pi / 12] * (3 if dims == 3 else 1),
                                  scale_range=[0.1] * dims, mode=("bilinear", "nearest"), padding_mode="zeros",

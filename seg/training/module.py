@@ -38,6 +38,20 @@ def hausdorff95(prediction: torch.Tensor, label: torch.Tensor, spacing=None) -> 
     return scores
 
 
+def patch_dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Dice per foreground class `(classes,)` of a batch's arg-max `logits` (N, K, *S) against `label` (N, 1, *S).
+
+    Pooled over the batch, 2|P∩L| / (|P| + |L|): NaN for a class in neither, so an absent class is not a 1.
+    """
+    prediction = logits.argmax(dim=1, keepdim=True)
+    scores = []
+    for c in range(1, logits.shape[1]):
+        p, g = prediction == c, label == c
+        total = p.sum() + g.sum()
+        scores.append(2.0 * (p & g).sum() / total if total > 0 else torch.tensor(float("nan"), device=logits.device))
+    return torch.stack(scores).float()
+
+
 def class_presence(volume: torch.Tensor, classes) -> torch.Tensor:
     """Which of `classes` occur in each class-index volume `(N, 1, *S)`: `(N, len(classes))` bool, on the CPU."""
     return torch.stack([(volume == c).flatten(1).any(1) for c in classes], 1).cpu().as_subclass(torch.Tensor)
@@ -217,8 +231,18 @@ class SegmentationModule(pl.LightningModule):
         logits = self(batch["image"])
         # the loss in float32 under bf16/fp16 autocast (`--trainer.precision bf16-mixed`): softmax and Dice sums
         logits = [t.float() for t in logits] if isinstance(logits, (list, tuple)) else logits.float()
-        loss = self.loss_fn(logits, batch["label"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        # MONAI's DeepSupervisionLoss resizes the label to each coarser output with F.interpolate, which has no
+        # integer kernels on a CPU or a GPU: the class indices go in as float (exact up to 2^24)
+        label = batch["label"].float() if self.hparams.deep_supervision else batch["label"]
+        loss = self.loss_fn(logits, label)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        # Dice on the training patches, beside the validation Dice: a run that plateaus shows here whether the
+        # network stops fitting its training data (underfitting) or fits it ever better (overfitting).
+        top = logits[0] if isinstance(logits, (list, tuple)) else logits
+        for class_name, value in zip(self.class_names, patch_dice(top.detach(), batch["label"])):
+            if not torch.isnan(value):
+                self.log(f"train/dice_{class_name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
     def _score(self, batch: dict) -> dict | None:

@@ -61,3 +61,35 @@ def test_a_class_missing_from_the_label_is_nan_when_not_predicted_and_0_when_it_
     logged = scored([(false_positive, label)])
     assert logged["val/dice_lesion"] == 0.0 and logged["val/missing_lesion"] == 1
     assert math.isnan(logged["val/hd95_lesion"])
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_deep_supervision_step_trains_on_integer_labels(spatial_dims):
+    """The data give int64 class indices; MONAI's DeepSupervisionLoss resizes them, which integers cannot be."""
+    torch.manual_seed(0)
+    module = SegmentationModule(spatial_dims=spatial_dims, out_channels=3, channels=[4, 8, 16], strides=[2, 2],
+                                deep_supervision=True, roi_size=[16] * spatial_dims)
+    shape = (2, 1, *[16] * spatial_dims)
+    batch = {"image": torch.randn(shape), "label": torch.randint(0, 3, shape)}
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    losses = []
+    for _ in range(3):
+        loss = module.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_training_patch_dice_is_pooled_over_the_batch_and_nan_for_an_absent_class():
+    from seg.training.module import patch_dice
+
+    label = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    label[0, 0, :2] = 1  # 8 voxels of class 1, no class 2 anywhere
+    logits = torch.zeros(2, 3, 4, 4)
+    logits[0, 1, :1] = 5.0  # predicts 4 of them
+    logits[1, 1, :1] = 5.0  # and 4 false positives in the other patch
+    dice = patch_dice(logits, label)
+    assert dice[0].item() == pytest.approx(2 * 4 / (8 + 8))
+    assert math.isnan(dice[1].item())
