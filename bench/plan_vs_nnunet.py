@@ -216,10 +216,11 @@ def nnunet_env(work: Path) -> dict:
     return env
 
 
-def run_nnunet(python: str, dataset_id: int, work: Path, preprocess: bool = True) -> Path:
-    """nnU-Net's fingerprint, plans (all configurations) and, with `preprocess`, 3d_fullres preprocessing."""
+def run_nnunet(python: str, dataset_id: int, work: Path, preprocess: bool = True,
+               configuration: str = "3d_fullres") -> Path:
+    """nnU-Net's fingerprint, plans (all configurations) and, with `preprocess`, `configuration`'s preprocessing."""
     argv = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "--verify_dataset_integrity", "-npfp", "1"]
-    argv += ["-c", "3d_fullres", "-np", "1"] if preprocess else ["--no_pp"]
+    argv += ["-c", configuration, "-np", "1"] if preprocess else ["--no_pp"]
     code = ("import sys; from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import "
             f"plan_and_preprocess_entry as main; sys.argv = {argv!r}; main()")
     log = work / f"nnunet_{dataset_id}.log"
