@@ -9,7 +9,7 @@ Issue 28: nnU-Net beside seg at the same CPU budget. For `--dataset acdc` (nnU-N
   2. `nnUNetv2_plan_and_preprocess -c CONF -np 1 -npfp 1` (not timed against the budget);
   3. `nnUNetv2_train ID CONF all -tr nnUNetTrainer_WallClock -device cpu`: fold "all" (every training case),
      nnU-Net's recipe unchanged, stopped at the budget by `bench/nnunet_wallclock_trainer.py` (copied into the
-     environment's `nnunetv2/training/nnUNetTrainer/variants/`), which saves `checkpoint_<M>min.pth` at each budget.
+     environment's `nnunetv2/training/nnUNetTrainer/`), which saves `checkpoint_<M>min.pth` at each budget.
      Several `--minutes` (e.g. `15 60`) are one training run, checkpointed at each budget and stopped at the last;
   4. per budget, `nnUNetv2_predict -f all -chk checkpoint_<M>min.pth -device cpu` with nnU-Net's default settings
      (mirroring test-time augmentation on) on the held-out images, timed, start-up included;
@@ -21,11 +21,15 @@ Threads (a 2-core machine): `plan_vs_nnunet.nnunet_env` sets OMP_NUM_THREADS=1 a
 augmentation worker process); `nnUNetv2_train` and `nnUNetv2_predict -device cpu` then set torch's threads to every
 core themselves.
 
-nnU-Net's environment (never seg's): torch first, pinned, so that nnunetv2's dependencies cannot replace it:
+nnU-Net's environment (never seg's), torch first and pinned, so that nnunetv2's dependencies cannot replace it:
     python3 -m venv /work/nnunet-venv && /work/nnunet-venv/bin/pip install torch==2.13.0
     echo torch==2.13.0 > /tmp/torch.txt && /work/nnunet-venv/bin/pip install -c /tmp/torch.txt nnunetv2
-Without the constraint pip takes the newest torchvision (needed by timm, which dynamic-network-architectures needs)
-and with it a newer torch and its CUDA libraries (GBs); with it pip settles on the torchvision built for torch 2.13.
+Without the constraint pip takes the newest torchvision (timm needs it, dynamic-network-architectures needs timm)
+and with it torch 2.14 and its CUDA libraries (GBs). With it pip installs torchvision 0.28.0, whose wheel is a CUDA
+build that cannot load beside the CPU torch (`import torchvision` raises "operator torchvision::nms does not exist").
+nnU-Net's U-Net trainers never import it; only its Primus trainers do (through timm), and nnU-Net imports those
+while it looks a trainer up by name in `nnUNetTrainer/primus/` before `variants/`. Hence the bench puts its trainer
+in `nnUNetTrainer/` itself, which nnU-Net searches first (tested with nnunetv2 2.8.1).
 
 usage: python bench/nnunet_budget.py --dataset acdc|hippocampus --minutes 15 [60]
        [--nnunet-python /work/nnunet-venv/bin/python] [--data DIR] [--test-cases N] [--seed 0]
@@ -54,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TRAINER = "nnUNetTrainer_WallClock"
 TRAINER_FILE = Path(__file__).resolve().parent / "nnunet_wallclock_trainer.py"
+WORK_FOLDERS = ("split", "raw", "preprocessed", "results", "held_out_scans")
 # per dataset: nnU-Net dataset id (apart from plan_vs_nnunet's, which hold every case), configuration, held out
 DATASETS = {
     "acdc": {"id": 915, "name": "ACDCBudget", "configuration": "2d", "test_cases": 10},
@@ -83,8 +88,13 @@ def scan_folder(images: Path, folder: Path) -> Path:
 
 
 def install_trainer(python: str) -> Path:
-    """Copy the wall-clock trainer where nnU-Net looks trainers up by name; the path it was copied to."""
-    where = subprocess.run([python, "-c", "import nnunetv2.training.nnUNetTrainer.variants as v; print(v.__path__[0])"],
+    """Copy the wall-clock trainer where nnU-Net looks trainers up by name; the path it was copied to.
+
+    nnU-Net imports the modules of `nnunetv2/training/nnUNetTrainer/` first and its subfolders after, alphabetically:
+    in `variants/` the trainer would only be found after `primus/` is imported, which imports timm and so
+    torchvision, whose only wheel for torch 2.13 here is a CUDA build that does not load beside the CPU torch.
+    """
+    where = subprocess.run([python, "-c", "import nnunetv2.training.nnUNetTrainer as t; print(t.__path__[0])"],
                            capture_output=True, text=True, check=True).stdout.strip()
     target = Path(where) / TRAINER_FILE.name
     shutil.copy(TRAINER_FILE, target)
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out patients (acdc, default 10) or cases (hippocampus, default 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/nnunet_budget"),
-                        help="nnU-Net's raw, preprocessed and results folders (emptied first)")
+                        help="the split and nnU-Net's raw, preprocessed and results folders (emptied first)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "nnunet_budget")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]
@@ -138,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     budgets = sorted(set(args.minutes))
     python, conf, dataset_id = args.nnunet_python, spec["configuration"], str(spec["id"])
 
-    shutil.rmtree(args.work, ignore_errors=True)
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
+    for sub in WORK_FOLDERS:  # an earlier run's cases, plans and checkpoints (nothing else in --work)
+        shutil.rmtree(args.work / sub, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     folder, held_out = split(args.dataset, data, args.work / "split", test_cases, args.seed)
     raw = to_nnunet(folder, args.work / "raw", spec["id"], spec["name"])
     install_trainer(python)
@@ -162,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in reached["budgets"]:
         minutes = f"{budget['minutes']:g}"
         predictions = args.out / f"predictions_{minutes}min"
+        shutil.rmtree(predictions, ignore_errors=True)
         predict_s = timed([str(bin_ / "nnUNetv2_predict"), "-i", str(scans), "-o", str(predictions), "-d", dataset_id,
                            "-c", conf, "-f", "all", "-tr", TRAINER, "-chk", budget["checkpoint"], "-device", "cpu"],
                           env, args.out / f"predict_{minutes}min.log")

@@ -1,13 +1,14 @@
 """nnU-Net v2's own trainer, its recipe unchanged, stopped at a wall-clock budget (for bench/nnunet_budget.py).
 
 This file runs inside nnU-Net's environment, never seg's: the bench copies it into the installed
-`nnunetv2/training/nnUNetTrainer/variants/`, where `nnUNetv2_train -tr nnUNetTrainer_WallClock` (and the predictor,
-which looks the trainer class up by the name stored in the checkpoint) find it.
+`nnunetv2/training/nnUNetTrainer/` (not `variants/`: see the bench's `install_trainer`), where
+`nnUNetv2_train -tr nnUNetTrainer_WallClock` (and the predictor, which looks the trainer class up by the name
+stored in the checkpoint) find it.
 
 `SEG_NNUNET_BUDGET_MINUTES` lists the budgets, e.g. "15,60". The clock starts when `run_training` starts (after
 nnU-Net's planning and preprocessing; nnU-Net's unpacking and loader start-up count). Before every training and
 validation step the trainer looks at the clock; at each budget it saves the weights as `checkpoint_<M>min.pth` (the
-weights after the last step finished inside the budget) and, at the last budget, stops the way nnU-Net ends a
+weights after the last step that started inside the budget) and, at the last budget, stops the way nnU-Net ends a
 training (`on_train_end`: `checkpoint_final.pth`, loaders shut down). nnU-Net's poly learning-rate schedule is over
 its 1000 epochs whatever the budget, so the weights at 15 minutes of a 60-minute run are those of a 15-minute run.
 Per budget, the epochs and iterations done go to `wallclock.json` in the fold's output folder.
