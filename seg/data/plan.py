@@ -14,8 +14,12 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   of the strides as nnU-Net does.
 - **Topology**: halve an axis at each level while its feature map stays >= `MIN_FEATURE` voxels and its spacing
   is at most twice the finest axis's (so thin slices are first brought to the in-plane resolution;
-  `seg.models.topology.plan_strides`, which `seg fit` also suggests from); widths
-  double from 16 (CPU) or 32 (GPU) per level, capped at 128 or 320.
+  `seg.models.topology.plan_strides`, which `seg fit` also suggests from); widths double per level from 32
+  capped at 320 on a GPU (nnU-Net). On a CPU the width grows with the budget: from 32, 24 or 16, the widest that
+  still gets `MIN_STEPS_FOR_WIDTH` training steps in the time given (a step costs the width squared).
+- **Augmentation**: nnU-Net's strength (`seg.data.augmentation`) and mirroring on every axis when the run gets at
+  least `STRONG_AUGMENTATION_STEPS` steps (a GPU run, a long CPU run); light augmentation and no mirroring in a
+  short CPU run. Mirroring skips left-right when a label name says a side.
 - **Batch**: 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4 slices in 2D; a
   third of the patches centred on foreground.
 - **Normalisation** per channel from `dataset.json`'s modality: CT is clipped to the foreground's 0.5-99.5
@@ -60,12 +64,24 @@ MIN_3D_SLICES = 12  # fewer resampled voxels along the thick axis than this: 2D
 MIN_FEATURE = PLANNED_FEATURE_SIZE  # the stride rule's smallest feature map edge (seg.models.topology)
 ANISOTROPY = 3.0  # nnU-Net's threshold for a thick axis
 # Voxels per training patch. CPU: a step of 2 x 2 patches of this size takes about 2 s on two cores with widths
-# 16-128 (the hippocampus config, 40 x 56 x 40 = 90k voxels, runs 0.5 steps/s; BENCHMARKS.md). 2D convolutions
-# cost about a third as much per voxel, so a 2D patch may hold more voxels per step.
+# 16-128 (the hippocampus config, 40 x 56 x 40 = 90k voxels, runs 0.5 steps/s; BENCHMARKS.md). A 2D patch holds a
+# whole slice of most scans (4 of them a volume: about 2 s a step too, `CPU_SECONDS_PER_VOXEL`).
 CPU_PATCH_VOXELS = {3: 128_000, 2: 256 * 256}
 # GPU: nnU-Net's reference, a 128^3 patch with batch 2 and widths 32-320 in about 10 GB of bf16 training memory.
 GPU_VOXELS_PER_GB = {3: 128**3 / 10.0, 2: 1024 * 1024 / 10.0}
-CPU_SECONDS_PER_VOXEL = {3: 2.0 / (4 * 40 * 56 * 40), 2: 2.0 / (4 * 40 * 56 * 40) / 3}  # one training step
+# One float32 training step, widths from 16, per voxel of the batch. 3D: 2 s for 4 hippocampus patches. 2D: the ACDC
+# plan's step (8 slices of 224 x 256) took 1.70 s on the 2-core EPYC (bench/acdc.py, 2026-12-07), two thirds of a
+# 3D voxel's cost, not the third once assumed: 2D estimates had been half the real step.
+CPU_SECONDS_PER_VOXEL = {3: 2.0 / (4 * 40 * 56 * 40), 2: 1.70 / (8 * 224 * 256)}
+DEFAULT_CPU_MINUTES = 60.0  # a CPU run without --minutes
+# Widths at full resolution (and their cap) a CPU plan may take, widest first, and the training steps the budget
+# must still buy at that width. Hippocampus, widths from 16: validation Dice 0.875-0.880 from step 600 to step
+# 4,733 of a 60-minute run (BENCHMARKS.md), so steps past about 800 are better spent on a wider network.
+CPU_WIDTHS = ((32, 256), (24, 192), (16, 128))
+MIN_STEPS_FOR_WIDTH = 800
+# nnU-Net's augmentation is made for its 250,000 steps; a short CPU run (hundreds of steps) learns more from
+# lightly augmented patches. Below this many planned steps a plan keeps the light augmentation.
+STRONG_AUGMENTATION_STEPS = 5000
 BF16_UNITS = {"amx": "AMX matrix units", "avx512_bf16": "AVX-512 BF16 instructions"}
 # Case ids that name a patient and one of its volumes: `patient001_frame01`, `sub-01_ses-2`, `p7_ED`.
 GROUP_PATTERN = r"(?i)^(.+?)[_-](?:frame|phase|time|tp|visit|ses|scan|ed|es)[_-]?\d*$"
@@ -213,14 +229,52 @@ def plan_patch_size(facts: Facts, decided: Decided) -> list[Decision]:
                         else "(about 2 s a step on 2 CPU cores)"))]
 
 
+def patches_per_volume(spatial: int) -> int:
+    """Patches cut from each loaded volume (`plan_batch`): 4 slices in 2D, 2 patches in 3D."""
+    return 4 if spatial == 2 else 2
+
+
+def step_seconds(facts: Facts, spatial: int, patch: Sequence[int], width: int = 16) -> float:
+    """Estimated seconds of one training step: 2 volumes x `patches_per_volume` patches, widths from `width`.
+
+    From a constant per voxel measured with widths from 16 on the 2-core reference (`CPU_SECONDS_PER_VOXEL`), the
+    CPU's bf16 speed-up, and the width squared (a convolution's cost; `bench/step_variants.py`: from 24 1.97x, from
+    32 3.96x the step from 16). A GPU is taken as 50x the reference.
+    """
+    voxels = 2 * patches_per_volume(spatial) * float(np.prod(patch))
+    speedup = 50 if facts.gpu else hardware.BF16_STEP_SPEEDUP[facts.bf16][spatial] if facts.bf16 else 1
+    return voxels * CPU_SECONDS_PER_VOXEL[spatial] / speedup * (width / 16) ** 2
+
+
+def planned_steps(facts: Facts, seconds_per_step: float) -> float | None:
+    """Training steps the budget buys at `seconds_per_step`; None for a GPU run bounded by epochs."""
+    minutes = facts.minutes if facts.minutes is not None else (None if facts.gpu else DEFAULT_CPU_MINUTES)
+    return None if minutes is None else minutes * 60 / seconds_per_step
+
+
 def plan_topology(facts: Facts, decided: Decided) -> list[Decision]:
-    """Widths and strides (module docstring, "Topology"): the strides `plan_patch` padded the patch to."""
+    """Widths and strides (module docstring, "Topology"): the strides `plan_patch` padded the patch to.
+
+    The width grows with the budget: on a CPU the widest of `CPU_WIDTHS` that still gets `MIN_STEPS_FOR_WIDTH`
+    steps in the time given; on a GPU nnU-Net's 32-320.
+    """
     spatial, spacing, _, max_levels = _patch_geometry(facts, decided)
     patch = decided["data.patch_size"]
     strides = plan_strides(patch, spacing, max_levels)
-    base, cap = (32, 320) if facts.gpu else (16, 128)
+    if facts.gpu:
+        base, cap = 32, 320
+        why = f"{base} at full resolution, doubling per level, capped at {cap} (nnU-Net's widths, on a GPU)"
+    else:
+        steps = {w: planned_steps(facts, step_seconds(facts, spatial, patch, w)) for w, _ in CPU_WIDTHS}
+        base, cap = next(((w, c) for w, c in CPU_WIDTHS if steps[w] >= MIN_STEPS_FOR_WIDTH), CPU_WIDTHS[-1])
+        widest = steps[base] >= MIN_STEPS_FOR_WIDTH and base != CPU_WIDTHS[-1][0]
+        why = (f"{base} at full resolution, doubling per level, capped at {cap}: "
+               + ("the widest that still gets" if widest else "the narrowest; a wider network would get fewer than")
+               + f" {MIN_STEPS_FOR_WIDTH} steps in the budget (about {steps[base]:.0f} estimated; "
+               + ", ".join(f"{w} wide: {steps[w]:.0f}" for w, _ in CPU_WIDTHS if w != base)
+               + f"); past about {MIN_STEPS_FOR_WIDTH} steps a 16-wide network learned no more on hippocampus")
     channels = [min(base * 2**i, cap) for i in range(len(strides) + 1)]
-    return [Decision("model.channels", channels, f"{base} at full resolution, doubling per level, capped at {cap}"),
+    return [Decision("model.channels", channels, why),
             Decision("model.strides", strides,
                      f"halve an axis while its feature map stays >= {MIN_FEATURE} voxels and its spacing <= 2x the "
                      f"finest (coarsest map "
@@ -230,12 +284,35 @@ def plan_topology(facts: Facts, decided: Decided) -> list[Decision]:
 def plan_batch(facts: Facts, decided: Decided) -> list[Decision]:
     """Volumes and patches a step, and the foreground share (module docstring, "Batch")."""
     spatial = decided["data.spatial_dims"]
-    per_volume = 4 if spatial == 2 else 2
+    per_volume = patches_per_volume(spatial)
     return [Decision("data.batch_size", 2, "2 volumes a step: batch statistics and batch Dice need at least 2"),
             Decision("data.samples_per_volume", per_volume,
                      f"{per_volume} {'slices' if spatial == 2 else 'patches'} from each loaded volume: loading costs "
                      "more than a patch"),
             Decision("data.foreground_ratio", 0.33, "a third of the patches centred on a labelled voxel (nnU-Net)")]
+
+
+def lateral_labels(names: Sequence[str]) -> list[str]:
+    """Label names that say a side (`left kidney`, `Kidney_R`, `r-hippocampus`): mirroring left-right swaps them."""
+    return [n for n in names if re.search(r"(?i)(^|[^a-z])(left|right|l|r)([^a-z]|$)", n)]
+
+
+def plan_augmentation(facts: Facts, decided: Decided) -> list[Decision]:
+    """Augmentation strength and mirroring (module docstring, "Augmentation"), from the steps the budget buys."""
+    spatial = decided["data.spatial_dims"]
+    steps = planned_steps(facts, step_seconds(facts, spatial, decided["data.patch_size"], decided["model.channels"][0]))
+    if steps is not None and steps < STRONG_AUGMENTATION_STEPS:
+        return [Decision("data.augmentation", "light", f"light (small rotations and scalings, mild intensity "
+                         f"changes): about {steps:.0f} steps, fewer than the {STRONG_AUGMENTATION_STEPS} that "
+                         "nnU-Net-strength augmentation is planned for"),
+                Decision("data.flip_axes", [], "no mirroring in a run this short")]
+    lateral = lateral_labels(facts.info.class_names)
+    axes = [a for a in range(spatial) if not (lateral and a == 0)]
+    span = "1000 epochs" if steps is None else f"about {steps:.0f} steps"
+    return [Decision("data.augmentation", "strong", f"nnU-Net's strength (rotation, scaling 0.7-1.4, gamma, "
+                     f"contrast, low resolution): {span}, over the {STRONG_AUGMENTATION_STEPS} it is planned for"),
+            Decision("data.flip_axes", axes, "mirroring on every axis (nnU-Net)" + (
+                f" but left-right: the labels {', '.join(lateral)} name a side" if lateral else ""))]
 
 
 def plan_normalization(facts: Facts, decided: Decided) -> list[Decision]:
@@ -312,16 +389,13 @@ def plan_time_and_validation(facts: Facts, decided: Decided) -> list[Decision]:
     gpu, bf16, median = facts.gpu, facts.bf16, facts.median
     spatial, patch = decided["data.spatial_dims"], decided["data.patch_size"]
     n_val = _validation_cases(facts, decided["data.val_fraction"])
-    voxels_per_step = 2 * decided["data.samples_per_volume"] * float(np.prod(patch))
-    step_seconds = voxels_per_step * CPU_SECONDS_PER_VOXEL[spatial] / (
-        50 if gpu else hardware.BF16_STEP_SPEEDUP[bf16][spatial] if bf16 else 1)
     n_train = len(facts.info.cases) - n_val
-    epoch_seconds = math.ceil(n_train / 2) * step_seconds
+    epoch_seconds = math.ceil(n_train / 2) * step_seconds(facts, spatial, patch, decided["model.channels"][0])
     # sliding windows at overlap 0.5 cover each voxel about 2^dims times, a forward pass is ~1/3 of a step
     scan_voxels = float(np.prod(median[:3] if spatial == 3 else median[:2])) * (median[2] if spatial == 2 else 1)
     val_seconds = n_val * scan_voxels * 2**spatial * CPU_SECONDS_PER_VOXEL[spatial] / 3 / (
         50 if gpu else hardware.BF16_FORWARD_SPEEDUP[bf16] if bf16 else 1)
-    total_minutes = facts.minutes if facts.minutes is not None else (None if gpu else 60.0)
+    total_minutes = facts.minutes if facts.minutes is not None else (None if gpu else DEFAULT_CPU_MINUTES)
     cost = f"a validation: {val_seconds:.0f} s for {n_val} scans, an epoch: {epoch_seconds:.0f} s (estimated)"
     decisions = []
     if total_minutes is not None:
@@ -347,8 +421,9 @@ def plan_time_and_validation(facts: Facts, decided: Decided) -> list[Decision]:
 
 # The rules in the order they decide: a rule reads the decisions of the rules before it. The written plan lists the
 # decisions in this order.
-RULES = (plan_dims, plan_spacing, plan_patch_size, plan_topology, plan_batch, plan_normalization, plan_split,
-         plan_loading, plan_optimizer, plan_precision, plan_schedule, plan_time_and_validation)
+RULES = (plan_dims, plan_spacing, plan_patch_size, plan_topology, plan_batch, plan_augmentation,
+         plan_normalization, plan_split, plan_loading, plan_optimizer, plan_precision, plan_schedule,
+         plan_time_and_validation)
 
 
 def plan_dataset(root: str | os.PathLike, device: str = "cpu", gpu_memory: float = 10.0,

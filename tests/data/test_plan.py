@@ -166,3 +166,39 @@ def test_a_dataset_check_data_rejects_is_not_planned(datasets, tmp_path, capsys)
     assert all(line.startswith("seg plan: ") for line in lines)
     assert not output.exists()
     json.dumps(lines)  # plain text
+
+
+def test_the_network_and_augmentation_grow_with_the_budget_and_the_reasons_say_why(datasets, monkeypatch):
+    from seg import hardware
+    from seg.data import plan
+
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: None)  # the same estimate on every CPU
+
+    def planned(minutes):
+        return {d.key: d for d in plan_dataset(datasets["isotropic"], minutes=minutes)}
+
+    short, day, week = planned(1), planned(24 * 60), planned(7 * 24 * 60)
+    widths = [p["model.channels"].value[0] for p in (short, planned(30), planned(120), day, week)]
+    assert widths == sorted(widths) and widths[0] == 16 and widths[-1] == 32
+    assert "the narrowest" in short["model.channels"].reason and "the widest" in week["model.channels"].reason
+    assert str(plan.MIN_STEPS_FOR_WIDTH) in week["model.channels"].reason
+    assert short["data.augmentation"].value == "light" and short["data.flip_axes"].value == []
+    assert "steps" in short["data.augmentation"].reason
+    assert week["data.augmentation"].value == "strong" and week["data.flip_axes"].value == [0, 1, 2]
+    gpu = _values(plan_dataset(datasets["isotropic"], device="gpu"))
+    assert gpu["data.augmentation"] == "strong" and gpu["model.channels"][0] == 32 and gpu["model.deep_supervision"]
+
+
+def test_mirroring_skips_left_right_when_a_label_names_a_side(tmp_path, monkeypatch):
+    from seg import hardware
+    from seg.data.plan import lateral_labels
+
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: None)
+    assert lateral_labels(["left kidney", "Kidney_R", "r-hippocampus", "liver", "RV", "Anterior"]) == [
+        "left kidney", "Kidney_R", "r-hippocampus"]
+    data = write_dataset(tmp_path / "data", cases=5, size=(40, 40, 40), spacing=(1.0, 1.0, 1.0))
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["labels"] = {"0": "background", "1": "kidney_left", "2": "kidney_right"}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    decisions = {d.key: d for d in plan_dataset(data, device="gpu")}
+    assert decisions["data.flip_axes"].value == [1, 2] and "kidney_left" in decisions["data.flip_axes"].reason
