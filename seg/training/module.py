@@ -6,6 +6,7 @@ import math
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Timer
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
@@ -14,7 +15,7 @@ from monai.metrics import DiceMetric
 from seg.inference.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, build_network
 from seg.inference.slabs import class_indices, stitch_budget
 from seg.inference.window import WindowInference
-from seg.metrics import surface_scores
+from seg.metrics import dice_from_confusion, surface_scores
 from seg.models import NETWORK_DEFAULTS as _D
 from seg.models.topology import check_strides
 from seg.training.callbacks import is_final_validation
@@ -38,18 +39,16 @@ def hausdorff95(prediction: torch.Tensor, label: torch.Tensor, spacing=None) -> 
     return scores
 
 
-def patch_dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+def patch_dice(logits: torch.Tensor, label: torch.Tensor) -> np.ndarray:
     """Dice per foreground class `(classes,)` of a batch's arg-max `logits` (N, K, *S) against `label` (N, 1, *S).
 
-    Pooled over the batch, 2|P∩L| / (|P| + |L|): NaN for a class in neither, so an absent class is not a 1.
+    Pooled over the batch: `seg.metrics.dice_from_confusion` of the confusion matrix, counted on the logits' device
+    so that one K x K matrix, not the batch, reaches the CPU (one sync a step). NaN for a class in neither.
     """
-    prediction = logits.argmax(dim=1, keepdim=True)
-    scores = []
-    for c in range(1, logits.shape[1]):
-        p, g = prediction == c, label == c
-        total = p.sum() + g.sum()
-        scores.append(2.0 * (p & g).sum() / total if total > 0 else torch.tensor(float("nan"), device=logits.device))
-    return torch.stack(scores).float()
+    classes = logits.shape[1]
+    flat = label.long().flatten() * classes + logits.argmax(dim=1).flatten()
+    matrix = torch.bincount(flat, minlength=classes * classes).reshape(classes, classes)
+    return dice_from_confusion(matrix.cpu().numpy())
 
 
 def class_presence(volume: torch.Tensor, classes) -> torch.Tensor:
@@ -241,8 +240,9 @@ class SegmentationModule(pl.LightningModule):
         # network stops fitting its training data (underfitting) or fits it ever better (overfitting).
         top = logits[0] if isinstance(logits, (list, tuple)) else logits
         for class_name, value in zip(self.class_names, patch_dice(top.detach(), batch["label"])):
-            if not torch.isnan(value):
-                self.log(f"train/dice_{class_name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+            if not math.isnan(value):
+                self.log(f"train/dice_{class_name}", float(value), on_step=False, on_epoch=True,
+                         batch_size=batch_size)
         return loss
 
     def _score(self, batch: dict) -> dict | None:
