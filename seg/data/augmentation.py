@@ -64,7 +64,7 @@ def rotation_range(dims: int, thick: int | None) -> list[float]:
 
 
 def strong_augmentations(patch: Sequence[int], spacing: Sequence[float] | None = None,
-                         keys: Sequence[str] = ("image", "label")) -> list[MapTransform]:
+                         keys: Sequence[str] = ("image", "label")) -> tuple[MapTransform, list[MapTransform]]:
     """nnU-Net-strength spatial and intensity transforms (module docstring) for a cut of `augmented_crop(patch)`.
 
     Args:
@@ -73,7 +73,8 @@ def strong_augmentations(patch: Sequence[int], spacing: Sequence[float] | None =
         keys: image, then label (resampled nearest).
 
     Returns:
-        transforms from a `(C, *augmented_crop)` image and `(1, *augmented_crop)` label to `(C, *patch)`, `(1, *patch)`.
+        the spatial transform, from a `(C, *augmented_crop)` image and `(1, *augmented_crop)` label to `(C, *patch)`,
+        `(1, *patch)`; then the intensity transforms of the image (mirroring goes between the two, `data.flip_axes`).
     """
     dims = len(patch)
     image = keys[0]
@@ -84,8 +85,7 @@ def strong_augmentations(patch: Sequence[int], spacing: Sequence[float] | None =
     spatial = RandAffined(keys, prob=0.36, rotate_range=rotation_range(dims, thick), scale_range=[(-0.3, 0.4)] * dims,
                           mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=list(patch),
                           cache_grid=True)
-    return [
-        spatial,
+    return spatial, [
         RandGaussianNoised(image, std=0.1**0.5, prob=0.1),  # variance up to 0.1 (nnU-Net), std drawn in [0, 0.32]
         RandGaussianSmoothd(image, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
         RandScaleIntensityd(image, factors=0.25, prob=0.15),

@@ -430,25 +430,25 @@ def train_transforms(
     ]
     if dims == 2:
         steps.append(SqueezeDimd(keys, dim=3))  # (C, H, W, 1) -> (C, H, W)
+    flips = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
     if strong:
-        augmentations = strong_augmentations(patch, spacing[:dims] if spacing else None, keys)
-        steps += [augmentations[0], *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes),
-                  *augmentations[1:], label_cast()]
-        return Compose(steps)
-    if augment and not (dims == 2 and albumentations):
-        steps.append(RandAffined(keys, prob=0.25, rotate_range=[math.pi / 12] * (3 if dims == 3 else 1),
-                                 scale_range=[0.1] * dims, mode=("bilinear", "nearest"), padding_mode="zeros",
-                                 spatial_size=patch, cache_grid=True))
-    steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
-    if augment and albumentations:
-        steps.append(Albumentationsd(keys, default_augmentations(spatial=dims == 2, volume=dims == 3)))
-    elif augment:
-        sigma = (0.5, 1.0)
-        steps += [
-            RandScaleIntensityd("image", factors=0.25, prob=0.15),
-            RandShiftIntensityd("image", offsets=0.1, prob=0.15),
-            RandGaussianNoised("image", std=0.1, prob=0.1),
-            RandGaussianSmoothd("image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=0.2),
-        ]
+        spatial, intensity = strong_augmentations(patch, spacing[:dims] if spacing else None, keys)
+        steps += [spatial, *flips, *intensity]
+    else:
+        if augment and not (dims == 2 and albumentations):
+            steps.append(RandAffined(keys, prob=0.25, rotate_range=[math.pi / 12] * (3 if dims == 3 else 1),
+                                     scale_range=[0.1] * dims, mode=("bilinear", "nearest"), padding_mode="zeros",
+                                     spatial_size=patch, cache_grid=True))
+        steps += flips
+        if augment and albumentations:
+            steps.append(Albumentationsd(keys, default_augmentations(spatial=dims == 2, volume=dims == 3)))
+        elif augment:
+            sigma = (0.5, 1.0)
+            steps += [
+                RandScaleIntensityd("image", factors=0.25, prob=0.15),
+                RandShiftIntensityd("image", offsets=0.1, prob=0.15),
+                RandGaussianNoised("image", std=0.1, prob=0.1),
+                RandGaussianSmoothd("image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=0.2),
+            ]
     steps.append(label_cast())
     return Compose(steps)

@@ -54,7 +54,6 @@ def _spatial_only(transforms):
             continue  # a random intensity change (normalisation, also image-only, stays: it is not random)
         if isinstance(t, (RandAffined, RandFlipd)):
             t.prob = 1.0
-            (t.rand_affine if isinstance(t, RandAffined) else t).prob = 1.0
         kept.append(t)
     transforms.transforms = tuple(kept)
     return transforms
