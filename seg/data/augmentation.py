@@ -35,7 +35,8 @@ from monai.transforms import (
     RandSimulateLowResolutiond,
 )
 
-ANISOTROPY = 3.0  # a 3D patch whose thickest axis is over 3x its finest rotates in-plane only (nnU-Net's rule)
+from seg.data.plan import ANISOTROPY  # nnU-Net's thick-axis ratio: a 3D patch this anisotropic turns in-plane only
+
 CROP_MARGIN = 1.4  # the cut patch is this much larger per rotated axis: a 30 deg turn needs 1.37x, scaling eats more
 
 
@@ -97,4 +98,4 @@ def strong_augmentations(patch: Sequence[int], spacing: Sequence[float] | None =
     ]
 
 
-__all__ = ["ANISOTROPY", "CROP_MARGIN", "augmented_crop", "rotation_range", "strong_augmentations", "thick_axis"]
+__all__ = ["CROP_MARGIN", "augmented_crop", "rotation_range", "strong_augmentations", "thick_axis"]
