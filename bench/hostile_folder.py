@@ -24,7 +24,6 @@ import csv
 import hashlib
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -39,19 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "tests" / "inference"))  # test_dicom imports its neighbours as pytest does
 
+from machine import cpu_name  # noqa: E402 - bench/, beside this script
 from seg.data.synthetic import write_dataset  # noqa: E402
 from tests.hostile_files import gzip_bomb, header_bomb  # noqa: E402
 from tests.inference.test_dicom import write_series  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def train_checkpoint(work: Path) -> Path:

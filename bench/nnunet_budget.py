@@ -51,6 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import acdc  # noqa: E402
 import hippocampus_accuracy  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from nnunet_predict_speed import timed  # noqa: E402
 from plan_vs_nnunet import nnunet_env, run_nnunet, to_nnunet  # noqa: E402
 
@@ -109,9 +110,7 @@ def versions(python: str) -> dict:
 
 def machine() -> str:
     """lscpu's model name and the number of cores."""
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name:")), "unknown CPU")
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def evaluate(predictions: Path, folder: Path, output: Path) -> dict:

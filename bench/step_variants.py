@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 from datetime import date
 
 import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
+from machine import cpu_name  # bench/, beside this script
 from seg.inference.checkpoint import build_network
 from seg.models.topology import plan_strides
-
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def make_variant(dims: int, patch: list[int], base: int, cap: int, deep_supervision: bool, channels_last: bool,
@@ -93,7 +85,7 @@ def main() -> None:
     reference = statistics.median(times[names[0]])
     rows = [{"variant": n, "parameters": v[4], "step_s": round(statistics.median(times[n]), 3),
              "vs_first": round(statistics.median(times[n]) / reference, 2)} for n, v in zip(names, variants)]
-    print(json.dumps({"bench": "step_variants", "date": date.today().isoformat(), "cpu": cpu_model(),
+    print(json.dumps({"bench": "step_variants", "date": date.today().isoformat(), "cpu": cpu_name(),
                       "threads": torch.get_num_threads(), "dims": args.dims, "patch": args.patch,
                       "batch": args.batch, "rows": rows}, indent=1))
 
