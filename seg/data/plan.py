@@ -11,7 +11,9 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   2D in-plane slices.
 - **Patch**: the median resampled scan, shrunk along its longest axis (in mm) until it fits the budget (CPU: a
   step-time budget of voxels per patch; GPU: voxels that fit `--gpu-memory` in bf16), then padded to a multiple
-  of the strides as nnU-Net does.
+  of the strides as nnU-Net does. A 2D CPU patch is about 128 x 128, not the whole slice: at the same step cost,
+  32 such patches a step learned far more per CPU minute than 8 whole slices (ACDC, 15 minutes: 0.81 against
+  0.72 held-out mean Dice, BENCHMARKS.md).
 - **Topology**: halve an axis at each level while its feature map stays >= `MIN_FEATURE` voxels and its spacing
   is at most twice the finest axis's (so thin slices are first brought to the in-plane resolution;
   `seg.models.topology.plan_strides`, which `seg fit` also suggests from); widths double per level from 32
@@ -20,8 +22,9 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
 - **Augmentation**: nnU-Net's strength (`seg.data.augmentation`) and mirroring on every axis when the run gets at
   least `STRONG_AUGMENTATION_STEPS` steps (a GPU run, a long CPU run); light augmentation and no mirroring in a
   short CPU run. Mirroring skips left-right when a label name says a side.
-- **Batch**: 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4 slices in 2D; a
-  third of the patches centred on foreground.
+- **Batch** (`batch_shape`): 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4
+  slices each in 2D on a GPU; on a CPU a 2D step takes 8 volumes x 4 small patches. A third of the patches are
+  centred on foreground.
 - **Normalisation** per channel from `dataset.json`'s modality: CT is clipped to the foreground's 0.5-99.5
   percentiles and scaled by the foreground mean and std; every other channel gets a per-scan z-score.
 - **Precision**: on a GPU bf16 mixed precision; on a CPU bf16 mixed precision when the CPU planning the run has
@@ -64,15 +67,17 @@ MIN_3D_SLICES = 12  # fewer resampled voxels along the thick axis than this: 2D
 MIN_FEATURE = PLANNED_FEATURE_SIZE  # the stride rule's smallest feature map edge (seg.models.topology)
 ANISOTROPY = 3.0  # nnU-Net's threshold for a thick axis
 # Voxels per training patch. CPU: a step of 2 x 2 patches of this size takes about 2 s on two cores with widths
-# 16-128 (the hippocampus config, 40 x 56 x 40 = 90k voxels, runs 0.5 steps/s; BENCHMARKS.md). A 2D patch holds a
-# whole slice of most scans (4 of them a volume: about 2 s a step too, `CPU_SECONDS_PER_VOXEL`).
-CPU_PATCH_VOXELS = {3: 128_000, 2: 256 * 256}
+# 16-128 (the hippocampus config, 40 x 56 x 40 = 90k voxels, runs 0.5 steps/s; BENCHMARKS.md). A 2D patch is about
+# 128 x 128, 32 of them a step (`batch_shape`): on ACDC in 15 float32 CPU minutes, 32 patches of 128 x 128 a step
+# (2.5 s) reached 0.81 held-out mean Dice where 8 whole slices of 224 x 256 a step (1.7 s) reached 0.72: more
+# distinct patches a step, more of them on the heart, and the same convolutions (bench/acdc.py, 2026-12-07).
+CPU_PATCH_VOXELS = {3: 128_000, 2: 128 * 128}
 # GPU: nnU-Net's reference, a 128^3 patch with batch 2 and widths 32-320 in about 10 GB of bf16 training memory.
 GPU_VOXELS_PER_GB = {3: 128**3 / 10.0, 2: 1024 * 1024 / 10.0}
 # One float32 training step, widths from 16, per voxel of the batch. 3D: 2 s for 4 hippocampus patches. 2D: the ACDC
-# plan's step (8 slices of 224 x 256) took 1.70 s on the 2-core EPYC (bench/acdc.py, 2026-12-07), two thirds of a
-# 3D voxel's cost, not the third once assumed: 2D estimates had been half the real step.
-CPU_SECONDS_PER_VOXEL = {3: 2.0 / (4 * 40 * 56 * 40), 2: 1.70 / (8 * 224 * 256)}
+# plan's step (32 patches of 128 x 128) took 2.46 s on the 2-core EPYC (bench/acdc.py, 2026-12-07); small patches
+# cost a quarter more per voxel than whole slices (8 x 224 x 256 took 1.70 s).
+CPU_SECONDS_PER_VOXEL = {3: 2.0 / (4 * 40 * 56 * 40), 2: 2.46 / (32 * 128 * 128)}
 DEFAULT_CPU_MINUTES = 60.0  # a CPU run without --minutes
 # Widths at full resolution (and their cap) a CPU plan may take, widest first, and the training steps the budget
 # must still buy at that width. Hippocampus, widths from 16: validation Dice 0.875-0.880 from step 600 to step
@@ -225,23 +230,31 @@ def plan_patch_size(facts: Facts, decided: Decided) -> list[Decision]:
                      f"the median resampled scan ({'x'.join(f'{v:.0f}' for v in in_plane)}) "
                      + ("padded" if over else "shrunk along its longest side (mm) to the budget and rounded")
                      + f" to a multiple of the strides; budget {budget / 1000:.0f}k voxels "
-                     + (f"({facts.gpu_memory:g} GB of GPU memory, bf16)" if facts.gpu
-                        else "(about 2 s a step on 2 CPU cores)"))]
+                     + (f"({facts.gpu_memory:g} GB of GPU memory, bf16)" if facts.gpu else
+                        f"(a step of {math.prod(batch_shape(facts, spatial))}: about "
+                        f"{step_seconds(facts, spatial, patch):.1f} s on 2 CPU cores with widths from 16)"))]
 
 
-def patches_per_volume(spatial: int) -> int:
-    """Patches cut from each loaded volume (`plan_batch`): 4 slices in 2D, 2 patches in 3D."""
-    return 4 if spatial == 2 else 2
+def batch_shape(facts: Facts, spatial: int) -> tuple[int, int]:
+    """Volumes a step and patches cut from each (module docstring, "Batch").
+
+    3D: 2 x 2. 2D on a GPU: 2 volumes x 4 whole slices. 2D on a CPU: 8 volumes x 4 small patches (ACDC, 15
+    minutes: 0.81 held-out mean Dice; 4 volumes x 8 patches, half the loads, made as many steps for 0.80).
+    """
+    if spatial == 3:
+        return 2, 2
+    return (2, 4) if facts.gpu else (8, 4)
 
 
 def step_seconds(facts: Facts, spatial: int, patch: Sequence[int], width: int = 16) -> float:
-    """Estimated seconds of one training step: 2 volumes x `patches_per_volume` patches, widths from `width`.
+    """Estimated seconds of one training step of `batch_shape` patches, widths from `width`.
 
     From a constant per voxel measured with widths from 16 on the 2-core reference (`CPU_SECONDS_PER_VOXEL`), the
     CPU's bf16 speed-up, and the width squared (a convolution's cost; `bench/step_variants.py`: from 24 1.97x, from
     32 3.96x the step from 16). A GPU is taken as 50x the reference.
     """
-    voxels = 2 * patches_per_volume(spatial) * float(np.prod(patch))
+    volumes, per_volume = batch_shape(facts, spatial)
+    voxels = volumes * per_volume * float(np.prod(patch))
     speedup = 50 if facts.gpu else hardware.BF16_STEP_SPEEDUP[facts.bf16][spatial] if facts.bf16 else 1
     return voxels * CPU_SECONDS_PER_VOXEL[spatial] / speedup * (width / 16) ** 2
 
@@ -284,8 +297,12 @@ def plan_topology(facts: Facts, decided: Decided) -> list[Decision]:
 def plan_batch(facts: Facts, decided: Decided) -> list[Decision]:
     """Volumes and patches a step, and the foreground share (module docstring, "Batch")."""
     spatial = decided["data.spatial_dims"]
-    per_volume = patches_per_volume(spatial)
-    return [Decision("data.batch_size", 2, "2 volumes a step: batch statistics and batch Dice need at least 2"),
+    volumes, per_volume = batch_shape(facts, spatial)
+    small_2d = spatial == 2 and not facts.gpu
+    return [Decision("data.batch_size", volumes,
+                     f"{volumes} volumes a step, {volumes * per_volume} patches" + (
+                         ": many small 2D patches a step learn more per CPU minute than a few whole slices"
+                         if small_2d else ": batch statistics and batch Dice need at least 2")),
             Decision("data.samples_per_volume", per_volume,
                      f"{per_volume} {'slices' if spatial == 2 else 'patches'} from each loaded volume: loading costs "
                      "more than a patch"),
@@ -390,7 +407,8 @@ def plan_time_and_validation(facts: Facts, decided: Decided) -> list[Decision]:
     spatial, patch = decided["data.spatial_dims"], decided["data.patch_size"]
     n_val = _validation_cases(facts, decided["data.val_fraction"])
     n_train = len(facts.info.cases) - n_val
-    epoch_seconds = math.ceil(n_train / 2) * step_seconds(facts, spatial, patch, decided["model.channels"][0])
+    steps_per_epoch = math.ceil(n_train / decided["data.batch_size"])
+    epoch_seconds = steps_per_epoch * step_seconds(facts, spatial, patch, decided["model.channels"][0])
     # sliding windows at overlap 0.5 cover each voxel about 2^dims times, a forward pass is ~1/3 of a step
     scan_voxels = float(np.prod(median[:3] if spatial == 3 else median[:2])) * (median[2] if spatial == 2 else 1)
     val_seconds = n_val * scan_voxels * 2**spatial * CPU_SECONDS_PER_VOXEL[spatial] / 3 / (
@@ -415,7 +433,7 @@ def plan_time_and_validation(facts: Facts, decided: Decided) -> list[Decision]:
         Decision("validation.max_share", 0.1, "validation takes at most a tenth of a time-bounded run's wall time"),
         Decision("overlays.every_n_epochs", every, "gate overlays at every validation" if every > 1 else
                  "gate overlays at the validations (and always at the last)"),
-        Decision("trainer.log_every_n_steps", max(1, min(50, math.ceil(n_train / 2) // 2)),
+        Decision("trainer.log_every_n_steps", max(1, min(50, steps_per_epoch // 2)),
                  "twice an epoch, at most every 50")]
 
 

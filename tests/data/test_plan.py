@@ -202,3 +202,22 @@ def test_mirroring_skips_left_right_when_a_label_names_a_side(tmp_path, monkeypa
     (data / "dataset.json").write_text(json.dumps(meta))
     decisions = {d.key: d for d in plan_dataset(data, device="gpu")}
     assert decisions["data.flip_axes"].value == [1, 2] and "kidney_left" in decisions["data.flip_axes"].reason
+
+
+def test_a_2d_cpu_plan_cuts_many_small_patches_and_a_gpu_plan_whole_slices(tmp_path, monkeypatch):
+    # cine-MR-like: slices 5.3x thicker than the in-plane spacing, so 2D; each slice larger than the CPU's patch
+    from seg import hardware
+
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: None)
+    root = write_dataset(tmp_path / "cine", cases=3, size=(208, 240, 8), spacing=(1.5, 1.5, 8.0))
+    cpu = {d.key: d for d in plan_dataset(root, minutes=15)}
+    assert cpu["data.spatial_dims"].value == 2
+    patch = cpu["data.patch_size"].value
+    assert patch[0] < 208 and patch[1] < 240 and 128 * 128 <= np.prod(patch) <= 1.25 * 128 * 128
+    assert (cpu["data.batch_size"].value, cpu["data.samples_per_volume"].value) == (8, 4)
+    assert "32 patches" in cpu["data.batch_size"].reason and "a step of 32" in cpu["data.patch_size"].reason
+    # the epoch estimate follows the batch: 3 cases, 1 held out for validation -> 1 step of 8 volumes an epoch
+    assert cpu["trainer.log_every_n_steps"].value == 1
+    gpu = _values(plan_dataset(root, device="gpu", dims="2d"))
+    assert gpu["data.patch_size"][0] >= 208 and gpu["data.patch_size"][1] >= 240  # the whole slice, padded
+    assert (gpu["data.batch_size"], gpu["data.samples_per_volume"]) == (2, 4)
