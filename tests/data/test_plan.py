@@ -204,7 +204,7 @@ def test_mirroring_skips_left_right_when_a_label_names_a_side(tmp_path, monkeypa
     assert decisions["data.flip_axes"].value == [1, 2] and "kidney_left" in decisions["data.flip_axes"].reason
 
 
-def test_a_2d_cpu_plan_cuts_many_small_patches_and_a_gpu_plan_whole_slices(tmp_path, monkeypatch):
+def test_a_2d_cpu_plan_cuts_many_small_patches_with_deep_supervision_and_a_gpu_plan_whole_slices(tmp_path, monkeypatch):
     # cine-MR-like: slices 5.3x thicker than the in-plane spacing, so 2D; each slice larger than the CPU's patch
     from seg import hardware
 
@@ -221,3 +221,9 @@ def test_a_2d_cpu_plan_cuts_many_small_patches_and_a_gpu_plan_whole_slices(tmp_p
     gpu = _values(plan_dataset(root, device="gpu", dims="2d"))
     assert gpu["data.patch_size"][0] >= 208 and gpu["data.patch_size"][1] >= 240  # the whole slice, padded
     assert (gpu["data.batch_size"], gpu["data.samples_per_volume"]) == (2, 4)
+    cpu_values = _values(cpu.values())
+    assert cpu_values["model.deep_supervision"] is True and gpu["model.deep_supervision"] is True
+    assert "0.83" in cpu["model.deep_supervision"].reason  # the measurement it rests on
+    # 3D on a CPU keeps it off until measured
+    assert "model.deep_supervision" not in _values(plan_dataset(write_dataset(
+        tmp_path / "iso", cases=3, size=(32, 32, 32), spacing=(1.0, 1.0, 1.0)), minutes=15))
