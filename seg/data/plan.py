@@ -11,7 +11,7 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   2D in-plane slices.
 - **Patch**: the median resampled scan, shrunk along its longest axis (in mm) until it fits the budget (CPU: a
   step-time budget of voxels per patch; GPU: voxels that fit `--gpu-memory` in bf16), then padded to a multiple
-  of the strides as nnU-Net does. A 2D CPU patch is about 128 x 128, not the whole slice: at the same step cost,
+  of the strides as nnU-Net does. A 2D CPU patch is about 128 x 128, not the whole slice: for 1.4x the step cost,
   32 such patches a step learned far more per CPU minute than 8 whole slices (ACDC, 15 minutes: 0.81 against
   0.72 held-out mean Dice, BENCHMARKS.md).
 - **Topology**: halve an axis at each level while its feature map stays >= `MIN_FEATURE` voxels and its spacing
@@ -307,8 +307,8 @@ def plan_batch(facts: Facts, decided: Decided) -> list[Decision]:
                          ": many small 2D patches a step learn more per CPU minute than a few whole slices"
                          if small_2d else ": batch statistics and batch Dice need at least 2")),
             Decision("data.samples_per_volume", per_volume,
-                     f"{per_volume} {'slices' if spatial == 2 else 'patches'} from each loaded volume: loading costs "
-                     "more than a patch"),
+                     f"{per_volume} {'slices' if spatial == 2 and not small_2d else 'patches'} from each loaded volume: "
+                     "loading costs more than a patch"),
             Decision("data.foreground_ratio", 0.33, "a third of the patches centred on a labelled voxel (nnU-Net)")]
 
 
