@@ -1,21 +1,27 @@
 """Does the attention earn its place? The same network with and without gates and CBAM, under one CPU budget.
 
-On the shared hippocampus cases, split once (train / held out, seed 0, as `bench/hippocampus_accuracy.py`), every
-run gets the same wall-clock budget on the same machine, one after the other:
-  plain   `seg fit --config configs/hippocampus.yaml --model.gates false --model.cbam false`
+`--dataset hippocampus`: the shared hippocampus cases, split once (train / held out, seed 0, as
+`bench/hippocampus_accuracy.py`), trained from `configs/hippocampus.yaml`. `--dataset acdc`: the shared ACDC volumes
+split by patient (`bench/acdc.py`'s 10 held-out patients, seed 0), trained by the default command
+(`seg fit --data.root TRAIN`, planned for the budget), where thin structures (myocardium, right ventricle) are
+where attention should matter. Every run gets the same wall-clock budget on the same machine, one after the other:
+  plain   `--model.gates false --model.cbam false`
   gates   `--model.cbam false`            cbam   `--model.gates false`            both   (the default)
-  monai_attention, monai_unet: MONAI's AttentionUnet and UNet (`../shared/bench/monai_reference_hippocampus.py`)
+  monai_attention, monai_unet (hippocampus only): MONAI's AttentionUnet and UNet
+  (`../shared/bench/monai_reference_hippocampus.py`)
 each with every seed of `--seeds` (`--seed_everything`; the MONAI script under `runpy` with its seed rebound).
 For each run: held-out Dice per class (`seg test --ckpt_path best`, or the MONAI script's own scoring), training
-steps, seconds per step, parameters. For gated variants also the attention concentration per gate level on the
-held-out cases (`seg overlays`), and for the first seed the sanity checks: the same network untrained (weights as
-initialised) and with its gates re-randomised (`seg.explain.sanity.randomize_gates`).
+steps, seconds per step, parameters. For gated variants also, per gate level on the held-out scans (`seg overlays`):
+the attention concentration and the share of the map's mass inside each class dilated by 2 mm
+(`seg.explain.concentration.class_energy_share`); for the first seed the sanity checks: the same network untrained
+(weights as initialised) and with its gates re-randomised (`seg.explain.sanity.randomize_gates`).
 Writes OUT/runs.jsonl (one line per run, appended as they finish: an interrupted benchmark resumes, skipping the
 runs already there) and prints a summary per variant: mean and 95% confidence interval (t distribution) over seeds,
 and the mean Dice's difference to the plain U-Net paired by seed, with its interval.
 
-usage: python bench/ablation.py [--minutes 6] [--seeds 0,1,2] [--variants plain,gates,cbam,both,monai_attention,
-       monai_unet] [--test-cases 40] [--out runs/bench_ablation]
+usage: python bench/ablation.py [--dataset hippocampus|acdc] [--minutes 6 (hippocampus) | 15 (acdc)] [--seeds 0,1,2]
+       [--variants plain,gates,cbam,both[,monai_attention,monai_unet]] [--test-cases 40 | 10 patients]
+       [--out runs/bench_ablation]
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+import acdc  # noqa: E402
 from hippocampus_accuracy import SHARED, make_split, run_monai, run_seg  # noqa: E402
 
 VARIANTS = {
@@ -45,17 +52,31 @@ MONAI = {"monai_attention": "attention", "monai_unet": "unet"}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def concentration(checkpoint: Path, test_dir: Path, out: Path) -> dict[str, float]:
-    """Mean concentration per gate level over the held-out cases (`seg overlays ... --labels`)."""
+def gate_scores(checkpoint: Path, images: Path, labels: Path, out: Path) -> tuple[dict, dict]:
+    """Per gate level, the mean over the held-out scans (`seg overlays ... --labels`) of the attention concentration,
+    and of each class's share of the map's mass: `({level: concentration}, {level: {class: share}})`."""
     subprocess.run([sys.executable, "-m", "seg", "overlays", "--checkpoint", str(checkpoint), "--input",
-                    str(test_dir / "imagesTr"), "--labels", str(test_dir / "labelsTr"), "--output", str(out)],
+                    str(images), "--labels", str(labels), "--output", str(out)],
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return read_gate_scores(out / "concentration.csv")
+
+
+def read_gate_scores(path: Path) -> tuple[dict, dict]:
+    """`gate_scores` from a `concentration.csv`: NaN (a class absent from a scan) is left out of the means."""
     values: dict[str, list[float]] = {}
-    with open(out / "concentration.csv") as f:
+    shares: dict[str, dict[str, list[float]]] = {}
+    with open(path) as f:
         for row in csv.DictReader(f):
-            if row["level"].startswith("gate_") and row["concentration"] not in ("", "nan"):
+            if not row["level"].startswith("gate_"):
+                continue
+            if row["concentration"] not in ("", "nan"):
                 values.setdefault(row["level"], []).append(float(row["concentration"]))
-    return {level: round(float(np.mean(v)), 3) for level, v in sorted(values.items())}
+            for key, value in row.items():
+                if key.startswith("energy_") and value not in ("", "nan"):
+                    shares.setdefault(row["level"], {}).setdefault(key.removeprefix("energy_"), []).append(float(value))
+    return ({level: round(float(np.mean(v)), 3) for level, v in sorted(values.items())},
+            {level: {c: round(float(np.mean(v)), 4) for c, v in per_class.items()}
+             for level, per_class in sorted(shares.items())})
 
 
 def control_checkpoint(best: Path, out: Path, how: str, seed: int = 0) -> Path:
@@ -85,7 +106,11 @@ def parameters(checkpoint: Path) -> int:
 
 
 def run_one(variant: str, seed: int, train_dir: Path, test_dir: Path, out: Path, minutes: float,
-            sanity: bool) -> dict:
+            sanity: bool, dataset: str = "hippocampus") -> dict:
+    """One training of `variant` under `seed`, scored on the held-out scans. `dataset="acdc"`: `train_dir` is
+    `bench/acdc.py`'s split folder (held-out volumes in its imagesTs / labelsTs) and `test_dir` is not used."""
+    if dataset == "acdc":
+        return run_one_acdc(variant, seed, train_dir, out, minutes, sanity)
     if variant in MONAI:
         result = run_monai(train_dir, test_dir, minutes, kind=MONAI[variant], seed=seed)
         return {"variant": variant, "seed": seed, "steps": result["steps"],
@@ -102,13 +127,34 @@ def run_one(variant: str, seed: int, train_dir: Path, test_dir: Path, out: Path,
            "seconds_per_step": round(minutes * 60 / max(result["steps"], 1), 3),
            "parameters": parameters(best),
            **{k: result[k] for k in ("dice_anterior", "dice_posterior", "dice_mean", "hd95_mean_mm")}}
-    if variant in ("gates", "both"):
-        row["concentration"] = concentration(best, test_dir, run_dir / "heldout_overlays")
-        if sanity:
-            for how in ("untrained", "randomised"):
-                control = control_checkpoint(best, run_dir, how, seed)
-                row[f"concentration_{how}"] = concentration(control, test_dir, run_dir / f"heldout_overlays_{how}")
-    return row
+    return row | attention_scores(variant, seed, best, test_dir / "imagesTr", test_dir / "labelsTr", run_dir, sanity)
+
+
+def run_one_acdc(variant: str, seed: int, data: Path, out: Path, minutes: float, sanity: bool) -> dict:
+    """`bench/acdc.py`'s default command with the variant's switches: held-out Dice per class (LV, MYO, RV)."""
+    run_dir = out / f"{variant}_seed{seed}"
+    result = acdc.fit_and_test(data, run_dir, minutes, (*VARIANTS[variant], "--seed_everything", str(seed),
+                                                         "--overlays.every_n_epochs", "0"))
+    best = run_dir / "checkpoints" / "best.ckpt"
+    row = {"variant": variant, "seed": seed, "steps": result["steps"],
+           "seconds_per_step": round(minutes * 60 / max(result["steps"], 1), 3), "parameters": parameters(best),
+           **{f"dice_{c}": v for c, v in result["test_dice"].items()}, "dice_mean": result["test_dice_mean"]}
+    return row | attention_scores(variant, seed, best, data / "imagesTs", data / "labelsTs", run_dir, sanity)
+
+
+def attention_scores(variant: str, seed: int, best: Path, images: Path, labels: Path, run_dir: Path,
+                     sanity: bool) -> dict:
+    """For a gated variant, `concentration` and `energy` per gate level on the held-out scans; with `sanity`, the
+    same for the untrained and the gate-randomised controls (`concentration_untrained`, `energy_randomised`, ...)."""
+    if variant not in ("gates", "both"):
+        return {}
+    scores = dict(zip(("concentration", "energy"), gate_scores(best, images, labels, run_dir / "heldout_overlays")))
+    if sanity:
+        for how in ("untrained", "randomised"):
+            control = control_checkpoint(best, run_dir, how, seed)
+            found = gate_scores(control, images, labels, run_dir / f"heldout_overlays_{how}")
+            scores |= {f"concentration_{how}": found[0], f"energy_{how}": found[1]}
+    return scores
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -129,8 +175,8 @@ def summarise(rows: list[dict], reference: str = "plain") -> list[dict]:
         entry = {"variant": variant, "seeds": len(runs), "parameters": runs[0]["parameters"],
                  "steps": round(float(np.mean([r["steps"] for r in runs]))),
                  "seconds_per_step": round(float(np.mean([r["seconds_per_step"] for r in runs])), 3)}
-        for key in ("dice_anterior", "dice_posterior", "dice_mean"):
-            mean, half = interval([r[key] for r in runs])
+        for key in [k for k in runs[0] if k.startswith("dice_")]:  # per class, then the mean
+            mean, half = interval([r[key] for r in runs if key in r])
             entry[key] = f"{mean:.4f} ± {half:.4f}"
         paired = [r["dice_mean"] - dice[(reference, r["seed"])] for r in runs if (reference, r["seed"]) in dice]
         if variant != reference and paired:
@@ -141,38 +187,59 @@ def summarise(rows: list[dict], reference: str = "plain") -> list[dict]:
             for level in sorted({lv for maps in with_maps for lv in maps}):
                 values = [maps[level] for maps in with_maps if level in maps]
                 entry[f"{prefix}_{level}"] = f"{np.mean(values):.2f} ({len(values)} seeds)"
+        for prefix in ("energy", "energy_untrained", "energy_randomised"):
+            with_maps = [r[prefix] for r in runs if r.get(prefix)]
+            for level in sorted({lv for maps in with_maps for lv in maps}):
+                for name in dict.fromkeys(c for maps in with_maps for c in maps.get(level, {})):
+                    values = [maps[level][name] for maps in with_maps if name in maps.get(level, {})]
+                    entry[f"{prefix}_{level}_{name}"] = f"{np.mean(values):.3f} ({len(values)} seeds)"
         table.append(entry)
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=6.0, help="training budget of every run")
+    parser.add_argument("--dataset", choices=("hippocampus", "acdc"), default="hippocampus")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget of every run (default 6 for hippocampus, 15 for acdc)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--variants", default="plain,gates,cbam,both,monai_attention,monai_unet")
-    parser.add_argument("--test-cases", type=int, default=40)
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "hippocampus")
+    parser.add_argument("--variants", default=None,
+                        help="default: plain,gates,cbam,both (and monai_attention,monai_unet for hippocampus)")
+    parser.add_argument("--test-cases", type=int, default=None,
+                        help="held-out cases (hippocampus, default 40) or patients (acdc, default 10)")
+    parser.add_argument("--data", type=Path, default=None, help="default: ../shared/data/<dataset>")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_ablation")
     args = parser.parse_args()
+    hippocampus = args.dataset == "hippocampus"
+    args.minutes = args.minutes if args.minutes is not None else 6.0 if hippocampus else 15.0
+    args.data = args.data or SHARED / "data" / args.dataset
     seeds = [int(s) for s in args.seeds.split(",")]
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS and v not in MONAI]
+    variants = (args.variants or ",".join([*VARIANTS, *(MONAI if hippocampus else ())])).split(",")
+    unknown = [v for v in variants if v not in VARIANTS and not (hippocampus and v in MONAI)]
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {[*VARIANTS, *MONAI]}")
-    train_dir, test_dir = make_split(args.data, args.out, args.test_cases, seed=0)
+        parser.error(f"unknown variants {unknown} for {args.dataset}; choose from "
+                     f"{[*VARIANTS, *(MONAI if hippocampus else ())]}")
+    if hippocampus:
+        train_dir, test_dir = make_split(args.data, args.out, args.test_cases or 40, seed=0)
+    else:
+        train_dir, _ = acdc.make_split(args.data, args.out, args.test_cases or 10, seed=0)
+        test_dir = train_dir
     log = args.out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for seed in seeds:  # seeds outermost: a cut-short benchmark still has every variant at the first seeds
         for variant in variants:
-            if any(r["variant"] == variant and r["seed"] == seed and r.get("minutes") == args.minutes for r in done):
+            if any(r["variant"] == variant and r["seed"] == seed and r.get("minutes") == args.minutes
+                   and r.get("dataset", "hippocampus") == args.dataset for r in done):
                 continue
             row = {**run_one(variant, seed, train_dir, test_dir, args.out, args.minutes,
-                                 sanity=seed == seeds[0]), "minutes": args.minutes}
+                             sanity=seed == seeds[0], dataset=args.dataset), "minutes": args.minutes,
+                   "dataset": args.dataset}
             done.append(row)
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    rows = [r for r in done if r.get("minutes") == args.minutes and r["variant"] in variants and r["seed"] in seeds]
+    rows = [r for r in done if r.get("minutes") == args.minutes and r.get("dataset", "hippocampus") == args.dataset
+            and r["variant"] in variants and r["seed"] in seeds]
     for entry in summarise(rows):
         print(json.dumps(entry, ensure_ascii=False), flush=True)
 

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
@@ -106,6 +107,57 @@ def network_step_seconds(config: dict, steps: int = 8) -> float:
     return statistics.median(times)
 
 
+def fit_and_test(data: Path, run: Path, minutes: float, fit_args: Sequence[str] = (),
+                 plan_args: str | None = None) -> dict:
+    """`seg fit --data.root DATA` for `minutes` into `run` (Lightning's simple profiler on), then `seg test
+    --ckpt_path best` on DATA's held-out volumes (imagesTs); `fit_args` go to both. With `plan_args`, plan first
+    (`seg plan DATA --minutes M PLAN_ARGS`) and train on that plan instead of the one `seg fit` makes.
+
+    Returns the config the run used, `fit_wall_s`, `steps`, `test_dice` per class, `test_dice_mean` and the
+    profiler's seconds per action (`profile`). The runs' output goes to `run`/fit.log and test.log.
+    """
+    import yaml
+
+    seconds = int(round(minutes * 60))
+    common = ["--trainer.default_root_dir", str(run), "--logging", "csv"]
+    planned = []
+    run.mkdir(parents=True, exist_ok=True)
+    if plan_args is not None:
+        subprocess.run([sys.executable, "-m", "seg", "plan", str(data), "--minutes", f"{minutes:g}",
+                        "--output", str(run / "plan.yaml"), *plan_args.split()], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
+        planned = ["--config", str(run / "plan.yaml")]
+    start = time.time()
+    fit = subprocess.run([sys.executable, "-m", "seg", "fit", *planned, "--data.root", str(data), *common, *fit_args,
+                          "--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
+                          "--trainer.profiler", "simple", "--trainer.enable_progress_bar", "false"],
+                         capture_output=True, text=True, cwd=REPO)
+    fit_s = time.time() - start
+    (run / "fit.log").write_text(fit.stdout + fit.stderr)
+    if fit.returncode != 0:
+        raise SystemExit(f"seg fit failed; see {run / 'fit.log'}")
+    config = yaml.safe_load((run / "plan.yaml").read_text())
+    saved = sorted((run / "csv").glob("version_*/config.yaml"))  # what the run used: the plan and every override
+    if saved:
+        config = yaml.safe_load(saved[0].read_text())
+    test = subprocess.run([sys.executable, "-m", "seg", "test", "--config", str(run / "plan.yaml"), "--data.root",
+                           str(data), *common, *fit_args, "--ckpt_path", "best"], capture_output=True, text=True,
+                          cwd=REPO)
+    (run / "test.log").write_text(test.stdout + test.stderr)
+    if test.returncode != 0:
+        raise SystemExit(f"seg test failed; see {run / 'test.log'}")
+    metrics = sorted((run / "csv").glob("version_*/metrics.csv"))
+    with open(metrics[-1]) as f:
+        row = [r for r in csv.DictReader(f) if r.get("test/dice_mean")][-1]
+    with open(metrics[0]) as f:
+        steps = max(int(r["step"]) for r in csv.DictReader(f) if r.get("step"))
+    classes = [k.split("test/dice_", 1)[1] for k in row if k.startswith("test/dice_") and k != "test/dice_mean"]
+    # Lightning's profiler writes its report at the end of fit to the log: parse it from there
+    return {"config": config, "fit_wall_s": round(fit_s, 1), "steps": steps,
+            "test_dice": {c: round(float(row[f"test/dice_{c}"]), 4) for c in classes},
+            "test_dice_mean": round(float(row["test/dice_mean"]), 4), "profile": profile_summary(run / "fit.log")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0)
@@ -118,51 +170,11 @@ def main() -> None:
                              "that plan, instead of the plain `seg fit --data.root` a user runs")
     parser.add_argument("--fit-args", default="", help="trials: more `seg fit` options, e.g. '--data.patch_size [128,128]'")
     args = parser.parse_args()
-    import yaml
-
     data, held_out = make_split(args.data, args.out, args.test_patients, args.seed)
-    run = args.out / "run"
-    seconds = int(round(args.minutes * 60))
-    common = ["--trainer.default_root_dir", str(run), "--logging", "csv"]
-    planned = []
-    if args.plan_args is not None:
-        run.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "seg", "plan", str(data), "--minutes", f"{args.minutes:g}",
-                        "--output", str(run / "plan.yaml"), *args.plan_args.split()], check=True, cwd=REPO,
-                       stdout=subprocess.DEVNULL)
-        planned = ["--config", str(run / "plan.yaml")]
-    start = time.time()
-    fit = subprocess.run([sys.executable, "-m", "seg", "fit", *planned, "--data.root", str(data), *common,
-                          *args.fit_args.split(),
-                          "--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
-                          "--trainer.profiler", "simple", "--trainer.enable_progress_bar", "false"],
-                         capture_output=True, text=True, cwd=REPO)
-    fit_s = time.time() - start
-    (args.out / "fit.log").write_text(fit.stdout + fit.stderr)
-    if fit.returncode != 0:
-        raise SystemExit(f"seg fit failed; see {args.out / 'fit.log'}")
-    config = yaml.safe_load((run / "plan.yaml").read_text())
-    saved = sorted((run / "csv").glob("version_*/config.yaml"))  # what the run used: the plan and every override
-    if saved:
-        config = yaml.safe_load(saved[0].read_text())
-    plan_args = ["--config", str(run / "plan.yaml"), "--data.root", str(data), *common, *args.fit_args.split()]
-    test = subprocess.run([sys.executable, "-m", "seg", "test", *plan_args, "--ckpt_path", "best"],
-                          capture_output=True, text=True, cwd=REPO)
-    (args.out / "test.log").write_text(test.stdout + test.stderr)
-    if test.returncode != 0:
-        raise SystemExit(f"seg test failed; see {args.out / 'test.log'}")
-    metrics = sorted((run / "csv").glob("version_*/metrics.csv"))
-    with open(metrics[-1]) as f:
-        row = [r for r in csv.DictReader(f) if r.get("test/dice_mean")][-1]
-    with open(metrics[0]) as f:
-        steps = max(int(r["step"]) for r in csv.DictReader(f) if r.get("step"))
-    # Lightning's profiler writes its report at the end of fit to the log: parse it from there
-    report = args.out / "profile.txt"
-    report.write_text(fit.stdout + fit.stderr)
-    totals = profile_summary(report)
+    result = fit_and_test(data, args.out / "run", args.minutes, args.fit_args.split(), args.plan_args)
+    config, totals, steps = result["config"], result["profile"], result["steps"]
     step_s = network_step_seconds(config)
     train_s = totals.get("run_training_epoch", float("nan"))
-    classes = [k.split("test/dice_", 1)[1] for k in row if k.startswith("test/dice_") and k != "test/dice_mean"]
     print(json.dumps({
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "minutes": args.minutes, "held_out_patients": held_out, "plan_args": args.plan_args,
@@ -170,9 +182,8 @@ def main() -> None:
         "plan": {k: config["model"].get(k) for k in ("channels", "strides")} | {
             k: config["data"].get(k) for k in ("spatial_dims", "spacing", "patch_size", "batch_size",
                                                "samples_per_volume")},
-        "fit_wall_s": round(fit_s, 1), "steps": steps,
-        "test_dice": {c: round(float(row[f"test/dice_{c}"]), 4) for c in classes},
-        "test_dice_mean": round(float(row["test/dice_mean"]), 4),
+        "fit_wall_s": result["fit_wall_s"], "steps": steps,
+        "test_dice": result["test_dice"], "test_dice_mean": result["test_dice_mean"],
         "time_s": {k: round(v, 1) for k, v in totals.items() if k in (
             "run_training_epoch", "run_training_batch", "[_TrainingEpochLoop].train_dataloader_next",
             "[_EvaluationLoop].val_next", "[Strategy]SingleDeviceStrategy.validation_step", "setup",

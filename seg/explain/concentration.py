@@ -1,4 +1,4 @@
-"""Attention concentration: how much more of a gate map's mass lies on the target than chance would put there."""
+"""Where a gate map's mass lies: on the target against chance (concentration), and its share inside each class."""
 
 from __future__ import annotations
 
@@ -59,3 +59,32 @@ def attention_concentration(gate: np.ndarray, target: np.ndarray, spacing: Seque
     if region_share == 0 or mass <= 0:
         return float("nan")
     return float(gate[region].sum() / mass / region_share)
+
+
+def class_energy_share(gate: np.ndarray, label: np.ndarray, spacing: Sequence[float], class_names: Sequence[str],
+                       dilation_mm: float = 2.0) -> dict[str, float]:
+    """Per foreground class c, the share of the gate map's mass inside that class grown by `dilation_mm`:
+
+        E_c = sum_{x in D(L == c)} g(x) / sum_x g(x)
+
+    A thin class (the myocardium, the right ventricle) can hold little of a map that concentrates on the target as a
+    whole: E_c says which class a gate looks at. The dilated classes may overlap, so the shares can sum past 1.
+    NaN for a class absent from the label, and for every class when the map is zero everywhere.
+
+    Args:
+        gate: gate map `(*S)`, values >= 0.
+        label: class indices `(*S)`; class c is `class_names[c - 1]`.
+        spacing: voxel size in mm per axis of `S`, for the dilation.
+        class_names: foreground class names.
+        dilation_mm: grow each class by this distance first, so a gate on its rim counts as on it.
+    """
+    gate = np.asarray(gate, dtype=np.float64)
+    label = np.asarray(label)
+    if gate.shape != label.shape:
+        raise ValueError(f"gate {gate.shape} and label {label.shape} differ in shape")
+    mass = gate.sum()
+    shares = {}
+    for c, name in enumerate(class_names, start=1):
+        region = dilate_mm(label == c, dilation_mm, spacing)
+        shares[name] = float(gate[region].sum() / mass) if mass > 0 and region.any() else float("nan")
+    return shares

@@ -2,8 +2,8 @@
 
 For each scan: `gate_<level>.nii.gz` (float32 in [0, 1], the scan's own grid and affine; coarsest level
 first; `cbam_<level>.nii.gz` for CBAM's spatial maps, finest first), `overlay.png` (`seg.figure`) and,
-with a ground truth, the attention concentration of every map (`seg.explain.concentration`) and the Dice of
-every class, collected in `concentration.csv` (in training also `table.json`, `overlay_table`). Used by the
+with a ground truth, the attention concentration of every map and its share inside each class
+(`seg.explain.concentration`) and the Dice of every class, collected in `concentration.csv` (in training also `table.json`, `overlay_table`). Used by the
 training callback (`GateOverlays`) and by `seg overlays` (`seg.explain.command`).
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from seg.explain.concentration import attention_concentration
+from seg.explain.concentration import attention_concentration, class_energy_share
 from seg.figure import figure_masks, render_overlay
 from seg.io import save_nifti, write_text
 from seg.metrics import confusion, dice_from_confusion
@@ -38,6 +38,8 @@ class CaseOverlay:
         missing: class name -> why it has no distance-based score ("not predicted", "not in the label", "in
             neither"), for the classes absent from the prediction or the ground truth; empty without ground truth.
         concentration: map name ("gate_0", ...) -> attention concentration; empty without ground truth.
+        energy: map name -> foreground class name -> share of the map's mass inside the (dilated) class
+            (`class_energy_share`); empty without ground truth.
         figure_masks: "ground_truth" / "prediction" -> `(H, W)` uint8 class indices drawn like the overlay PNG
             (every view and column), for W&B's masks over it; about 1.5 MB each at the default size.
         report: `seg overlays`: the case's report as `seg predict` writes it (`seg.inference.report.case_report`).
@@ -48,6 +50,7 @@ class CaseOverlay:
     dice: dict[str, float] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
     concentration: dict[str, float] = field(default_factory=dict)
+    energy: dict[str, dict[str, float]] = field(default_factory=dict)
     figure_masks: dict[str, np.ndarray] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
 
@@ -158,6 +161,7 @@ def export_case(
         write_nifti(np.asarray(volume, dtype=np.float32), affine, folder / f"{name}.nii.gz")
         if label is not None:
             result.concentration[name] = attention_concentration(volume, label, spacing, dilation_mm)
+            result.energy[name] = class_energy_share(volume, label, spacing, class_names, dilation_mm)
     if label is not None:
         result.dice = dice_per_class(prediction, label, class_names)
         result.missing = missing_classes(prediction, label, class_names)
@@ -174,19 +178,24 @@ def export_case(
 
 
 def write_concentration_csv(path: Path, results: Sequence[CaseOverlay], class_names: Sequence[str]) -> None:
-    """`case_id, level, concentration, dice_<class>..., missing`: one row per case and map, written atomically.
+    """`case_id, level, concentration, energy_<class>..., dice_<class>..., missing`: one row per case and map,
+    written atomically. `energy_<class>` is the share of the map's mass inside that class, dilated as for the
+    concentration (`class_energy_share`).
 
     `missing` names the classes absent from the prediction or the label ("lesion: not predicted"; `; ` between
     several), whose Dice is then 0 (or nan when in neither).
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_id", "level", "concentration", *[f"dice_{c}" for c in class_names], "missing"])
+    writer.writerow(["case_id", "level", "concentration", *[f"energy_{c}" for c in class_names],
+                     *[f"dice_{c}" for c in class_names], "missing"])
     for r in results:
         missing = "; ".join(f"{name}: {why}" for name, why in r.missing.items())
         for level, value in r.concentration.items():
-            writer.writerow([r.case_id, level, f"{value:.6g}", *[f"{r.dice.get(c, float('nan')):.6g}"
-                                                                  for c in class_names], missing])
+            energy = r.energy.get(level, {})
+            writer.writerow([r.case_id, level, f"{value:.6g}",
+                             *[f"{energy.get(c, float('nan')):.6g}" for c in class_names],
+                             *[f"{r.dice.get(c, float('nan')):.6g}" for c in class_names], missing])
     write_text(path, buffer.getvalue())
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from seg.explain.concentration import attention_concentration, dilate_mm, ellipsoid
+from seg.explain.concentration import attention_concentration, class_energy_share, dilate_mm, ellipsoid
 from seg.explain.export import export_case, map_order
 
 LEVELS = ("gate_0", "gate_1")  # channels [8, 16, 32]: two gated skips
@@ -74,6 +74,33 @@ def test_concentration_is_nan_without_target_or_gate():
         attention_concentration(np.ones((4, 4, 4)), np.ones((4, 4, 5)), (1, 1, 1))
 
 
+def test_class_energy_share_is_the_maps_mass_inside_each_dilated_class():
+    # a ring class (myocardium-like) around a core class: a gate on the core holds all of its mass there
+    label = np.zeros((1, 12, 12), np.int16)
+    label[0, 3:9, 3:9] = 2
+    label[0, 5:7, 5:7] = 1
+    core = (label == 1).astype(float)
+    shares = class_energy_share(core, label, (1, 1, 1), ("core", "ring"), dilation_mm=0.0)
+    assert shares == {"core": 1.0, "ring": 0.0}
+    # dilated by 1 mm, the ring reaches over the core's voxels: the dilated classes overlap, shares sum past 1
+    shares = class_energy_share(core, label, (1, 1, 1), ("core", "ring"), dilation_mm=1.0)
+    assert shares == {"core": 1.0, "ring": 1.0}
+    # a uniform map: each class's share is its (dilated) area's share of the slice
+    uniform = np.full(label.shape, 0.5)
+    shares = class_energy_share(uniform, label, (1, 1, 1), ("core", "ring"), dilation_mm=0.0)
+    assert shares == pytest.approx({"core": 4 / 144, "ring": 32 / 144})
+    # the dilation is in mm: 2 mm on a 2 mm grid is one voxel, on a 1 mm grid two
+    fine = class_energy_share(uniform, label, (1, 1, 1), ("core", "ring"), dilation_mm=2.0)["core"]
+    coarse = class_energy_share(uniform, label, (1, 2, 2), ("core", "ring"), dilation_mm=2.0)["core"]
+    assert coarse == pytest.approx(12 / 144) and fine == pytest.approx(24 / 144)
+    # nothing to measure: a class not in the label, a map zero everywhere
+    absent = class_energy_share(uniform, label, (1, 1, 1), ("core", "ring", "third"))
+    assert math.isnan(absent["third"]) and not math.isnan(absent["core"])
+    assert all(math.isnan(v) for v in class_energy_share(np.zeros(label.shape), label, (1, 1, 1), ("core",)).values())
+    with pytest.raises(ValueError):
+        class_energy_share(uniform, label[:, :11], (1, 1, 1), ("core",))
+
+
 def test_map_order_puts_gates_coarsest_first_then_cbam():
     assert map_order(["logits", "cbam_1", "gate_10", "gate_2", "cbam_0", "gate_0"]) == \
         ["gate_0", "gate_2", "gate_10", "cbam_0", "cbam_1"]
@@ -93,6 +120,10 @@ def test_export_case_writes_maps_png_and_numbers(tmp_path):
     assert result.dice == {"liver": 1.0, "lesion": 1.0} and result.missing == {}
     assert result.concentration["gate_0"] > 3 > 1 > result.concentration["gate_1"]
     assert result.concentration["gate_0"] == pytest.approx(attention_concentration(gate, label, (0.8, 1.2, 2.5), 0))
+    # shares of the mass inside each class (the liver without the lesion's voxels): gate 1 looks elsewhere
+    liver, lesion = (gate[label == c].sum() / gate.sum() for c in (1, 2))
+    assert result.energy["gate_0"] == pytest.approx({"liver": liver, "lesion": lesion})
+    assert result.energy["gate_0"]["liver"] > 10 * result.energy["gate_1"]["liver"]
     written = nib.load(tmp_path / "c1" / "gate_0.nii.gz")
     assert written.shape == shape and written.get_data_dtype() == np.float32
     np.testing.assert_allclose(written.affine, affine, atol=1e-5)
@@ -139,8 +170,13 @@ def test_a_missing_class_is_dice_0_and_named_in_concentration_csv(tmp_path):
     write_concentration_csv(tmp_path / "concentration.csv", [result], CLASSES)
     with open(tmp_path / "concentration.csv") as f:
         (row,) = list(csv.DictReader(f))
-    assert row == {"case_id": "c1", "level": "gate_0", "concentration": "2", "dice_liver": "1", "dice_lesion": "0",
-                   "missing": "lesion: not predicted"}
+    assert row == {"case_id": "c1", "level": "gate_0", "concentration": "2", "energy_liver": "nan",
+                   "energy_lesion": "nan", "dice_liver": "1", "dice_lesion": "0", "missing": "lesion: not predicted"}
+    result.energy = {"gate_0": {"liver": 0.75, "lesion": 0.125}}
+    write_concentration_csv(tmp_path / "concentration.csv", [result], CLASSES)
+    with open(tmp_path / "concentration.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["energy_liver"], row["energy_lesion"]) == ("0.75", "0.125")
 
 
 def test_callback_exports_on_schedule_and_sets_the_modules_flag_per_volume():
@@ -240,7 +276,8 @@ def test_concentration_csv_matches_the_written_maps(run, dataset):
     for epoch in ("epoch=0", "epoch=1"):
         with open(run / "overlays" / epoch / "concentration.csv") as f:
             rows = list(csv.DictReader(f))
-        assert list(rows[0]) == ["case_id", "level", "concentration", "dice_liver", "dice_lesion", "missing"]
+        assert list(rows[0]) == ["case_id", "level", "concentration", "energy_liver", "energy_lesion", "dice_liver",
+                                 "dice_lesion", "missing"]
         assert sorted((r["case_id"], r["level"]) for r in rows) == sorted(
             (c, lv) for c in val_cases(run) for lv in LEVELS)
         for row in rows:
@@ -251,6 +288,10 @@ def test_concentration_csv_matches_the_written_maps(run, dataset):
             expected = attention_concentration(gate.get_fdata(), np.asarray(label.dataobj),
                                                nib.affines.voxel_sizes(label.affine), 2.0)
             assert float(row["concentration"]) == pytest.approx(expected, rel=1e-4)
+            shares = class_energy_share(gate.get_fdata(), np.asarray(label.dataobj),
+                                        nib.affines.voxel_sizes(label.affine), CLASSES, 2.0)
+            for name, share in shares.items():
+                assert float(row[f"energy_{name}"]) == pytest.approx(share, rel=1e-4, nan_ok=True)
 
 
 def test_wandb_offline_run_holds_each_volumes_full_figure_with_its_masks_and_the_table_inside_the_run(run):
