@@ -10,7 +10,8 @@ the last epoch whatever the schedule, and at most a tenth of a time-bounded run 
 `--validation.max_share`); gate-activation overlays of every validation volume
 (`seg.training.overlays.GateOverlays`, options under `--overlays.*`); optimiser steps with NaN or inf gradients
 skipped (`SkipNonFiniteSteps`, `--nonfinite.max_consecutive`); the review page `review.html` at the end
-(`ReviewPage`).
+(`ReviewPage`); with `--ema_decay`, an exponential moving average of the weights (Lightning's `EMAWeightAveraging`)
+that validation scores and the checkpoints hold.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -70,6 +71,11 @@ class SegCLI(LightningCLI):
         parser.add_argument("--logging", choices=["wandb", "mlflow", "csv"], default="wandb",
                             help="wandb (offline when no credentials are found), mlflow (--mlflow.*) or csv only")
         parser.add_class_arguments(MLflowSettings, "mlflow", instantiate=False)
+        parser.add_argument("--ema_decay", type=float, default=0.0,
+                            help="train an exponential moving average of the weights beside them, w_ema <- d w_ema + "
+                                 "(1 - d) w after every step, started from the first step's weights; validation, "
+                                 "best.ckpt and last.ckpt use it (so do predict and export). d = 0.99 averages about "
+                                 "the last 100 steps; 0 (the default) turns it off")
         parser.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "seg"),
                             help="W&B project (env WANDB_PROJECT)")
         parser.add_argument("--wandb_name", default=os.environ.get("WANDB_NAME"),
@@ -121,6 +127,12 @@ class SegCLI(LightningCLI):
             callbacks.append(ModelLine())
         if kwargs.get("logger") is not False:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if not 0.0 <= config["ema_decay"] < 1.0:
+            raise SegError(f"--ema_decay {config['ema_decay']}: the decay is in [0, 1) (0 turns the average off)")
+        if config["ema_decay"] > 0 and self.subcommand == "fit":
+            # The checkpoints keep the average in `state_dict` and the trained weights in `current_model_state`
+            # (Lightning's layout): every reader of `state_dict` (predict, export, validate) gets the average.
+            callbacks.append(EMAWeightAveraging(decay=config["ema_decay"]))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

@@ -169,3 +169,35 @@ def test_run_ending_before_its_first_scheduled_validation_is_still_validated(con
                  "--ckpt_path", "last", "--overlays.every_n_epochs", 0)
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert "test/dice_mean" in scored.stdout
+
+
+def test_ema_decay_checkpoints_the_moving_average_of_the_weights(config, tmp_path):
+    # Two steps with d = 0.5: the average is 0.5 w1 + 0.5 w2 (it starts as the first step's weights). w2 is the
+    # trained model the checkpoint keeps beside it; w1 comes from the same seeded run stopped after one step.
+    common = ("--config", config, "--logging", "csv", "--trainer.max_epochs", 1, "--overlays.every_n_epochs", 0,
+              "--seed_everything", 7)
+    averaged = seg("fit", *common, "--trainer.default_root_dir", tmp_path / "ema", "--trainer.limit_train_batches", 2,
+                   "--ema_decay", 0.5)
+    assert averaged.returncode == 0, averaged.stderr[-3000:]
+    one_step = seg("fit", *common, "--trainer.default_root_dir", tmp_path / "one", "--trainer.limit_train_batches", 1)
+    assert one_step.returncode == 0, one_step.stderr[-3000:]
+    last = torch.load(tmp_path / "ema" / "checkpoints" / "last.ckpt", weights_only=True)
+    w1 = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    w2, average = last["current_model_state"], last["state_dict"]
+    assert last["global_step"] == 2 and int(last["averaging_state"]["n_averaged"]) == 2
+    weights = [k for k, v in w2.items() if k.startswith("model.") and v.is_floating_point()]
+    assert weights and set(weights) <= set(average)
+    moved = [k for k in weights if not torch.equal(w1[k], w2[k])]
+    assert len(moved) > len(weights) / 2  # the second step changed the weights: the test can tell them apart
+    for key in weights:
+        torch.testing.assert_close(average[key], 0.5 * w1[key] + 0.5 * w2[key], rtol=1e-5, atol=1e-6)
+    # best.ckpt, scored by the validation, holds the same average; predict and export read `state_dict`
+    best = torch.load(tmp_path / "ema" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert all(torch.equal(best["state_dict"][k], average[k]) for k in weights)
+
+
+def test_ema_decay_outside_0_1_is_one_clear_message(config, tmp_path):
+    result = seg("fit", "--config", config, "--trainer.default_root_dir", tmp_path, "--logging", "csv",
+                 "--ema_decay", 1.0)
+    assert result.returncode != 0 and "--ema_decay 1.0" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
