@@ -105,6 +105,13 @@ def parameters(checkpoint: Path) -> int:
     return int(sum(v.numel() for k, v in state.items() if k.startswith("model.") and v.is_floating_point()))
 
 
+def row_head(variant: str, seed: int, steps: int, minutes: float, best: Path) -> dict:
+    """The columns every seg row starts with. Seconds per step are the budget over the steps, as the MONAI
+    script's train_s / steps (start-up and final scoring left out)."""
+    return {"variant": variant, "seed": seed, "steps": steps,
+            "seconds_per_step": round(minutes * 60 / max(steps, 1), 3), "parameters": parameters(best)}
+
+
 def run_one(variant: str, seed: int, train_dir: Path, test_dir: Path, out: Path, minutes: float,
             sanity: bool, dataset: str = "hippocampus") -> dict:
     """One training of `variant` under `seed`, scored on the held-out scans. `dataset="acdc"`: `train_dir` is
@@ -122,10 +129,7 @@ def run_one(variant: str, seed: int, train_dir: Path, test_dir: Path, out: Path,
                                                            "--overlays.every_n_epochs", "0"), name=name)
     run_dir = Path(result["run_dir"])
     best = run_dir / "checkpoints" / "best.ckpt"
-    row = {"variant": variant, "seed": seed, "steps": result["steps"],
-           # the budget over the steps, as the MONAI script's train_s / steps (start-up and final scoring left out)
-           "seconds_per_step": round(minutes * 60 / max(result["steps"], 1), 3),
-           "parameters": parameters(best),
+    row = {**row_head(variant, seed, result["steps"], minutes, best),
            **{k: result[k] for k in ("dice_anterior", "dice_posterior", "dice_mean", "hd95_mean_mm")}}
     return row | attention_scores(variant, seed, best, test_dir / "imagesTr", test_dir / "labelsTr", run_dir, sanity)
 
@@ -136,8 +140,7 @@ def run_one_acdc(variant: str, seed: int, data: Path, out: Path, minutes: float,
     result = acdc.fit_and_test(data, run_dir, minutes, (*VARIANTS[variant], "--seed_everything", str(seed),
                                                          "--overlays.every_n_epochs", "0"))
     best = run_dir / "checkpoints" / "best.ckpt"
-    row = {"variant": variant, "seed": seed, "steps": result["steps"],
-           "seconds_per_step": round(minutes * 60 / max(result["steps"], 1), 3), "parameters": parameters(best),
+    row = {**row_head(variant, seed, result["steps"], minutes, best),
            **{f"dice_{c}": v for c, v in result["test_dice"].items()}, "dice_mean": result["test_dice_mean"]}
     return row | attention_scores(variant, seed, best, data / "imagesTs", data / "labelsTs", run_dir, sanity)
 
@@ -165,6 +168,16 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, T_975.get(len(values) - 1, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
+def seed_means(per_seed: list[dict | None], prefix: str, decimals: int) -> dict:
+    """`{prefix_key: "mean (n seeds)"}` over the seeds whose dict has the key (a missing or empty dict counts none)."""
+    maps = [m for m in per_seed if m]
+    means = {}
+    for key in sorted({k for m in maps for k in m}, key=str):
+        values = [m[key] for m in maps if key in m]
+        means[f"{prefix}_{key}"] = f"{np.mean(values):.{decimals}f} ({len(values)} seeds)"
+    return means
+
+
 def summarise(rows: list[dict], reference: str = "plain") -> list[dict]:
     """One entry per variant: means over seeds with 95% intervals, and the mean Dice's difference to `reference`
     paired by seed (the variants of one seed share a machine and its load: the pairing takes that out)."""
@@ -182,17 +195,12 @@ def summarise(rows: list[dict], reference: str = "plain") -> list[dict]:
         if variant != reference and paired:
             mean, half = interval(paired)
             entry[f"dice_mean_minus_{reference}"] = f"{mean:+.4f} ± {half:.4f} ({len(paired)} seeds)"
-        for prefix in ("concentration", "concentration_untrained", "concentration_randomised"):
-            with_maps = [r[prefix] for r in runs if r.get(prefix)]
-            for level in sorted({lv for maps in with_maps for lv in maps}):
-                values = [maps[level] for maps in with_maps if level in maps]
-                entry[f"{prefix}_{level}"] = f"{np.mean(values):.2f} ({len(values)} seeds)"
-        for prefix in ("energy", "energy_untrained", "energy_randomised"):
-            with_maps = [r[prefix] for r in runs if r.get(prefix)]
-            for level in sorted({lv for maps in with_maps for lv in maps}):
-                for name in dict.fromkeys(c for maps in with_maps for c in maps.get(level, {})):
-                    values = [maps[level][name] for maps in with_maps if name in maps.get(level, {})]
-                    entry[f"{prefix}_{level}_{name}"] = f"{np.mean(values):.3f} ({len(values)} seeds)"
+        for control in ("", "_untrained", "_randomised"):
+            entry |= seed_means([r.get("concentration" + control) for r in runs], "concentration" + control, 2)
+            # energy is {level: {class: share}}: flattened to "level_class" it averages as concentration does
+            energy = [{f"{level}_{name}": share for level, shares in maps.items() for name, share in shares.items()}
+                      for maps in (r.get("energy" + control) for r in runs) if maps]
+            entry |= seed_means(energy, "energy" + control, 3)
         table.append(entry)
     return table
 
