@@ -70,6 +70,15 @@ class TrainedModel:
         return tuple(int(v) for v in (self.hparams.get("roi_size") or self.preprocessing["patch_size"]))
 
     @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        """The spatial axes mirroring TTA flips: those the network was trained mirrored on (`data.flip_axes`, kept
+        as the `mirror_axes` hyper-parameter); every axis for a model that does not say (built in memory, or
+        written before seg recorded it). A network never shown a flipped scan mis-reads one: averaging such copies
+        took a hippocampus model's held-out Dice from 0.88 to 0.35 (BENCHMARKS.md)."""
+        axes = self.hparams.get("mirror_axes")
+        return tuple(range(self.spatial_dims)) if axes is None else tuple(int(a) for a in axes)
+
+    @property
     def gate_levels(self) -> int:
         """Gated skips of the network (0 without gates): the `gate_<level>` maps it gives."""
         channels = self.hparams.get("channels", NETWORK_DEFAULTS["channels"])
@@ -77,11 +86,12 @@ class TrainedModel:
 
     def inference(self, sw_batch_size: int | None = None, overlap: float | None = None,
                   mirror: bool = False) -> WindowInference:
-        """The window engine for this network, refusing non-finite logits; None keeps the model's own settings."""
+        """The window engine for this network, refusing non-finite logits; None keeps the model's own settings.
+        `mirror` flips the `mirror_axes` only."""
         return WindowInference(self.network, self.roi_size, self.num_classes, self.spatial_dims,
                                sw_batch_size=sw_batch_size or int(self.hparams.get("sw_batch_size", 4)),
                                overlap=float(self.hparams.get("sw_overlap", 0.5)) if overlap is None else overlap,
-                               mirror=mirror, finite=True)
+                               mirror=self.mirror_axes if mirror else False, finite=True)
 
     def to(self, device) -> TrainedModel:
         self.network.to(device)
@@ -150,6 +160,10 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     except (TypeError, RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint does not match this version of seg: {first_line(err)}", path) from None
     hparams = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    if "mirror_axes" not in hparams:  # the axes the loader flipped in training (Lightning keeps its hparams)
+        flips = (checkpoint.get("datamodule_hyper_parameters") or {}).get("flip_axes")
+        if isinstance(flips, (list, tuple)) and all(is_int(a, 0) and a < hparams.get("spatial_dims", 3) for a in flips):
+            hparams["mirror_axes"] = sorted({int(a) for a in flips})
     return TrainedModel(network.eval().to(map_location), info["preprocessing"], hparams)
 
 
@@ -166,9 +180,14 @@ def check_hyper_parameters(hparams: dict, path: Path) -> None:
         "gates": (lambda v: isinstance(v, bool), "true or false"),
         "roi_size": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(is_int(c) for c in v)),
                      "a list of positive integers"),
+        "mirror_axes": (lambda v: isinstance(v, (list, tuple)) and all(is_int(a, 0) and a <= 2 for a in v),
+                        "a list of spatial axes (0, 1, 2)"),
         "class_names": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v)),
                         "a list of names"),
     }
     for field, (ok, expected) in checks.items():
         if field in hparams and not ok(hparams[field]):
             refuse(path, f"hyper-parameter '{field}'", hparams[field], expected)
+    dims = hparams.get("spatial_dims", NETWORK_DEFAULTS["spatial_dims"])
+    if any(a >= dims for a in hparams.get("mirror_axes", ())):
+        refuse(path, "hyper-parameter 'mirror_axes'", hparams["mirror_axes"], f"axes below spatial_dims {dims}")

@@ -89,6 +89,9 @@ def load_ensemble(paths: Sequence[str | os.PathLike], map_location: str | torch.
     check_compatible(models, paths)
     ensemble = models[0]
     ensemble.network = EnsembleNetwork([m.network for m in models])
+    # mirroring TTA flips an axis only when every member was trained mirrored on it
+    ensemble.hparams = {**ensemble.hparams,
+                        "mirror_axes": sorted(set.intersection(*(set(m.mirror_axes) for m in models)))}
     ensemble.ensemble_checkpoints = paths
     return ensemble
 

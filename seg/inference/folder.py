@@ -295,7 +295,8 @@ def predict_folder(
         input: a folder of `.nii` / `.nii.gz` scans, or one scan, or a folder of DICOM series (recursively).
         output: the folder for predictions; created; must not be (inside) the input folder.
         device: "auto" (GPU when there is one), "cpu" or "cuda".
-        tta: average over mirrored copies (8 in 3D, 4 for a 2D model).
+        tta: average over mirrored copies (8 in 3D, 4 for a 2D model) on the axes the model was trained
+            mirrored on (`TrainedModel.mirror_axes`); none for a model trained without mirroring.
         save_probabilities: also write `<case>_probabilities.nii.gz` (X, Y, Z, classes).
         save_gates: also write `<case>_gate_<level>.nii.gz`.
         overlap: sliding-window overlap (None: the model's).
@@ -351,6 +352,8 @@ def predict_folder(
     clean_stale_tmp(output)
     for r in ignored:
         report(r.message)
+    if predictor.tta:
+        report(tta_line(predictor.model))
     if checkpoint_name is None:
         checkpoint_name = ("in-memory model" if isinstance(checkpoint, Predictor) else
                            ", ".join(Path(c).name for c in ([checkpoint] if isinstance(checkpoint, (str, os.PathLike))
@@ -374,6 +377,7 @@ def predict_folder(
         report_path = output / (REPORT if num_parts == 1 else
                                 REPORT.replace(".json", f".part-{part_id}-of-{num_parts}.json"))
         meta = {"version": __version__, "checkpoint": run.checkpoint_name, "tta": predictor.tta,
+                "tta_axes": list(predictor.model.mirror_axes) if predictor.tta else [],
                 "precision": predictor.precision}
         by_case: dict[str, CaseResult] = {}
         extra = []  # a failed input named like another case (a dangling `x.nii.gz` beside `x.nii`) keeps its own row
@@ -438,6 +442,18 @@ def load_predictor(checkpoint, device: str = "auto", tta: bool = False, overlap:
         predictor = Predictor(load_ensemble(checkpoints), device=device, tta=tta, overlap=overlap,
                               sw_batch_size=sw_batch_size, precision=precision)
     return predictor, checkpoints, implied
+
+
+def tta_line(model) -> str:
+    """What `--tta` averages: the flips of the axes the model was trained mirrored on (`TrainedModel.mirror_axes`)."""
+    axes, dims = model.mirror_axes, model.spatial_dims
+    if len(axes) == dims:
+        return f"--tta: averaging {2 ** dims} mirrored copies of every window"
+    if not axes:
+        return ("--tta: not mirroring: this model was trained without mirroring (data.flip_axes []), and flipped "
+                "copies would be scans it has never seen; train with data.flip_axes to use --tta")
+    return (f"--tta: averaging {2 ** len(axes)} copies mirrored on axes {list(axes)} only: those the model was "
+            "trained mirrored on (data.flip_axes)")
 
 
 def note(console, line: str) -> None:

@@ -31,7 +31,7 @@ from seg.io import parse_json, write_atomic
 
 METADATA_FORMAT = 1
 # The hyper-parameters a TrainedModel reads; the rest of a checkpoint's (lr, loss, ...) is training's business.
-INFERENCE_HPARAMS = (*NETWORK_DEFAULTS, "roi_size", "sw_batch_size", "sw_overlap", "class_names")
+INFERENCE_HPARAMS = (*NETWORK_DEFAULTS, "roi_size", "sw_batch_size", "sw_overlap", "class_names", "mirror_axes")
 TOLERANCE = 1e-3  # max abs logit difference ONNX Runtime vs PyTorch that export accepts (measured: ~1e-5)
 INSTALL_HINT = "pip install seg[onnx]"
 

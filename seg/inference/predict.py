@@ -83,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one case <PatientID>_<SeriesNumber> per image series; non-image files skipped)")
     parser.add_argument("--output", "-o", required=True, help="folder for the predictions (not the input folder)")
     parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
-    parser.add_argument("--tta", action="store_true", help="average over mirrored copies (8x slower in 3D)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average over mirrored copies of every window, on the axes the model was trained "
+                             "mirrored on (data.flip_axes; up to 8x slower in 3D)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <case>_probabilities.nii.gz: float32 (X, Y, Z, classes)")
     parser.add_argument("--save-gates", action="store_true",

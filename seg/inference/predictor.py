@@ -138,8 +138,8 @@ class Predictor:
         model: a `TrainedModel` (from `load_trained_model`): the network, its preprocessing and settings.
         device: "auto", "cpu", "cuda" or a torch device.
         tta: average the softmax over mirrored copies of every window: every combination of flips of the spatial
-            axes (8 for a 3D model, 4 for a 2D model: its two in-plane axes), window by window, so label maps
-            still stream through slabs.
+            axes the model was trained mirrored on (`TrainedModel.mirror_axes`; up to 8 for a 3D model, 4 for a 2D
+            model: its two in-plane axes), window by window, so label maps still stream through slabs.
         overlap: sliding-window overlap; None keeps the model's own (`sw_overlap`).
         sw_batch_size: windows per forward pass; None keeps the model's own.
         precision: "auto", "fp32", "bf16" or "fp16" (GPU only) for the network's forward passes.

@@ -41,14 +41,15 @@ class WindowInference:
         spatial_dims: 3, or 2 for a network that sees `(H, W)` slices.
         sw_batch_size: windows per forward pass.
         overlap: overlap of neighbouring windows.
-        mirror: average the softmax over every flip of the window's spatial axes (8 in 3D, 4 in 2D).
+        mirror: average the softmax over every flip of the window's spatial axes (8 in 3D, 4 in 2D); or a list
+            of spatial axes (0 the first), every flip of those alone.
         memory_format: e.g. `torch.channels_last_3d` for the windows (faster convolutions on recent GPUs).
         finite: refuse (`SegError`) logits with NaN or infinite values, which would otherwise become class 0
             everywhere without a word; off for validation, where a diverged network is training's business.
     """
 
     def __init__(self, network: nn.Module, roi_size: Sequence[int], num_classes: int, spatial_dims: int = 3,
-                 sw_batch_size: int = 4, overlap: float = 0.5, mirror: bool = False,
+                 sw_batch_size: int = 4, overlap: float = 0.5, mirror: bool | Sequence[int] = False,
                  memory_format: torch.memory_format | None = None, finite: bool = False):
         self.network = network
         self.finite = finite
@@ -57,7 +58,8 @@ class WindowInference:
         self.num_classes = int(num_classes)
         self.sw_batch_size = int(sw_batch_size)
         self.overlap = float(overlap)
-        self.flips = mirror_combinations(range(2, 2 + self.spatial_dims)) if mirror else [()]
+        axes = range(self.spatial_dims) if mirror is True else mirror or ()
+        self.flips = mirror_combinations([2 + int(a) for a in axes])  # [()] without mirroring
         self.memory_format = memory_format
 
     @property
