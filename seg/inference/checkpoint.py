@@ -162,7 +162,7 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     hparams = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
     if "mirror_axes" not in hparams:  # the axes the loader flipped in training (Lightning keeps its hparams)
         flips = (checkpoint.get("datamodule_hyper_parameters") or {}).get("flip_axes")
-        if isinstance(flips, (list, tuple)) and all(is_int(a, 0) and a < hparams.get("spatial_dims", 3) for a in flips):
+        if is_axes(flips, hparams.get("spatial_dims", NETWORK_DEFAULTS["spatial_dims"])):
             hparams["mirror_axes"] = sorted({int(a) for a in flips})
     return TrainedModel(network.eval().to(map_location), info["preprocessing"], hparams)
 
@@ -180,8 +180,6 @@ def check_hyper_parameters(hparams: dict, path: Path) -> None:
         "gates": (lambda v: isinstance(v, bool), "true or false"),
         "roi_size": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(is_int(c) for c in v)),
                      "a list of positive integers"),
-        "mirror_axes": (lambda v: isinstance(v, (list, tuple)) and all(is_int(a, 0) and a <= 2 for a in v),
-                        "a list of spatial axes (0, 1, 2)"),
         "class_names": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v)),
                         "a list of names"),
     }
@@ -189,5 +187,10 @@ def check_hyper_parameters(hparams: dict, path: Path) -> None:
         if field in hparams and not ok(hparams[field]):
             refuse(path, f"hyper-parameter '{field}'", hparams[field], expected)
     dims = hparams.get("spatial_dims", NETWORK_DEFAULTS["spatial_dims"])
-    if any(a >= dims for a in hparams.get("mirror_axes", ())):
-        refuse(path, "hyper-parameter 'mirror_axes'", hparams["mirror_axes"], f"axes below spatial_dims {dims}")
+    if "mirror_axes" in hparams and not is_axes(hparams["mirror_axes"], dims):
+        refuse(path, "hyper-parameter 'mirror_axes'", hparams["mirror_axes"], f"a list of spatial axes below {dims}")
+
+
+def is_axes(value, dims: int) -> bool:
+    """A list of spatial axes of a `dims`-D network: integers in [0, dims)."""
+    return isinstance(value, (list, tuple)) and all(is_int(a, 0) and a < dims for a in value)
