@@ -3,7 +3,9 @@
 Splits the shared hippocampus cases (seeded, as `bench/hippocampus_accuracy.py`) into a training folder and held-out
 cases that no fold trains on (`imagesTs`/`labelsTs` of the training folder, symlinks to the originals). Then:
   1. `seg cv --config configs/hippocampus.yaml --folds 5 -- --data.root TRAIN --trainer.max_time 00:00:MM:00`
-     (out-of-fold scores and the postprocessing choice in OUT/cv/cv/);
+     (out-of-fold scores and the postprocessing choice in OUT/cv/cv/); with `--plan`, the config is the one
+     `seg plan TRAIN --minutes MM` derives for one fold's budget (the default command's recipe), so that 5 folds of
+     MM minutes can be set against one model of 5 x MM minutes from `bench/hippocampus_accuracy.py --methods plan`;
   2. `seg predict` of the held-out scans with fold 0's best.ckpt, with the five best.ckpt files (the ensemble) and
      with `--checkpoint OUT/cv` (the ensemble + cv/postprocessing.json);
   3. `seg evaluate` of each against the held-out labels.
@@ -11,7 +13,8 @@ Prints one JSON line per method: Dice per class and their mean, HD95, and the pr
 `seconds` of predict's summary.csv: load + predict + write). `seg cv` resumes, so an interrupted run can be started
 again with the same options. Run it on an otherwise idle machine: the folds are time-bounded.
 
-usage: python bench/cv_hippocampus.py [--minutes 4] [--test-cases 40] [--out runs/bench_cv_hippocampus]
+usage: python bench/cv_hippocampus.py [--minutes 4] [--plan] [--seg-args "..."] [--test-cases 40]
+                                     [--out runs/bench_cv_hippocampus]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from hippocampus_accuracy import SHARED, make_split  # noqa: E402
+from hippocampus_accuracy import SHARED, make_split, max_time, plan_config  # noqa: E402
 
 
 def seg(*args) -> None:
@@ -56,6 +59,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget per fold")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--plan", action="store_true",
+                        help="train every fold with the config `seg plan` derives for --minutes (default: "
+                             "configs/hippocampus.yaml)")
+    parser.add_argument("--seg-args", default="", help="extra `seg fit` arguments for every fold, e.g. "
+                        "'--data.flip_axes [0,1,2]'")
     parser.add_argument("--test-cases", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "hippocampus")
@@ -63,9 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     train_dir, _ = make_split(args.data, args.out, args.test_cases, args.seed)
     cv = args.out / "cv"
-    budget = f"00:00:{int(args.minutes):02d}:{int(round((args.minutes % 1) * 60)):02d}"
-    seg("cv", "--config", REPO / "configs" / "hippocampus.yaml", "--folds", args.folds, "--output", cv, "--",
-        "--data.root", train_dir, "--trainer.max_time", budget, "--logging", "csv")
+    config = (plan_config(train_dir, args.minutes, args.out / "plan.yaml") if args.plan
+              else REPO / "configs" / "hippocampus.yaml")
+    seg("cv", "--config", config, "--folds", args.folds, "--output", cv, "--", "--data.root", train_dir,
+        "--trainer.max_time", max_time(args.minutes), "--logging", "csv", *args.seg_args.split())
     oof = json.loads((cv / "cv" / "summary.json").read_text())
     print(json.dumps({"method": "out_of_fold", "cases": oof["cases"], "dice_mean": oof["mean"]["dice"],
                       **{f"dice_{c}": s["dice"]["mean"] for c, s in oof["classes"].items()},

@@ -83,15 +83,26 @@ def run_monai(train_dir: Path, test_dir: Path, minutes: float, threads: int = 2,
             "wall_s": round(time.time() - start, 1), **scores}
 
 
+def max_time(minutes: float) -> str:
+    """`trainer.max_time` (DD:HH:MM:SS) for a budget in minutes."""
+    seconds = round(minutes * 60)
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def plan_config(train_dir: Path, minutes: float, config: Path) -> Path:
+    """Write the config `seg plan TRAIN --minutes MM` derives from the training folder; return its path."""
+    subprocess.run([sys.executable, "-m", "seg", "plan", str(train_dir), "--minutes", f"{minutes:g}",
+                    "--output", str(config)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return config
+
+
 def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = None, plan: bool = False,
             extra_args: tuple[str, ...] = (), name: str | None = None) -> dict:
     """`seg fit` for `minutes` then `seg test --ckpt_path best` on the held-out cases; `extra_args` go to both."""
     run_dir = out / (name or ("plan_run" if plan else "seg_run"))
     config = REPO / "configs" / "hippocampus.yaml"
     if plan:  # the config `seg plan` derives from the training folder, for the same time budget
-        config = out / "plan.yaml"
-        subprocess.run([sys.executable, "-m", "seg", "plan", str(train_dir), "--minutes", f"{minutes:g}",
-                        "--output", str(config)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        config = plan_config(train_dir, minutes, out / "plan.yaml")
     common = ["--config", str(config), "--data.root", str(train_dir),
               "--trainer.default_root_dir", str(run_dir), "--logging", "csv", *extra_args]
     env = dict(os.environ)
@@ -100,9 +111,8 @@ def run_seg(train_dir: Path, out: Path, minutes: float, threads: int | None = No
         env["OMP_NUM_THREADS"] = str(threads)
         extra = ["--data.num_workers", "0"]
     start = time.time()
-    subprocess.run([sys.executable, "-m", "seg", "fit", *common, *extra, "--trainer.max_time",
-                    f"00:00:{int(minutes):02d}:{int(round((minutes % 1) * 60)):02d}"], check=True, cwd=REPO, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "seg", "fit", *common, *extra, "--trainer.max_time", max_time(minutes)],
+                   check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     fit_s = time.time() - start
     best = "best" if (run_dir / "checkpoints" / "best.ckpt").exists() else "last"  # no validation yet: last
     subprocess.run([sys.executable, "-m", "seg", "test", *common, *extra, "--ckpt_path", best],
