@@ -84,7 +84,9 @@ def main() -> None:
     scans, labels, dataset = train_dir / "imagesTs", train_dir / "labelsTs", train_dir / "dataset.json"
     folds = [cv / f"fold_{k}" / "checkpoints" / "best.ckpt" for k in range(args.folds)]
     for name, checkpoints in (("fold_0", folds[:1]), ("ensemble", folds), ("ensemble_postprocessed", [cv])):
-        print(json.dumps(score(name, checkpoints, scans, labels, dataset, args.out)), flush=True)
+        row = score(name, checkpoints, scans, labels, dataset, args.out)
+        # the training minutes behind the prediction, for bench/learning_curves.py: one fold's, or all the folds'
+        print(json.dumps({**row, "minutes": args.minutes * (1 if name == "fold_0" else args.folds)}), flush=True)
 
 
 if __name__ == "__main__":
