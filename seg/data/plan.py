@@ -21,7 +21,8 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   still gets `MIN_STEPS_FOR_WIDTH` training steps in the time given (a step costs the width squared).
 - **Augmentation**: nnU-Net's strength (`seg.data.augmentation`) and mirroring on every axis when the run gets at
   least `STRONG_AUGMENTATION_STEPS` steps (a GPU run, a long CPU run); light augmentation and no mirroring in a
-  short CPU run. Mirroring skips left-right when a label name says a side.
+  short CPU run, where mirroring was measured to cost Dice (`MIRRORING_COST`). Mirroring skips left-right when a
+  label name says a side.
 - **Batch** (`batch_shape`): 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4
   slices each in 2D on a GPU; on a CPU a 2D step takes 8 volumes x 4 small patches. A third of the patches are
   centred on foreground.
@@ -88,8 +89,11 @@ DEFAULT_CPU_MINUTES = 60.0  # a CPU run without --minutes
 CPU_WIDTHS = ((32, 256), (24, 192), (16, 128))
 MIN_STEPS_FOR_WIDTH = 800
 # nnU-Net's augmentation is made for its 250,000 steps; a short CPU run (hundreds of steps) learns more from
-# lightly augmented patches. Below this many planned steps a plan keeps the light augmentation.
+# lightly augmented patches. Below this many planned steps a plan keeps the light augmentation and does not mirror:
+# mirroring on every axis cost the hippocampus hour (909 steps) 0.027 held-out mean Dice, 0.857 against 0.8835, and
+# mirrored test-time augmentation won back only 0.003 of it (BENCHMARKS.md, issue 28, fifth session).
 STRONG_AUGMENTATION_STEPS = 5000
+MIRRORING_COST = "hippocampus, 60 minutes: 0.857 held-out mean Dice mirrored on every axis against 0.8835 without"
 BF16_UNITS = {"amx": "AMX matrix units", "avx512_bf16": "AVX-512 BF16 instructions"}
 # Case ids that name a patient and one of its volumes: `patient001_frame01`, `sub-01_ses-2`, `p7_ED`.
 GROUP_PATTERN = r"(?i)^(.+?)[_-](?:frame|phase|time|tp|visit|ses|scan|ed|es)[_-]?\d*$"
@@ -325,7 +329,7 @@ def plan_augmentation(facts: Facts, decided: Decided) -> list[Decision]:
         return [Decision("data.augmentation", "light", f"light (small rotations and scalings, mild intensity "
                          f"changes): about {steps:.0f} steps, fewer than the {STRONG_AUGMENTATION_STEPS} that "
                          "nnU-Net-strength augmentation is planned for"),
-                Decision("data.flip_axes", [], "no mirroring in a run this short")]
+                Decision("data.flip_axes", [], f"no mirroring in a run this short ({MIRRORING_COST})")]
     lateral = lateral_labels(facts.info.class_names)
     axes = [a for a in range(spatial) if not (lateral and a == 0)]
     span = "1000 epochs" if steps is None else f"about {steps:.0f} steps"
@@ -518,10 +522,14 @@ def resolve_device(device: str) -> tuple[str, str]:
     return ("gpu", "--device auto: PyTorch sees a GPU") if torch.cuda.is_available() else ("cpu", "--device auto: no GPU")
 
 
+def _constant_text(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
 def help_text() -> str:
     """The module docstring's rules as `seg plan --help` shows them: constants as their values, no markdown."""
     rules = __doc__.split("\n\n", 1)[1].split("\n\nEvery")[0]
-    rules = re.sub(r"`([A-Z][A-Z0-9_]+)`", lambda m: f"{globals()[m[1]]:g}", rules)
+    rules = re.sub(r"`([A-Z][A-Z0-9_]+)`", lambda m: _constant_text(globals()[m[1]]), rules)
     return rules.replace("**", "").replace("`", "")
 
 
