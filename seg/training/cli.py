@@ -33,6 +33,7 @@ from seg.training.callbacks import (LogProgress, ModelLine, ReviewPage, SkipNonF
                                     progress_bar)
 from seg.training.checkpoint_io import (AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, describe_os_error,
                                        load_weights_only)
+from seg.training.cv import option_value
 from seg.training.mlflow_logger import MLflowSettings, SegMLFlowLogger
 from seg.training.module import SegmentationModule
 from seg.training.overlays import GateOverlays
@@ -179,17 +180,6 @@ class SaveConfigToLoggers(SaveConfigCallback):
             logger.log_hyperparams(config)
 
 
-def _option(args: list[str], name: str) -> str | None:
-    """The value of `--name value` or `--name=value` in `args` (the last one given), or None."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(f"{name}="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def _minutes(max_time: str | None) -> float | None:
     """`--trainer.max_time` "DD:HH:MM:SS" in minutes, so that the plan fits its validations into that budget."""
     if not max_time or max_time == "null":
@@ -208,15 +198,16 @@ def plan_when_unconfigured(subcommand: str, args: list[str]) -> list[str]:
     first on the command line, so every other option given still overrides it. A `--trainer.max_time` given is
     the plan's time budget (validation frequency follows it).
     """
-    root = _option(args, "--data.root")
-    if subcommand != "fit" or root is None or _option(args, "--config") is not None or "--print_config" in args:
+    root = option_value(args, "--data.root")
+    if (subcommand != "fit" or root is None or option_value(args, "--config") is not None
+            or "--print_config" in args):
         return args
     from seg.data.plan import plan_dataset, render_yaml, summary, write_plan
 
-    run_dir = Path(_option(args, "--trainer.default_root_dir") or "runs/latest")
-    accelerator = _option(args, "--trainer.accelerator")  # as `seg plan --device`: auto unless the run is told
+    run_dir = Path(option_value(args, "--trainer.default_root_dir") or "runs/latest")
+    accelerator = option_value(args, "--trainer.accelerator")  # as `seg plan --device`: auto unless told
     device = "cpu" if accelerator == "cpu" else "gpu" if accelerator in ("gpu", "cuda") else "auto"
-    decisions = plan_dataset(root, device=device, minutes=_minutes(_option(args, "--trainer.max_time")))
+    decisions = plan_dataset(root, device=device, minutes=_minutes(option_value(args, "--trainer.max_time")))
     path = write_plan(run_dir / "plan.yaml", render_yaml(decisions, root, "seg fit " + " ".join(args)))
     print(f"seg fit: no --config given: planned {root} (`seg plan`), written to {path}:\n{summary(decisions)}",
           file=sys.stderr)

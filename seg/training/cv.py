@@ -2,6 +2,10 @@
 those out-of-fold predictions, and choose the connected-component postprocessing on them.
 
     seg cv --config configs/hippocampus.yaml --folds 5 --output runs/hippo_cv [-- --trainer.max_time 00:00:04:00]
+    seg cv --folds 5 -- --data.root DATASET --trainer.max_time 00:00:12:00
+
+Without `--config`, every fold's `seg fit --data.root DATASET` plans the dataset itself (`seg plan`, for the fold's
+own `--trainer.max_time`), as `seg fit` does, and writes the plan into its fold folder.
 
 Under `--output PARENT`:
 - `fold_k/`: a normal `seg fit` run folder (`--data.fold k --data.num_folds N`), and `fold_k/fit_done.json` once
@@ -57,9 +61,9 @@ def parse_fold_list(text: str | None, folds: int) -> list[int]:
     return chosen
 
 
-def fit_arguments(config: Path, fold: int, folds: int, parent: Path, extra: list[str]) -> list[str]:
-    """The `seg fit` options of one fold (without `--ckpt_path`)."""
-    return ["--config", str(config), "--data.fold", str(fold), "--data.num_folds", str(folds),
+def fit_arguments(config: Path | None, fold: int, folds: int, parent: Path, extra: list[str]) -> list[str]:
+    """The `seg fit` options of one fold (without `--ckpt_path`); with no config, `seg fit` plans the dataset."""
+    return [*(["--config", str(config)] if config else []), "--data.fold", str(fold), "--data.num_folds", str(folds),
             "--trainer.default_root_dir", str(parent / f"fold_{fold}"), *extra]
 
 
@@ -97,15 +101,17 @@ def train_fold(fold: int, arguments: list[str], folder: Path, resume: bool) -> N
                                                      "global_step": last.get("global_step")}, indent=1))
 
 
-def write_manifest(parent: Path, config: Path, folds: int, extra: list[str]) -> None:
+def write_manifest(parent: Path, config: Path | None, folds: int, extra: list[str]) -> None:
+    """`cv.json`; refuses a parent folder that holds a run of another config or fold count."""
     manifest = parent / CV_MANIFEST
-    content = {"config": str(config), "num_folds": folds, "folds": list(range(folds)), "fit_arguments": extra}
+    config_text = str(config) if config else None  # None: every fold planned the dataset itself
+    content = {"config": config_text, "num_folds": folds, "folds": list(range(folds)), "fit_arguments": extra}
     if manifest.exists():
         old = read_json(manifest, f"the {CV_MANIFEST} of an earlier run (remove it, or choose another --output)",
                         error=SegError)
-        if isinstance(old, dict) and (old.get("num_folds"), old.get("config")) != (folds, str(config)):
-            raise SegError(f"holds a {old.get('num_folds')}-fold run of {old.get('config')}; choose another --output "
-                           "for this one", manifest)
+        if isinstance(old, dict) and (old.get("num_folds"), old.get("config")) != (folds, config_text):
+            raise SegError(f"holds a {old.get('num_folds')}-fold run of {old.get('config') or 'a planned dataset'}; "
+                           "choose another --output for this one", manifest)
     parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(manifest, json.dumps(content, indent=1))
 
@@ -220,11 +226,15 @@ def out_of_fold(parent: Path, folds: int, device: str, tolerance_mm: float) -> d
 
 # ---- command line ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="the seg fit YAML config every fold trains with")
+    parser.add_argument("--config", default=None,
+                        help="the seg fit YAML config every fold trains with (default: none, and every fold plans "
+                             "the dataset of -- --data.root DATASET itself, as seg fit --data.root does, for its "
+                             "--trainer.max_time)")
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     parser.add_argument("--fold-list", default=None, help="train only these folds, e.g. 0,1 (default: all)")
     parser.add_argument("--output", default=None,
-                        help="parent folder of the fold runs (fold_k/) and of cv/ (default: runs/cv_<config name>)")
+                        help="parent folder of the fold runs (fold_k/) and of cv/ (default: runs/cv_<config or dataset "
+                             "name>)")
     parser.add_argument("--print-commands", action="store_true",
                         help="print one seg fit command per fold (to run in parallel) instead of training")
     parser.add_argument("--device", default="auto", help="for the out-of-fold predictions: auto, cpu or cuda")
@@ -234,15 +244,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after --: options for every fold's seg fit, e.g. -- --trainer.max_epochs 100")
 
 
+def option_value(args: list[str], name: str) -> str | None:
+    """The value of `--name value` or `--name=value` in `args` (the last one given), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
-    config = Path(args.config).resolve()
-    if not config.is_file():
-        raise SegError("config not found", args.config)
+    extra = list(args.fit_args)
+    config = None
+    if args.config is not None:
+        config = Path(args.config).resolve()
+        if not config.is_file():
+            raise SegError("config not found", args.config)
+    elif option_value(extra, "--data.root") is None:
+        raise SegError("give --config CONFIG, or the dataset for every fold to plan itself: seg cv -- --data.root "
+                       "DATASET [--trainer.max_time DD:HH:MM:SS]")
     if args.folds < 2:
         raise SegError(f"--folds must be at least 2, got {args.folds}")
     chosen = parse_fold_list(args.fold_list, args.folds)
-    parent = Path(args.output or f"runs/cv_{config.stem}").resolve()
-    extra = list(args.fit_args)
+    name = config.stem if config else Path(option_value(extra, "--data.root")).resolve().name
+    parent = Path(args.output or f"runs/cv_{name}").resolve()
     for option in ("--data.fold", "--data.num_folds", "--trainer.default_root_dir", "--ckpt_path", "--config"):
         if any(a == option or a.startswith(f"{option}=") for a in extra):
             raise SegError(f"{option} is set by seg cv for every fold; use --folds, --fold-list, --output and "

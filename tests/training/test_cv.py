@@ -123,3 +123,29 @@ def test_a_deeply_nested_manifest_is_one_line(config, tmp_path, capsys):
                  str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cv.json: cannot read the fold list: nested deeper than" in err, err
+
+
+def test_without_a_config_every_fold_plans_the_dataset(config, tmp_path, capsys):
+    root = config.parent / "synth"
+    quick = ["--trainer.max_time", "00:00:01:00", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+             "--data.num_workers", "0", "--data.cache_rate", "0", "--model.hd95", "false"]
+    assert main(["cv", "--folds", "3", "--output", str(tmp_path), "--print-commands", "--", "--data.root",
+                 str(root), *quick]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all("--config" not in shlex.split(line) for line in lines)
+
+    parent = tmp_path / "planned"
+    assert main(["cv", "--folds", "3", "--fold-list", "0", "--output", str(parent), "--device", "cpu", "--",
+                 "--data.root", str(root), *quick, *FIT[1:]]) == 0
+    plan = parent / "fold_0" / "plan.yaml"  # seg fit --data.root planned the fold, for its own budget
+    assert "Planned by `seg plan`" in plan.read_text() and "00:00:01:00" in plan.read_text()
+    done = json.loads((parent / "fold_0" / "fit_done.json").read_text())
+    assert done["data_root"] == str(root) and "--config" not in done["arguments"]
+    assert json.loads((parent / "cv.json").read_text())["config"] is None
+
+
+def test_no_config_and_no_dataset_is_one_line(tmp_path, capsys):
+    assert main(["cv", "--output", str(tmp_path), "--", "--trainer.max_epochs", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data.root DATASET" in err, err
+    assert not (tmp_path / "cv.json").exists()
