@@ -436,7 +436,8 @@ def plan_time_and_validation(facts: Facts, decided: Decided) -> list[Decision]:
     decisions = []
     if total_minutes is not None:
         epochs = max(1, int(total_minutes * 60 / max(epoch_seconds, 1e-6)))
-        decisions += [Decision("trainer.max_time", _duration(total_minutes), f"{total_minutes:g} minutes of "
+        unit = "minute" if total_minutes == 1 else "minutes"
+        decisions += [Decision("trainer.max_time", _duration(total_minutes), f"{total_minutes:g} {unit} of "
                                f"training; about {epochs} epochs of {epoch_seconds:.0f} s (estimated)"),
                       Decision("trainer.max_epochs", -1, "bounded by time, not epochs")]
         every = 1

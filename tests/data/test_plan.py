@@ -184,6 +184,8 @@ def test_the_network_and_augmentation_grow_with_the_budget_and_the_reasons_say_w
     assert str(plan.MIN_STEPS_FOR_WIDTH) in week["model.channels"].reason
     assert short["data.augmentation"].value == "light" and short["data.flip_axes"].value == []
     assert "0.857" in short["data.flip_axes"].reason  # the measured cost of mirroring a short run
+    assert short["trainer.max_time"].reason.startswith("1 minute of training;")
+    assert day["trainer.max_time"].reason.startswith("1440 minutes of training;")
     assert "steps" in short["data.augmentation"].reason
     assert week["data.augmentation"].value == "strong" and week["data.flip_axes"].value == [0, 1, 2]
     gpu = _values(plan_dataset(datasets["isotropic"], device="gpu"))
