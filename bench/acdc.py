@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+from seg.data.plan import max_time
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -118,7 +120,6 @@ def fit_and_test(data: Path, run: Path, minutes: float, fit_args: Sequence[str] 
     """
     import yaml
 
-    seconds = int(round(minutes * 60))
     common = ["--trainer.default_root_dir", str(run), "--logging", "csv"]
     planned = []
     run.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def fit_and_test(data: Path, run: Path, minutes: float, fit_args: Sequence[str] 
         planned = ["--config", str(run / "plan.yaml")]
     start = time.time()
     fit = subprocess.run([sys.executable, "-m", "seg", "fit", *planned, "--data.root", str(data), *common, *fit_args,
-                          "--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
+                          "--trainer.max_time", max_time(minutes),
                           "--trainer.profiler", "simple", "--trainer.enable_progress_bar", "false"],
                          capture_output=True, text=True, cwd=REPO)
     fit_s = time.time() - start

@@ -29,7 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from hippocampus_accuracy import SHARED, make_split, max_time, plan_config  # noqa: E402
+from hippocampus_accuracy import SHARED, make_split, plan_config  # noqa: E402
+
+from seg.data.plan import max_time  # noqa: E402
 
 
 def seg(*args) -> None:

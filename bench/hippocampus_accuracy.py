@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from seg.data.plan import max_time
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -81,12 +83,6 @@ def run_monai(train_dir: Path, test_dir: Path, minutes: float, threads: int = 2,
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     return {"method": "monai_reference" if kind == "attention" else f"monai_{kind}",
             "wall_s": round(time.time() - start, 1), **scores}
-
-
-def max_time(minutes: float) -> str:
-    """`trainer.max_time` (DD:HH:MM:SS) for a budget in minutes."""
-    seconds = round(minutes * 60)
-    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def plan_config(train_dir: Path, minutes: float, config: Path) -> Path:

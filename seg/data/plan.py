@@ -437,7 +437,7 @@ def plan_time_and_validation(facts: Facts, decided: Decided) -> list[Decision]:
     if total_minutes is not None:
         epochs = max(1, int(total_minutes * 60 / max(epoch_seconds, 1e-6)))
         unit = "minute" if total_minutes == 1 else "minutes"
-        decisions += [Decision("trainer.max_time", _duration(total_minutes), f"{total_minutes:g} {unit} of "
+        decisions += [Decision("trainer.max_time", max_time(total_minutes), f"{total_minutes:g} {unit} of "
                                f"training; about {epochs} epochs of {epoch_seconds:.0f} s (estimated)"),
                       Decision("trainer.max_epochs", -1, "bounded by time, not epochs")]
         every = 1
@@ -534,9 +534,10 @@ def help_text() -> str:
     return rules.replace("**", "").replace("`", "")
 
 
-def _duration(minutes: float) -> str:
+def max_time(minutes: float) -> str:
+    """`trainer.max_time` for a budget in minutes: Lightning's "DD:HH:MM:SS", to the second (90.5 -> 00:01:30:30)."""
     seconds = int(round(minutes * 60))
-    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 86400:02d}:{seconds % 86400 // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def plan_config(decisions: Sequence[Decision], root: str | os.PathLike) -> dict:

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from seg.cli import main
-from seg.data.plan import detect_groups, plan_dataset, plan_patch, plan_strides, render_yaml, target_spacing
+from seg.data.plan import (detect_groups, max_time, plan_dataset, plan_patch, plan_strides, render_yaml,
+                           target_spacing)
 from seg.data.synthetic import write_dataset
 
 DATASETS = {
@@ -120,6 +121,15 @@ def test_rules_in_isolation():
     assert plan_patch([48, 48, 32], [0.8, 0.8, 3.0], 128_000, 4) == ([48, 48, 32], [[2, 2, 1], [2, 2, 2], [2, 2, 2]])
     assert detect_groups(["patient001_frame01", "patient001_frame12", "patient002_frame01"])
     assert detect_groups(["hippocampus_001", "hippocampus_003"]) is None
+
+
+@pytest.mark.parametrize("minutes, text", [(60, "00:01:00:00"), (1.5, "00:00:01:30"), (90.5, "00:01:30:30"),
+                                           (25 * 60 + 1, "01:01:01:00")])
+def test_a_budget_in_minutes_is_a_max_time_lightning_reads_back_to_the_second(minutes, text):
+    from lightning.pytorch.callbacks import Timer
+
+    assert max_time(minutes) == text
+    assert Timer(duration=text)._duration == minutes * 60
 
 
 @pytest.mark.parametrize("name", list(DATASETS))
