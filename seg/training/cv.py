@@ -258,17 +258,18 @@ def option_value(args: list[str], name: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     extra = list(args.fit_args)
     config = None
+    data_root = option_value(extra, "--data.root")
     if args.config is not None:
         config = Path(args.config).resolve()
         if not config.is_file():
             raise SegError("config not found", args.config)
-    elif option_value(extra, "--data.root") is None:
+    elif data_root is None:
         raise SegError("give --config CONFIG, or the dataset for every fold to plan itself: seg cv -- --data.root "
                        "DATASET [--trainer.max_time DD:HH:MM:SS]")
     if args.folds < 2:
         raise SegError(f"--folds must be at least 2, got {args.folds}")
     chosen = parse_fold_list(args.fold_list, args.folds)
-    name = config.stem if config else Path(option_value(extra, "--data.root")).resolve().name
+    name = config.stem if config else Path(data_root).resolve().name
     parent = Path(args.output or f"runs/cv_{name}").resolve()
     for option in ("--data.fold", "--data.num_folds", "--trainer.default_root_dir", "--ckpt_path", "--config"):
         if any(a == option or a.startswith(f"{option}=") for a in extra):
