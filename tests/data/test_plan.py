@@ -202,6 +202,25 @@ def test_the_network_and_augmentation_grow_with_the_budget_and_the_reasons_say_w
     assert gpu["data.augmentation"] == "strong" and gpu["model.channels"][0] == 32 and gpu["model.deep_supervision"]
 
 
+def test_a_3d_patch_holding_the_whole_scan_takes_one_patch_from_each_of_twice_the_volumes(datasets, monkeypatch):
+    from seg import hardware
+    from seg.data import plan
+
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: None)
+    whole = {d.key: d for d in plan_dataset(datasets["isotropic"], minutes=60)}  # 40^3 voxels in a 128k budget
+    assert whole["data.patch_size"].value == [40, 40, 40]
+    assert (whole["data.batch_size"].value, whole["data.samples_per_volume"].value) == (4, 1)
+    assert "0.886" in whole["data.samples_per_volume"].reason and "4 patches" in whole["data.batch_size"].reason
+    # a budget smaller than the scan: the patch is cut from it, and a volume's patches differ
+    monkeypatch.setitem(plan.CPU_PATCH_VOXELS, 3, 20_000)
+    cut = {d.key: d for d in plan_dataset(datasets["isotropic"], minutes=60)}
+    assert np.prod(cut["data.patch_size"].value) < 40**3
+    assert (cut["data.batch_size"].value, cut["data.samples_per_volume"].value) == (2, 2)
+    assert "loading costs more than a patch" in cut["data.samples_per_volume"].reason
+    # the same 4 patches a step either way: the step-time estimate behind the width is unchanged
+    assert "a step of 4" in whole["data.patch_size"].reason and "a step of 4" in cut["data.patch_size"].reason
+
+
 def test_mirroring_skips_left_right_when_a_label_names_a_side(tmp_path, monkeypatch):
     from seg import hardware
     from seg.data.plan import lateral_labels
