@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -49,7 +50,6 @@ VARIANTS = {
     "both": (),
 }
 MONAI = {"monai_attention": "attention", "monai_unet": "unet"}
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def gate_scores(checkpoint: Path, images: Path, labels: Path, out: Path) -> tuple[dict, dict]:
@@ -165,7 +165,7 @@ def interval(values: list[float]) -> tuple[float, float]:
     mean = float(np.mean(values))
     if len(values) < 2:
         return mean, float("nan")
-    return mean, T_975.get(len(values) - 1, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return mean, float(stats.t.ppf(0.975, len(values) - 1)) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
 def seed_means(per_seed: list[dict | None], prefix: str, decimals: int) -> dict:
