@@ -78,7 +78,7 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot(runs: list[tuple[str, Path | None, list[dict]]], title: str, out: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    figure, axis = plt.subplots(figsize=(10.5, 4.6), dpi=110)
     for index, (label, run_dir, held_out) in enumerate(runs):
         colour = f"C{index}"
         seconds_per_step = None
@@ -101,7 +101,7 @@ def plot(runs: list[tuple[str, Path | None, list[dict]]], title: str, out: Path)
     axis.set_ylabel("mean Dice")
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="lower right")
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: many runs would hide the curves
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
