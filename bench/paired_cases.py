@@ -27,7 +27,7 @@ SAME = 0.001  # a per-case change smaller than this counts as unchanged
 
 
 def read_per_case(path: Path) -> dict[str, dict[str, float | None]]:
-    """{case: {class: Dice or None}} of the cases `seg evaluate` scored ("ok"); None: absent from label and prediction."""
+    """{case: {class: Dice or None}} of the cases `seg evaluate` scored ("ok"); None: absent from both sides."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     classes = [c.removeprefix("dice_") for c in (rows[0].keys() if rows else []) if c.startswith("dice_")]

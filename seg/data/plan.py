@@ -25,9 +25,8 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   label name says a side.
 - **Batch** (`batch_shape`): 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4
   slices each in 2D on a GPU; on a CPU a 2D step takes 8 volumes x 4 small patches. When a 3D patch holds the
-  whole median scan, a second patch from one volume would repeat the first: 4 volumes x 1 patch instead, the same
-  step with twice the cases (hippocampus, 60 minutes: 0.886 against 0.8835 held-out mean Dice, within noise). A
-  third of the patches are centred on foreground.
+  whole median scan, a second patch from one volume would repeat the first: 4 volumes x 1 patch instead
+  (`WHOLE_SCAN_BATCH`). A third of the patches are centred on foreground.
 - **Normalisation** per channel from `dataset.json`'s modality: CT is clipped to the foreground's 0.5-99.5
   percentiles and scaled by the foreground mean and std; every other channel gets a per-scan z-score.
 - **Deep supervision** (auxiliary losses on the coarser decoder levels, nnU-Net's) on a GPU and in 2D on a CPU,
@@ -96,6 +95,8 @@ MIN_STEPS_FOR_WIDTH = 800
 # mirrored test-time augmentation won back only 0.003 of it (BENCHMARKS.md, issue 28, fifth session).
 STRONG_AUGMENTATION_STEPS = 5000
 MIRRORING_COST = "hippocampus, 60 minutes: 0.857 held-out mean Dice mirrored on every axis against 0.8835 without"
+WHOLE_SCAN_BATCH = ("hippocampus, 60 minutes: 0.886 held-out mean Dice against 0.8835 with 2 volumes x 2, "
+                    "within noise, for twice the cases a step at the same cost")
 BF16_UNITS = {"amx": "AMX matrix units", "avx512_bf16": "AVX-512 BF16 instructions"}
 # Case ids that name a patient and one of its volumes: `patient001_frame01`, `sub-01_ses-2`, `p7_ED`.
 GROUP_PATTERN = r"(?i)^(.+?)[_-](?:frame|phase|time|tp|visit|ses|scan|ed|es)[_-]?\d*$"
@@ -331,8 +332,7 @@ def plan_batch(facts: Facts, decided: Decided) -> list[Decision]:
         volumes_why = ": batch statistics and batch Dice need at least 2"
     if per_volume == 1:
         per_volume_why = ("1 patch from each loaded volume: the patch holds the whole median scan, so a second one "
-                          "would repeat it (hippocampus, 60 minutes: 0.886 against 0.8835 with 2 volumes x 2, within noise, "
-                          "for twice the cases a step at the same cost)")
+                          f"would repeat it ({WHOLE_SCAN_BATCH})")
     else:
         per_volume_why = (f"{per_volume} {'slices' if spatial == 2 and not small_2d else 'patches'} from each "
                           "loaded volume: loading costs more than a patch")
