@@ -1,20 +1,13 @@
 """bench/ablation.py's summary: intervals over seeds, differences paired by seed, concentrations averaged."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
 
 @pytest.fixture(scope="module")
-def ablation():
-    spec = importlib.util.spec_from_file_location("ablation", BENCH / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def ablation(bench_script):
+    return bench_script("ablation")
 
 
 def _row(variant, seed, dice, **extra):

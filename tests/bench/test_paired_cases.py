@@ -1,6 +1,5 @@
 """bench/paired_cases.py: two seg evaluate per_case.csv files compared case by case."""
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -13,11 +12,8 @@ HEADER = "case,status,dice_A,hd95_A,nsd_A,missing_A,dice_B,hd95_B,nsd_B,missing_
 
 
 @pytest.fixture(scope="module")
-def paired():
-    spec = importlib.util.spec_from_file_location("paired_cases", BENCH / "paired_cases.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def paired(bench_script):
+    return bench_script("paired_cases")
 
 
 def _write(path: Path, rows: list[str]) -> Path:

@@ -3,9 +3,7 @@ axes back to R, A, S. Needs neither nnunetv2 nor a network."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,15 +11,10 @@ import pytest
 
 from seg.data.synthetic import write_dataset
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "plan_vs_nnunet.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("plan_vs_nnunet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(bench_script):
+    return bench_script("plan_vs_nnunet")
 
 
 def test_the_script_parses_its_options(bench):
