@@ -235,11 +235,13 @@ def plan_patch_size(facts: Facts, decided: Decided) -> list[Decision]:
     spatial, spacing, budget, max_levels = _patch_geometry(facts, decided)
     in_plane = facts.median[:spatial]
     patch, _ = plan_patch(in_plane, spacing, budget, max_levels)
-    over = [a for a in range(spatial) if patch[a] > in_plane[a]]
+    over = any(patch[a] > in_plane[a] for a in range(spatial))
+    shrunk = float(np.prod(np.maximum(in_plane, 1.0))) > budget
+    how = ("shrunk along its longest side (mm) to the budget and rounded to" if shrunk
+           else "padded to" if over else "already")
     return [Decision("data.patch_size", patch,
-                     f"the median resampled scan ({'x'.join(f'{v:.0f}' for v in in_plane)}) "
-                     + ("padded" if over else "shrunk along its longest side (mm) to the budget and rounded")
-                     + f" to a multiple of the strides; budget {budget / 1000:.0f}k voxels "
+                     f"the median resampled scan ({'x'.join(f'{v:.0f}' for v in in_plane)}) {how}"
+                     + f" a multiple of the strides; budget {budget / 1000:.0f}k voxels "
                      + (f"({facts.gpu_memory:g} GB of GPU memory, bf16)" if facts.gpu else
                         f"(a step of {math.prod(batch_shape(facts, spatial))}: about "
                         f"{step_seconds(facts, spatial, patch):.1f} s on 2 CPU cores with widths from 16)"))]

@@ -209,12 +209,13 @@ def test_a_3d_patch_holding_the_whole_scan_takes_one_patch_from_each_of_twice_th
     monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: None)
     whole = {d.key: d for d in plan_dataset(datasets["isotropic"], minutes=60)}  # 40^3 voxels in a 128k budget
     assert whole["data.patch_size"].value == [40, 40, 40]
+    assert "(40x40x40) already a multiple of the strides" in whole["data.patch_size"].reason  # neither cut nor padded
     assert (whole["data.batch_size"].value, whole["data.samples_per_volume"].value) == (4, 1)
     assert "0.886" in whole["data.samples_per_volume"].reason and "4 patches" in whole["data.batch_size"].reason
     # a budget smaller than the scan: the patch is cut from it, and a volume's patches differ
     monkeypatch.setitem(plan.CPU_PATCH_VOXELS, 3, 20_000)
     cut = {d.key: d for d in plan_dataset(datasets["isotropic"], minutes=60)}
-    assert np.prod(cut["data.patch_size"].value) < 40**3
+    assert np.prod(cut["data.patch_size"].value) < 40**3 and "shrunk" in cut["data.patch_size"].reason
     assert (cut["data.batch_size"].value, cut["data.samples_per_volume"].value) == (2, 2)
     assert "loading costs more than a patch" in cut["data.samples_per_volume"].reason
     # the same 4 patches a step either way: the step-time estimate behind the width is unchanged
