@@ -226,8 +226,13 @@ def _patch_geometry(facts: Facts, decided: Decided) -> tuple[int, np.ndarray, fl
     """Spatial dims, the patch axes' spacing, the voxel budget and the most levels, for the patch and topology."""
     spatial = decided["data.spatial_dims"]
     target = decided["data.spacing"]
-    budget = (GPU_VOXELS_PER_GB[spatial] * facts.gpu_memory) if facts.gpu else CPU_PATCH_VOXELS[spatial]
-    return spatial, np.asarray(target[:spatial]) if spatial == 3 else target[:2], budget, 5 if facts.gpu else 4
+    return (spatial, np.asarray(target[:spatial]) if spatial == 3 else target[:2], patch_budget(facts, spatial),
+            5 if facts.gpu else 4)
+
+
+def patch_budget(facts: Facts, spatial: int) -> float:
+    """Voxels a patch may hold: on a GPU what `--gpu-memory` fits in bf16, on a CPU a step-time budget."""
+    return (GPU_VOXELS_PER_GB[spatial] * facts.gpu_memory) if facts.gpu else CPU_PATCH_VOXELS[spatial]
 
 
 def plan_patch_size(facts: Facts, decided: Decided) -> list[Decision]:
@@ -236,7 +241,7 @@ def plan_patch_size(facts: Facts, decided: Decided) -> list[Decision]:
     in_plane = facts.median[:spatial]
     patch, _ = plan_patch(in_plane, spacing, budget, max_levels)
     over = any(patch[a] > in_plane[a] for a in range(spatial))
-    shrunk = float(np.prod(np.maximum(in_plane, 1.0))) > budget
+    shrunk = not whole_scan_patch(facts, spatial)
     how = ("shrunk along its longest side (mm) to the budget and rounded to" if shrunk
            else "padded to" if over else "already")
     return [Decision("data.patch_size", patch,
@@ -255,12 +260,12 @@ def batch_shape(facts: Facts, spatial: int) -> tuple[int, int]:
     x 8 patches, half the loads, made as many steps for 0.80).
     """
     if spatial == 3:
-        return (4, 1) if whole_scan_patch(facts) else (2, 2)
+        return (4, 1) if whole_scan_patch(facts, 3) else (2, 2)
     return (2, 4) if facts.gpu else (8, 4)
 
 
-def whole_scan_patch(facts: Facts) -> bool:
-    """Whether a 3D patch holds the whole median resampled scan: it fits the voxel budget unshrunk (`plan_patch`).
+def whole_scan_patch(facts: Facts, spatial: int) -> bool:
+    """Whether the patch holds the whole median resampled scan: it fits the voxel budget unshrunk (`plan_patch`).
 
     Then every patch cut from a typical volume is that volume, padded: the volume's second patch differs from the
     first only by augmentation, and costs a full patch of compute. Hippocampus (35 x 50 x 36 in a 40 x 56 x 40
@@ -269,8 +274,7 @@ def whole_scan_patch(facts: Facts) -> bool:
     gain is within noise (+0.0025 +- 0.005 paired over the 40 cases, one seed); the rule stands on the waste it
     removes, and the measurement says it costs nothing.
     """
-    budget = (GPU_VOXELS_PER_GB[3] * facts.gpu_memory) if facts.gpu else CPU_PATCH_VOXELS[3]
-    return float(np.prod(np.maximum(facts.median, 1.0))) <= budget
+    return float(np.prod(np.maximum(facts.median[:spatial], 1.0))) <= patch_budget(facts, spatial)
 
 
 def step_seconds(facts: Facts, spatial: int, patch: Sequence[int], width: int = 16) -> float:
