@@ -36,7 +36,9 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   native bf16 instructions (`seg.hardware.cpu_bf16_units`: AMX, a step 1.3x faster in 3D and 2.5x in 2D; AVX-512
   BF16, 1.9x and 2.5x), float32 otherwise.
 - **Validation**: often enough to pick a good checkpoint, rarely enough to stay about a tenth of the run, from a
-  step-time estimate (a constant per voxel measured on this project's 2-core CPU reference machine).
+  step-time estimate (a constant per voxel measured on this project's 2-core CPU reference machine). Gate
+  overlays at the validations, but at most about `MAX_OVERLAY_EXPORTS` sets in a run (a long GPU run would
+  otherwise write gigabytes of them).
 - **Split by patient**: case ids like `patient001_frame01` (several volumes of one patient) are split by patient.
 
 Every decision is a `Decision` (config key, value, reason); `render_yaml` writes them as a LightningCLI config
@@ -98,6 +100,11 @@ MIRRORING_COST = "hippocampus, 60 minutes: 0.857 held-out mean Dice mirrored on 
 WHOLE_SCAN_BATCH = ("hippocampus, 60 minutes: 0.886 held-out mean Dice against 0.8835 with 2 volumes x 2, "
                     "within noise, for twice the cases a step at the same cost")
 BF16_UNITS = {"amx": "AMX matrix units", "avx512_bf16": "AVX-512 BF16 instructions"}
+# Gate overlays written over a whole run, at most (and the last validation's always): every set holds each validation
+# scan's maps and pictures, 17 MB for the 17 hippocampus validation scans, and the review page keeps a picture of
+# each. The 60-minute CPU hippocampus run wrote 27 sets (450 MB, and a 287 MB review page); a 1000-epoch GPU run
+# validating every epoch would write 17 GB. 25 sets still show how the gates settle over a run.
+MAX_OVERLAY_EXPORTS = 25
 # Case ids that name a patient and one of its volumes: `patient001_frame01`, `sub-01_ses-2`, `p7_ED`.
 GROUP_PATTERN = r"(?i)^(.+?)[_-](?:frame|phase|time|tp|visit|ses|scan|ed|es)[_-]?\d*$"
 
@@ -472,20 +479,32 @@ def plan_time_and_validation(facts: Facts, decided: Decided) -> list[Decision]:
         decisions += [Decision("trainer.max_time", max_time(total_minutes), f"{total_minutes:g} {unit} of "
                                f"training; about {epochs} epochs of {epoch_seconds:.0f} s (estimated)"),
                       Decision("trainer.max_epochs", -1, "bounded by time, not epochs")]
-        every = 1
+        every, planned_epochs = 1, epochs
         why = (f"every epoch while validation stays under validation.max_share of the run: `seg fit` measures what a "
                f"validation costs and skips the ones over it; the last epoch is always validated ({cost})")
     else:
-        decisions.append(Decision("trainer.max_epochs", 1000, "1000 epochs, as nnU-Net trains on a GPU"))
+        planned_epochs = 1000
+        decisions.append(Decision("trainer.max_epochs", planned_epochs, "1000 epochs, as nnU-Net trains on a GPU"))
         every = max(1, math.ceil(val_seconds / max(0.1 * epoch_seconds, 1e-6)))
         why = f"validation at most a tenth of the training time ({cost})"
     return decisions + [
         Decision("trainer.check_val_every_n_epoch", every, why),
         Decision("validation.max_share", 0.1, "validation takes at most a tenth of a time-bounded run's wall time"),
-        Decision("overlays.every_n_epochs", every, "gate overlays at every validation" if every > 1 else
-                 "gate overlays at the validations (and always at the last)"),
+        plan_overlays(every, planned_epochs),
         Decision("trainer.log_every_n_steps", max(1, min(50, steps_per_epoch // 2)),
                  "twice an epoch, at most every 50")]
+
+
+def plan_overlays(validation_every: int, planned_epochs: int) -> Decision:
+    """How often the gate overlays are exported: at the validations, but no more than `MAX_OVERLAY_EXPORTS` sets
+    over the run's `planned_epochs` (the last validation always exports)."""
+    every = max(validation_every, math.ceil(planned_epochs / MAX_OVERLAY_EXPORTS))
+    if every == validation_every:
+        return Decision("overlays.every_n_epochs", every, "gate overlays at every validation (and always at the last)")
+    return Decision("overlays.every_n_epochs", every,
+                    f"gate overlays every {every} epochs and at the last validation: at most about "
+                    f"{MAX_OVERLAY_EXPORTS} sets in the run's {planned_epochs} epochs (a set holds every validation "
+                    f"scan's maps: 17 MB for 17 hippocampus scans)")
 
 
 # The rules in the order they decide: a rule reads the decisions of the rules before it. The written plan lists the

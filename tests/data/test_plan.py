@@ -202,6 +202,24 @@ def test_the_network_and_augmentation_grow_with_the_budget_and_the_reasons_say_w
     assert gpu["data.augmentation"] == "strong" and gpu["model.channels"][0] == 32 and gpu["model.deep_supervision"]
 
 
+def test_a_long_run_exports_a_bounded_number_of_gate_overlay_sets(datasets, monkeypatch):
+    from seg import hardware
+    from seg.data import plan
+
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: None)
+    # the hippocampus CPU hour (about 22 epochs): overlays at every validation
+    assert plan.plan_overlays(1, 22).value == 1 and "every validation" in plan.plan_overlays(1, 22).reason
+    assert plan.plan_overlays(3, 22).value == 3  # never more often than validation
+    for minutes in (10, 60, 7 * 24 * 60):  # five 40^3 cases: one step an epoch, hundreds of epochs an hour
+        planned = {d.key: d for d in plan_dataset(datasets["isotropic"], minutes=minutes)}
+        epochs = int(planned["trainer.max_time"].reason.split("about ")[1].split(" epochs")[0])
+        every = planned["overlays.every_n_epochs"].value
+        assert epochs / every <= plan.MAX_OVERLAY_EXPORTS < epochs / (every - 1), minutes
+        assert f"every {every} epochs" in planned["overlays.every_n_epochs"].reason
+    gpu = _values(plan_dataset(datasets["isotropic"], device="gpu"))  # 1000 epochs
+    assert gpu["overlays.every_n_epochs"] == 1000 // plan.MAX_OVERLAY_EXPORTS >= gpu["trainer.check_val_every_n_epoch"]
+
+
 def test_a_3d_patch_holding_the_whole_scan_takes_one_patch_from_each_of_twice_the_volumes(datasets, monkeypatch):
     from seg import hardware
     from seg.data import plan
