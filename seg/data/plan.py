@@ -21,8 +21,9 @@ The rules follow nnU-Net's planner where they apply to our network, and say so:
   still gets `MIN_STEPS_FOR_WIDTH` training steps in the time given (a step costs the width squared).
 - **Augmentation**: nnU-Net's strength (`seg.data.augmentation`) and mirroring on every axis when the run gets at
   least `STRONG_AUGMENTATION_STEPS` steps (a GPU run, a long CPU run); light augmentation and no mirroring in a
-  short CPU run, where mirroring was measured to cost Dice (`MIRRORING_COST`). Mirroring skips left-right when a
-  label name says a side.
+  short CPU run, where mirroring every axis was measured to cost Dice (`MIRRORING_COST`); there left-right only,
+  where that keeps the classes' arrangement (`short_run_mirroring`: hippocampus, not a heart's ventricles).
+  Mirroring skips left-right when a label name says a side.
 - **Batch** (`batch_shape`): 2 volumes a step (at least 2, for batch statistics), 2 patches each in 3D and 4
   slices each in 2D on a GPU; on a CPU a 2D step takes 8 volumes x 4 small patches. When a 3D patch holds the
   whole median scan, a second patch from one volume would repeat the first: 4 volumes x 1 patch instead
@@ -97,6 +98,14 @@ MIN_STEPS_FOR_WIDTH = 800
 # mirrored test-time augmentation won back only 0.003 of it (BENCHMARKS.md, issue 28, fifth session).
 STRONG_AUGMENTATION_STEPS = 5000
 MIRRORING_COST = "hippocampus, 60 minutes: 0.857 held-out mean Dice mirrored on every axis against 0.8835 without"
+# Mirroring left-right only keeps the hippocampus's anterior part in front of its posterior part, and it helped the
+# short runs that mirroring every axis hurt (BENCHMARKS.md, issue 28, eighth session). It is planned where the classes
+# keep their arrangement under it: their centroids lie left-right at most `LEFT_RIGHT_SHARE` as far apart as along
+# the axis they are farthest apart on, or within `LEFT_RIGHT_VOXELS` voxels (hippocampus 1.9 mm left-right against
+# 18.3 front to back; ACDC's ventricles 33 mm left-right, not mirrored).
+LEFT_RIGHT_GAIN = "hippocampus, 60 minutes: 0.8865 held-out mean Dice mirrored left-right against 0.879 without"
+LEFT_RIGHT_SHARE = 0.25
+LEFT_RIGHT_VOXELS = 2.0
 WHOLE_SCAN_BATCH = ("hippocampus, 60 minutes: 0.886 held-out mean Dice against 0.8835 with 2 volumes x 2, "
                     "within noise, for twice the cases a step at the same cost")
 BF16_UNITS = {"amx": "AMX matrix units", "avx512_bf16": "AVX-512 BF16 instructions"}
@@ -189,6 +198,7 @@ class Facts:
     bf16: str | None  # the CPU's native bf16 units (`hardware.cpu_bf16_units`); None on a GPU or without them
     minutes: float | None
     dims: str
+    class_separation: list[float] | None = None  # mm R, A, S between the classes' centroids (fingerprint)
 
     @property
     def anisotropy(self) -> float:
@@ -360,16 +370,37 @@ def lateral_labels(names: Sequence[str]) -> list[str]:
     return [n for n in names if re.search(r"(?i)(^|[^a-z])(left|right|l|r)([^a-z]|$)", n)]
 
 
+def short_run_mirroring(facts: Facts, lateral: Sequence[str]) -> Decision:
+    """Mirroring in a run too short for nnU-Net's every-axis mirroring: left-right only, where the classes keep
+    their arrangement under it (`LEFT_RIGHT_SHARE`) and no label names a side; else none."""
+    if lateral:
+        return Decision("data.flip_axes", [], f"no mirroring in a run this short ({MIRRORING_COST}), and not "
+                        f"left-right either: the labels {', '.join(lateral)} name a side")
+    separation = facts.class_separation
+    if separation is None:
+        where = "one class: mirrored left-right it is still one class"
+    else:
+        far = int(np.argmax(separation[1:])) + 1
+        voxel = float(np.median(facts.spacings[:, 0]))
+        where = (f"the classes' centroids lie {separation[0]:.1f} mm apart left-right, "
+                 f"{separation[far]:.1f} mm {('front to back', 'top to bottom')[far - 1]}")
+        if separation[0] > max(LEFT_RIGHT_SHARE * separation[far], LEFT_RIGHT_VOXELS * voxel):
+            return Decision("data.flip_axes", [], f"no mirroring in a run this short ({MIRRORING_COST}), and not "
+                            f"left-right either: {where}, so a flip would swap their arrangement")
+    return Decision("data.flip_axes", [0], f"left-right only in a run this short ({LEFT_RIGHT_GAIN}; every axis: "
+                    f"{MIRRORING_COST.split(': ', 1)[1]}); {where}")
+
+
 def plan_augmentation(facts: Facts, decided: Decided) -> list[Decision]:
     """Augmentation strength and mirroring (module docstring, "Augmentation"), from the steps the budget buys."""
     spatial = decided["data.spatial_dims"]
     steps = planned_steps(facts, step_seconds(facts, spatial, decided["data.patch_size"], decided["model.channels"][0]))
+    lateral = lateral_labels(facts.info.class_names)
     if steps is not None and steps < STRONG_AUGMENTATION_STEPS:
         return [Decision("data.augmentation", "light", f"light (small rotations and scalings, mild intensity "
                          f"changes): about {steps:.0f} steps, fewer than the {STRONG_AUGMENTATION_STEPS} that "
                          "nnU-Net-strength augmentation is planned for"),
-                Decision("data.flip_axes", [], f"no mirroring in a run this short ({MIRRORING_COST})")]
-    lateral = lateral_labels(facts.info.class_names)
+                short_run_mirroring(facts, lateral)]
     axes = [a for a in range(spatial) if not (lateral and a == 0)]
     span = "1000 epochs" if steps is None else f"about {steps:.0f} steps"
     return [Decision("data.augmentation", "strong", f"nnU-Net's strength (rotation, scaling 0.7-1.4, gamma, "
@@ -562,7 +593,7 @@ def dataset_facts(root: str | os.PathLike, device: str = "cpu", gpu_memory: floa
     return Facts(info=info, spacings=spacings, shapes=shapes, target=target, target_why=why,
                  median=resampled_shape(shapes, spacings, target), gpu=gpu, device_why=device_why,
                  gpu_memory=gpu_memory, bf16=None if gpu else hardware.cpu_bf16_units(),  # for the CPU it is made on
-                 minutes=minutes, dims=dims)
+                 minutes=minutes, dims=dims, class_separation=fingerprint.get("class_separation"))
 
 
 def resolve_device(device: str) -> tuple[str, str]:
