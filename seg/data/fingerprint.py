@@ -76,6 +76,12 @@ def _channels(case: Case) -> list[np.ndarray]:
     return [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[-1])]
 
 
+def evenly_spaced_cases(info: DatasetInfo, max_cases: int) -> list[Case]:
+    """At most `max_cases` of the dataset's cases, evenly spaced over its sorted list (the first and last included)."""
+    picks = np.unique(np.linspace(0, len(info.cases) - 1, min(max_cases, len(info.cases))).round().astype(int))
+    return [info.cases[i] for i in picks]
+
+
 def foreground_intensities(info: DatasetInfo, max_cases: int = 64, voxels_per_case: int = 10_000,
                            seed: int = 0) -> list[dict[str, float]]:
     """Per channel: 0.5 / 99.5 percentiles, mean and std of the intensities where the label is > 0.
@@ -84,9 +90,8 @@ def foreground_intensities(info: DatasetInfo, max_cases: int = 64, voxels_per_ca
     foreground. Raises `DataError` for a case whose label grid does not match its image.
     """
     rng = np.random.default_rng(seed)
-    picks = np.unique(np.linspace(0, len(info.cases) - 1, min(max_cases, len(info.cases))).round().astype(int))
     samples: list[list[np.ndarray]] = [[] for _ in range(info.in_channels)]
-    for case in (info.cases[i] for i in picks):
+    for case in evenly_spaced_cases(info, max_cases):
         try:
             mask = np.asarray(guard_file(case.label).dataobj) > 0
             channels = _channels(case)
@@ -118,14 +123,13 @@ def class_separation(info: DatasetInfo, max_cases: int = 16) -> list[float] | No
 
     Per case (an evenly spaced subset of at most `max_cases`), each class's centroid in world (RAS) mm through the
     label's affine, and per axis the largest distance between two of them; then the median over the cases. The
-    hippocampus's anterior and posterior parts lie about 18 mm apart front to back and 3 mm apart left to right;
+    hippocampus's anterior and posterior parts lie about 18 mm apart front to back and 2 mm apart left to right;
     a heart's ventricles lie side by side left to right.
     """
     from scipy import ndimage
 
-    picks = np.unique(np.linspace(0, len(info.cases) - 1, min(max_cases, len(info.cases))).round().astype(int))
     separations = []
-    for case in (info.cases[i] for i in picks):
+    for case in evenly_spaced_cases(info, max_cases):
         try:
             image = guard_file(case.label)
             label = np.asarray(image.dataobj)

@@ -374,10 +374,7 @@ def lateral_labels(names: Sequence[str]) -> list[str]:
 def short_run_mirroring(facts: Facts, lateral: Sequence[str]) -> Decision:
     """Mirroring in a run too short for nnU-Net's every-axis mirroring: left-right only, where the classes keep
     their arrangement under it (`LEFT_RIGHT_SHARE`) and no label names a side; else none."""
-    if lateral:
-        return Decision("data.flip_axes", [], f"no mirroring in a run this short ({MIRRORING_COST}), and not "
-                        f"left-right either: the labels {', '.join(lateral)} name a side")
-    separation = facts.class_separation
+    separation, swaps = facts.class_separation, False
     if separation is None:
         where = "one class: mirrored left-right it is still one class"
     else:
@@ -385,9 +382,12 @@ def short_run_mirroring(facts: Facts, lateral: Sequence[str]) -> Decision:
         voxel = float(np.median(facts.spacings[:, 0]))
         where = (f"the classes' centroids lie {separation[0]:.1f} mm apart left-right, "
                  f"{separation[far]:.1f} mm {('front to back', 'top to bottom')[far - 1]}")
-        if separation[0] > max(LEFT_RIGHT_SHARE * separation[far], LEFT_RIGHT_VOXELS * voxel):
-            return Decision("data.flip_axes", [], f"no mirroring in a run this short ({MIRRORING_COST}), and not "
-                            f"left-right either: {where}, so a flip would swap their arrangement")
+        swaps = separation[0] > max(LEFT_RIGHT_SHARE * separation[far], LEFT_RIGHT_VOXELS * voxel)
+    if lateral or swaps:
+        why_not = (f"the labels {', '.join(lateral)} name a side" if lateral else
+                   f"{where}, so a flip would swap their arrangement")
+        return Decision("data.flip_axes", [], f"no mirroring in a run this short ({MIRRORING_COST}), and not "
+                        f"left-right either: {why_not}")
     return Decision("data.flip_axes", [0], f"left-right only in a run this short ({LEFT_RIGHT_GAIN}; "
                     f"{MIRRORING_COST}); {where}")
 
